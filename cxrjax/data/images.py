@@ -1,0 +1,76 @@
+"""Decode NIH PNGs into 8-bit grayscale, whatever mode and depth they were stored in.
+
+The release is mostly 8-bit grayscale, but a share is RGBA (R=G=B, alpha 255) and some
+mirrors hold 16-bit files. All of them must become the same 8-bit picture, and anything
+that is not a whole, readable image must fail with the file named.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"IEND\xaeB`\x82"
+
+
+class ImageError(ValueError):
+    """An image file that cannot become a correct training example."""
+
+
+def decode_to_gray8(data: bytes, source: str) -> np.ndarray:
+    """PNG bytes → uint8 [H, W]. RGB(A) with equal channels keeps its values; unequal
+    channels use ITU-R 601 luma; a non-opaque alpha is composited over black; 16-bit
+    values map linearly onto 0..255 (v / 257, rounded)."""
+    if not data.startswith(PNG_SIGNATURE):
+        raise ImageError(f"{source}: not a PNG file (bad signature)")
+    # libpng may hand back a partial picture from a cut-off file; the IEND chunk is the
+    # only proof the file is whole.
+    if not data.rstrip(b"\0").endswith(PNG_END):
+        raise ImageError(f"{source}: truncated PNG (no IEND chunk)")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ImageError(f"{source}: unreadable PNG (corrupt data)")
+    if image.dtype == np.uint16:
+        image = ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise ImageError(f"{source}: unsupported PNG sample type {image.dtype}")
+    if image.ndim == 2:
+        return image
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ImageError(f"{source}: unsupported PNG layout with shape {image.shape}")
+    color = image[..., :3]
+    if (color[..., 0] == color[..., 1]).all() and (color[..., 1] == color[..., 2]).all():
+        gray = np.ascontiguousarray(color[..., 0])
+    else:
+        gray = cv2.cvtColor(color, cv2.COLOR_BGR2GRAY)
+    if image.shape[2] == 4:
+        alpha = image[..., 3]
+        if (alpha != 255).any():
+            gray = ((gray.astype(np.uint32) * alpha + 127) // 255).astype(np.uint8)
+    return gray
+
+
+def resize_square(image: np.ndarray, size: int, source: str) -> np.ndarray:
+    """Area-interpolated downscale to size×size; never upsamples silently."""
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    if size > min(h, w):
+        raise ImageError(f"{source}: image is {w}x{h}, smaller than the requested {size}x{size}")
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise ImageError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def decode_record_png(data: bytes) -> np.ndarray:
+    """Fast path for the records cxrjax wrote itself: always 8-bit grayscale PNG."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise ImageError("record holds an unreadable PNG")
+    return image
