@@ -1,0 +1,149 @@
+"""DenseNet backbone laid out exactly like `keras.applications.DenseNet121/169/201`.
+
+Module names follow Keras layer names so that weights map by name: the Keras name of a
+layer is its flax path below the backbone joined with "_" (`conv2_block1` / `1_conv` is
+Keras `conv2_block1_1_conv`; `pool2` / `bn` is `pool2_bn`; the stem is `conv1_conv`,
+`conv1_bn`; the last norm is `bn`).
+
+Padding is explicit where Keras pads explicitly (ZeroPadding2D 3 before the 7x7 stride-2
+stem conv and 1 before the 3x3 stride-2 max pool): flax "SAME" pads asymmetrically for
+stride 2 and would shift every feature map by one pixel relative to Keras.
+
+A dense layer takes the *list* of feature maps produced so far and concatenates them
+itself. Under `remat` this makes the layer a memory-efficient DenseNet layer (Pleiss et
+al. 2017): only the thin per-layer outputs are kept for the backward pass and the
+concat + BN + ReLU + convs are recomputed, instead of one growing concat per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Keras BatchNormalization(epsilon=1.001e-5, momentum=0.99); flax uses the same
+# momentum convention (new = momentum * old + (1 - momentum) * batch).
+BN_EPSILON = 1.001e-5
+BN_MOMENTUM = 0.99
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseNetSpec:
+    block_config: tuple[int, ...]
+    growth_rate: int
+    init_features: int
+
+
+# `tiny` keeps the exact structure at a size that runs in milliseconds, for tests.
+ARCHS: dict[str, DenseNetSpec] = {
+    "densenet121": DenseNetSpec((6, 12, 24, 16), 32, 64),
+    "densenet169": DenseNetSpec((6, 12, 32, 32), 32, 64),
+    "densenet201": DenseNetSpec((6, 12, 48, 32), 32, 64),
+    "tiny": DenseNetSpec((2, 2, 2, 2), 8, 16),
+}
+
+
+def arch_spec(arch: str) -> DenseNetSpec:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    return ARCHS[arch]
+
+
+def remat_policy(name: str) -> Callable[..., bool]:
+    """The `jax.checkpoint_policies` entry called `name`."""
+    policy = getattr(jax.checkpoint_policies, name, None)
+    if policy is None or name.startswith("_"):
+        options = [p for p in dir(jax.checkpoint_policies) if not p.startswith("_")]
+        raise ValueError(f"unknown remat_policy {name!r}; expected one of {', '.join(options)}")
+    return policy
+
+
+def _batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
+    # Statistics and scale/bias stay float32 (param_dtype); flax reduces in float32.
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def _conv(features: int, kernel: int, dtype: Any, name: str, strides: int = 1, padding="VALID"):
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(strides, strides),
+        padding=padding,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+class DenseLayer(nn.Module):
+    """Keras `conv_block`: BN-ReLU-1x1 conv (4k) - BN-ReLU-3x3 conv (k); returns the k new maps."""
+
+    growth_rate: int
+    train: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: Sequence[jax.Array]) -> jax.Array:
+        x = jnp.concatenate(features, axis=-1) if len(features) > 1 else features[0]
+        x = nn.relu(_batch_norm(self.train, self.dtype, "0_bn")(x))
+        x = _conv(4 * self.growth_rate, 1, self.dtype, "1_conv")(x)
+        x = nn.relu(_batch_norm(self.train, self.dtype, "1_bn")(x))
+        return _conv(self.growth_rate, 3, self.dtype, "2_conv", padding=((1, 1), (1, 1)))(x)
+
+
+class Transition(nn.Module):
+    """Keras `transition_block`: BN-ReLU-1x1 conv halving channels, 2x2 average pool."""
+
+    train: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.relu(_batch_norm(self.train, self.dtype, "bn")(x))
+        x = _conv(int(x.shape[-1] * 0.5), 1, self.dtype, "conv")(x)
+        return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+class DenseNet(nn.Module):
+    """Keras DenseNet without top, ending in `bn` + ReLU; returns the NHWC feature map."""
+
+    block_config: tuple[int, ...]
+    growth_rate: int
+    init_features: int
+    dtype: Any = jnp.float32
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        layer_cls = DenseLayer
+        if self.remat:
+            layer_cls = nn.remat(DenseLayer, policy=remat_policy(self.remat_policy))
+        x = x.astype(self.dtype)
+        x = jnp.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)))
+        x = _conv(self.init_features, 7, self.dtype, "conv1_conv", strides=2)(x)
+        x = nn.relu(_batch_norm(train, self.dtype, "conv1_bn")(x))
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        last = len(self.block_config) - 1
+        for b, num_layers in enumerate(self.block_config):
+            features = [x]
+            for i in range(num_layers):
+                name = f"conv{b + 2}_block{i + 1}"
+                layer = layer_cls(self.growth_rate, train, dtype=self.dtype, name=name)
+                features.append(layer(features))
+            x = jnp.concatenate(features, axis=-1)
+            if b != last:
+                x = Transition(train, dtype=self.dtype, name=f"pool{b + 2}")(x)
+        return nn.relu(_batch_norm(train, self.dtype, "bn")(x))
