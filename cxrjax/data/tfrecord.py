@@ -7,6 +7,7 @@ length, the payload, masked CRC32C of the payload (all little-endian).
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import BinaryIO, Iterator
 
@@ -31,14 +32,16 @@ def frame(payload: bytes) -> bytes:
     )
 
 
-def read_at(f: BinaryIO, offset: int, source: str = "record", verify: bool = True) -> bytes:
-    """The payload of the record that starts at `offset`."""
-    f.seek(offset)
-    head = f.read(12)
+def read_at(fd: int, offset: int, source: str = "record", verify: bool = True) -> bytes:
+    """The payload of the record that starts at `offset` in the open file `fd`.
+
+    os.pread keeps no file position, so grain's reader threads can share one fd.
+    """
+    head = os.pread(fd, 12, offset)
     if len(head) != 12:
         raise RecordError(f"{source}: no record header at byte {offset}")
     (length,) = struct.unpack("<Q", head[:8])
-    body = f.read(length + 4)
+    body = os.pread(fd, length + 4, offset + 12)
     if len(body) != length + 4:
         raise RecordError(f"{source}: record at byte {offset} is truncated")
     payload = body[:length]

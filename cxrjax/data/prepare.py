@@ -1,0 +1,290 @@
+"""`cxrjax prepare`: an NIH download → sharded TFRecords per split part, with an index
+of record offsets and a manifest.
+
+Layout of OUT:
+    manifest.json                  counts, frequencies, split, label file, checksums
+    plan.json                      which image goes in which shard (resume guard)
+    <part>/<part>-00000-of-000NN.tfrecord
+    <part>/<part>-00000-of-000NN.index.json   offsets of that shard's records
+    <part>/index.csv               every record of the part: shard, offset, labels
+
+Shards are written under a temporary name and renamed when whole, so a rerun skips
+finished shards and redoes a half-written one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import multiprocessing
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from cxrjax import __version__
+from cxrjax.data import examples, images, tfrecord
+from cxrjax.data.metadata import MetadataError, find_metadata, label_matrix, read_metadata
+from cxrjax.data.splits import PARTS, make_split
+from cxrjax.findings import FINDINGS
+
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    image_size: int
+    split: str = "official"  # official | chexnet | random
+    val_fraction: float = 0.1
+    fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)
+    seed: int = 0
+    source_size: int = 1024  # every NIH PNG is 1024x1024; 0 accepts any square size
+    records_per_shard: int = 1024
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    skip_bad: bool = False
+    labels: str | None = None  # a Data_Entry CSV; default: the one in nih_dir
+
+
+def locate_images(nih_dir: Path) -> dict[str, Path]:
+    """image id → file, over images_*/images/ (the release) or any folder below."""
+    found: dict[str, Path] = {}
+    for path in sorted(nih_dir.rglob("*.png")):
+        if path.name in found:
+            raise MetadataError(
+                f"duplicated image id {path.name!r}: {found[path.name]} and {path}"
+            )
+        found[path.name] = path
+    return found
+
+
+def shard_name(part: str, index: int, count: int) -> str:
+    return f"{part}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def _is_plain_gray8(data: bytes) -> bool:
+    # IHDR sits right after the signature: bytes 24/25 are bit depth and colour type.
+    return len(data) > 26 and data[12:16] == b"IHDR" and data[24] == 8 and data[25] == 0
+
+
+def _load(path: Path, image_id: str, size: int, source_size: int) -> bytes:
+    source = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise images.ImageError(f"{source}: cannot read ({e.strerror})") from e
+    gray = images.decode_to_gray8(data, source)
+    h, w = gray.shape
+    if h != w or (source_size and (h, w) != (source_size, source_size)):
+        expected = f"{source_size}x{source_size}" if source_size else "square"
+        raise images.ImageError(f"{source}: unexpected size {w}x{h}, expected {expected}")
+    if (h, w) == (size, size) and _is_plain_gray8(data):
+        return data  # already what a record holds: keep the original bytes
+    return images.encode_png(images.resize_square(gray, size, source))
+
+
+def write_shard(task: dict) -> dict:
+    """Write one shard; returns its index. Runs in a worker process."""
+    out = Path(task["path"])
+    tmp = out.with_suffix(".tmp")
+    digest = hashlib.sha256()
+    entries, skipped = [], []
+    offset = 0
+    with open(tmp, "wb") as f:
+        for row in task["rows"]:
+            try:
+                png = _load(Path(row["file"]), row["image_id"], task["image_size"], task["source_size"])
+            except images.ImageError as e:
+                if not task["skip_bad"]:
+                    raise
+                skipped.append({"image_id": row["image_id"], "reason": str(e)})
+                continue
+            record = examples.XrayRecord(
+                image_png=png,
+                image_id=row["image_id"],
+                labels=np.asarray(row["labels"], np.float32),
+                patient_id=row["patient_id"],
+                follow_up=row["follow_up"],
+                view=row["view"],
+                age=row["age"],
+                sex=row["sex"],
+            )
+            framed = tfrecord.frame(examples.encode(record))
+            f.write(framed)
+            digest.update(framed)
+            entries.append({"image_id": row["image_id"], "offset": offset, "length": len(framed)})
+            offset += len(framed)
+    index = {"shard": out.name, "sha256": digest.hexdigest(), "records": entries, "skipped": skipped}
+    index_path = out.with_name(out.name.replace(".tfrecord", ".index.json"))
+    index_path.write_text(json.dumps(index))
+    os.replace(tmp, out)  # the shard exists under its final name only when whole
+    return index
+
+
+def _plan(table: pd.DataFrame, part: pd.Series, files: dict[str, Path], opts: PrepareOptions):
+    labels = label_matrix(table)
+    plan = {}
+    for name in PARTS:
+        rows = np.flatnonzero((part == name).to_numpy())
+        count = max(1, -(-len(rows) // opts.records_per_shard))
+        shards = []
+        for i, chunk in enumerate(np.array_split(rows, count)):
+            shards.append(
+                [
+                    {
+                        "image_id": table.image_id.iat[r],
+                        "file": str(files[table.image_id.iat[r]]),
+                        "labels": labels[r].tolist(),
+                        "patient_id": int(table.patient_id.iat[r]),
+                        "follow_up": int(table.follow_up.iat[r]),
+                        "view": str(table.view.iat[r]),
+                        "age": int(table.age.iat[r]),
+                        "sex": str(table.sex.iat[r]),
+                    }
+                    for r in chunk
+                ]
+            )
+        plan[name] = shards
+    return plan
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare(nih_dir: str | Path, out: str | Path, opts: PrepareOptions) -> dict:
+    """Run the whole conversion; returns the manifest."""
+    nih_dir, out = Path(nih_dir), Path(out)
+    label_file = Path(opts.labels) if opts.labels else find_metadata(nih_dir)
+    table = read_metadata(label_file)
+    part = make_split(
+        table,
+        opts.split,
+        nih_dir=nih_dir,
+        val_fraction=opts.val_fraction,
+        fractions=opts.fractions,
+        seed=opts.seed,
+    )
+    files = locate_images(nih_dir)
+    missing = (part != "").to_numpy() & ~table["image_id"].isin(files.keys()).to_numpy()
+    if missing.any() and not opts.skip_bad:
+        shown = ", ".join(table["image_id"][missing][:5])
+        raise images.ImageError(
+            f"{nih_dir}: {missing.sum()} image(s) of the split are missing from the download "
+            f"(e.g. {shown}); pass --skip-bad to prepare the images that are present"
+        )
+    missing_rows = [
+        {"image_id": i, "reason": f"{nih_dir}: image file missing from the download", "part": p}
+        for i, p in zip(table["image_id"][missing], part[missing])
+    ]
+    part = part.where(~missing, "")
+    plan = _plan(table, part, files, opts)
+
+    settings = {
+        "nih_dir": str(nih_dir.resolve()),
+        "label_file": str(label_file.resolve()),
+        "options": {k: v for k, v in asdict(opts).items() if k != "workers"},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    plan_path = out / PLAN
+    plan_doc = {"settings": settings, "shards": {p: [[r["image_id"] for r in s] for s in shards] for p, shards in plan.items()}}
+    if plan_path.exists():
+        previous = json.loads(plan_path.read_text())
+        if previous != json.loads(json.dumps(plan_doc)):
+            raise ValueError(
+                f"{out} was prepared with other settings or data; use a new --out folder"
+            )
+    else:
+        plan_path.write_text(json.dumps(plan_doc))
+
+    tasks = []
+    for name, shards in plan.items():
+        (out / name).mkdir(exist_ok=True)
+        for i, rows in enumerate(shards):
+            path = out / name / shard_name(name, i, len(shards))
+            tasks.append(
+                {
+                    "path": str(path),
+                    "rows": rows,
+                    "image_size": opts.image_size,
+                    "source_size": opts.source_size,
+                    "skip_bad": opts.skip_bad,
+                }
+            )
+    todo = [t for t in tasks if not Path(t["path"]).exists()]
+    bar = tqdm(total=sum(len(t["rows"]) for t in todo), unit="img", desc="prepare", disable=None)
+    if opts.workers <= 1 or len(todo) <= 1:
+        for task in todo:
+            write_shard(task)
+            bar.update(len(task["rows"]))
+    else:
+        context = multiprocessing.get_context("spawn")  # safe even after jax started threads
+        with cf.ProcessPoolExecutor(opts.workers, mp_context=context) as pool:
+            futures = {pool.submit(write_shard, t): t for t in todo}
+            for future in cf.as_completed(futures):
+                future.result()  # re-raises the first bad image with its file named
+                bar.update(len(futures[future]["rows"]))
+    bar.close()
+    return _finish(out, table, tasks, settings, opts, missing_rows)
+
+
+def _finish(out, table, tasks, settings, opts, skipped: list[dict]) -> dict:
+    by_id = table.set_index("image_id")
+    parts, shards_doc = {}, []
+    for name in PARTS:
+        rows = []
+        for task in (t for t in tasks if Path(t["path"]).parent.name == name):
+            path = Path(task["path"])
+            index = json.loads(path.with_name(path.name.replace(".tfrecord", ".index.json")).read_text())
+            skipped += [{**s, "part": name} for s in index["skipped"]]
+            shards_doc.append(
+                {"file": f"{name}/{path.name}", "records": len(index["records"]), "sha256": index["sha256"]}
+            )
+            rows += [{"shard": path.name, **r} for r in index["records"]]
+        frame = pd.DataFrame(rows, columns=["shard", "image_id", "offset", "length"])
+        meta = by_id.loc[frame["image_id"], ["patient_id", "no_finding", *FINDINGS]].reset_index(drop=True)
+        frame = pd.concat([frame, meta], axis=1)
+        frame.to_csv(out / name / "index.csv", index=False)
+        labels = label_matrix(frame) if len(frame) else np.zeros((0, len(FINDINGS)))
+        parts[name] = {
+            "images": len(frame),
+            "patients": int(frame["patient_id"].nunique()),
+            "positives": {f: int(v) for f, v in zip(FINDINGS, labels.sum(0))},
+            "frequency": {f: float(v) for f, v in zip(FINDINGS, labels.mean(0))} if len(frame) else {},
+            "no_finding": int(frame["no_finding"].sum()),
+        }
+    if skipped:
+        pd.DataFrame(skipped).to_csv(out / "skipped.csv", index=False)
+    manifest = {
+        "cxrjax_version": __version__,
+        "findings": list(FINDINGS),
+        "image_size": opts.image_size,
+        "split": opts.split,
+        **settings,
+        "label_file_sha256": _sha256(Path(settings["label_file"])),
+        "parts": parts,
+        "shards": shards_doc,
+        "skipped": {
+            "count": len(skipped),
+            "file": "skipped.csv" if skipped else None,
+            # Listed in full unless it is the bulk of a partial download.
+            "images": skipped if len(skipped) <= 1000 else "see skipped.csv",
+        },
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def read_manifest(prepared: str | Path) -> dict:
+    path = Path(prepared) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `cxrjax prepare` first (or it did not finish)")
+    return json.loads(path.read_text())
