@@ -1,0 +1,10 @@
+"""Errors that mean "this input file is wrong" (reported as one line by the CLI), as
+opposed to bugs (which keep their traceback)."""
+
+from cxrjax.data.metadata import MetadataError
+from cxrjax.eval.leaderboard import LeaderboardError
+from cxrjax.eval.paths import UnsafePathError
+from cxrjax.eval.predictions import PredictionsError
+from cxrjax.eval.runinfo import RunInfoError
+
+INPUT_ERRORS = (MetadataError, PredictionsError, RunInfoError, LeaderboardError, UnsafePathError)

@@ -1,0 +1,226 @@
+"""Rank evaluated runs against published baselines, one group per split family.
+
+Each run folder holds `metrics.json` (from `evaluate_predictions`) and a run description
+(`run.json`, see `cxrjax.eval.runinfo`). A run is ranked only against baselines and
+runs of its own split family; the `unstated` baselines (split not stated) are listed
+apart and never ranked. Folders that share a run name form one entry: per-finding AUCs
+are averaged and the std of mean AUC across them is shown.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxrjax.eval.baselines import FAMILIES, load_baselines
+from cxrjax.eval.paths import safe_child
+from cxrjax.eval.plots import auc_panels
+from cxrjax.eval.report import fmt, md_cell
+from cxrjax.eval.runinfo import RunInfo, RunInfoError, parse_run_info, read_run_info
+from cxrjax.findings import FINDINGS
+
+SHORT = dict(zip(FINDINGS, ("Atel", "Card", "Effu", "Infi", "Mass", "Nodu", "Pneu", "PTX",
+                            "Cons", "Edem", "Emph", "Fibr", "PT", "Hern")))  # fmt: skip
+FAMILY_TITLES = {
+    "official": "Official NIH split (train_val_list / test_list)",
+    "random": "Random patient-wise splits (CheXNet style)",
+    "unstated": "Split not stated (as cited by Fisher 2025) - not ranked",
+}
+FOOTNOTES = {
+    "official": "Mean-only official-split results (not in the table): Xiao et al. 2023, "
+    "ViT-B/16 with in-domain pretraining, 224 px: 0.830; an independent DenseNet-121 "
+    "224 px reproduction: 0.807.",
+}
+
+
+class LeaderboardError(ValueError):
+    """A run folder that cannot be placed on the leaderboard."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    info: RunInfo
+    auc: dict  # finding -> float | None
+    mean_auc: float | None
+    folder: str
+
+
+def read_run(run_dir: str | Path) -> RunResult:
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except FileNotFoundError as e:
+        raise LeaderboardError(f"{run_dir}: no metrics.json (run `cxrjax evaluate` first)") from e
+    except json.JSONDecodeError as e:
+        raise LeaderboardError(f"{metrics_path}: not valid JSON: {e}") from e
+    if (run_dir / "run.json").exists():
+        info = read_run_info(run_dir / "run.json")
+    elif isinstance(metrics.get("run"), dict):
+        info = parse_run_info(metrics["run"], f"{metrics_path} ['run']")
+    else:
+        raise RunInfoError(
+            f"{run_dir}: no run.json and no 'run' entry in metrics.json, so its split "
+            "family is unknown; write run.json with at least "
+            '{"name": "...", "split_family": "official" or "random"}'
+        )
+    auc = metrics.get("auc")
+    if not isinstance(auc, dict) or sorted(auc) != sorted(FINDINGS):
+        raise LeaderboardError(f"{metrics_path}: 'auc' must map each of the 14 findings to a number or null")
+    for f, v in auc.items():
+        if v is not None and not (isinstance(v, int | float) and 0 <= v <= 1):
+            raise LeaderboardError(f"{metrics_path}: auc of {f} is {v!r}, not in [0, 1] or null")
+    mean = metrics.get("mean_auc")
+    if mean is not None and not isinstance(mean, int | float):
+        raise LeaderboardError(f"{metrics_path}: mean_auc is {mean!r}")
+    return RunResult(info, auc, mean, str(run_dir))
+
+
+def _run_entries(runs: list[RunResult]) -> pd.DataFrame:
+    by_name: dict[str, list[RunResult]] = {}
+    for r in runs:
+        by_name.setdefault(r.info.name, []).append(r)
+    rows = []
+    for name, group in by_name.items():
+        first = group[0].info
+        for r in group[1:]:
+            if r.info != first:
+                raise LeaderboardError(
+                    f"runs named {name!r} disagree on split/resolution/backbone "
+                    f"({group[0].folder}: {first}; {r.folder}: {r.info}); give them different names"
+                )
+        row = {"entry": name, "kind": "run", "n_runs": len(group), "tag": "", "year": "",
+               "split_family": first.split_family, "split": first.split,
+               "px": "" if first.px is None else str(first.px), "backbone": first.backbone,
+               "provenance": "; ".join(r.folder for r in group)}  # fmt: skip
+        for f in FINDINGS:
+            values = [r.auc[f] for r in group if r.auc[f] is not None]
+            row[f] = float(np.mean(values)) if values else np.nan
+        means = [r.mean_auc for r in group if r.mean_auc is not None]
+        row["mean"] = float(np.mean(means)) if means else np.nan
+        row["std_runs"] = float(np.std(means, ddof=1)) if len(means) > 1 else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def leaderboard_table(runs: list[RunResult], baselines: pd.DataFrame) -> pd.DataFrame:
+    """All entries with family, rank within family (blank for `unstated`), std over findings."""
+    base = baselines.rename(columns={"work": "entry"}).assign(kind="baseline", n_runs=0,
+                                                               std_runs=np.nan)  # fmt: skip
+    base["px"] = base["px"].astype(str)
+    base["year"] = base["year"].astype(str)
+    table = pd.concat([_run_entries(runs), base], ignore_index=True)
+    table["std_findings"] = table[list(FINDINGS)].std(axis=1, ddof=1)
+    table["family_order"] = table["split_family"].map(FAMILIES.index)
+    table = table.sort_values(["family_order", "mean"], ascending=[True, False], kind="stable")
+    ranked = table["split_family"] != "unstated"
+    table["rank"] = ""
+    table.loc[ranked, "rank"] = (
+        table[ranked].groupby("split_family")["mean"].rank(ascending=False, method="min")
+        .astype(int).astype(str)
+    )  # fmt: skip
+    columns = ["split_family", "rank", "entry", "kind", "n_runs", "tag", "year", "split", "px",
+               "backbone", *FINDINGS, "mean", "std_findings", "std_runs", "provenance"]  # fmt: skip
+    return table[columns].reset_index(drop=True)
+
+
+def deltas(table: pd.DataFrame) -> pd.DataFrame:
+    """Per-finding (and mean) AUC of each run minus each baseline of its split family."""
+    rows = []
+    for _, run in table[table["kind"] == "run"].iterrows():
+        same = table[(table["kind"] == "baseline") & (table["split_family"] == run["split_family"])]
+        for _, b in same.iterrows():
+            row = {"run": run["entry"], "baseline": b["entry"], "split_family": run["split_family"],
+                   "tag": b["tag"]}  # fmt: skip
+            for c in (*FINDINGS, "mean"):
+                row[c] = run[c] - b[c]
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["run", "baseline", "split_family", "tag", *FINDINGS, "mean"])
+
+
+def _cell(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else fmt(float(v))
+
+
+def _signed(v) -> str:
+    return "n/a" if np.isnan(v) else f"{round(v, 3) + 0.0:+.3f}"  # no "-0.000"
+
+
+def _markdown(table: pd.DataFrame, delta: pd.DataFrame) -> str:
+    out = ["# cxrjax leaderboard", "",
+           "Per-finding ROC AUC. A run is ranked only against entries of its own split "
+           "family: results on different splits are not comparable. `std` is the sample "
+           "std across the findings; `± runs` the std of mean AUC across run folders "
+           "sharing a name. Baseline tags: verified (from a public file of that work), "
+           "as-cited (as printed in the Fisher 2025 write-up), secondary (third-party "
+           "compilation, cells unchecked).", ""]  # fmt: skip
+    header = ["rank", "entry", "kind", "tag", "px", "backbone", "mean", "std", "± runs",
+              *(SHORT[f] for f in FINDINGS)]  # fmt: skip
+    for family in FAMILIES:
+        rows = table[table["split_family"] == family]
+        if rows.empty:
+            continue
+        out += [f"## {FAMILY_TITLES[family]}", "", "| " + " | ".join(header) + " |",
+                "|" + "---|" * len(header)]  # fmt: skip
+        for _, r in rows.iterrows():
+            name = md_cell(r["entry"])
+            if r["kind"] == "run":
+                name = f"**{name}**" + (f" ({r['n_runs']} runs)" if r["n_runs"] > 1 else "")
+            cells = [r["rank"], name, r["kind"], r["tag"], md_cell(r["px"]), md_cell(r["backbone"]),
+                     _cell(r["mean"]), _cell(r["std_findings"]), _cell(r["std_runs"]),
+                     *(_cell(r[f]) for f in FINDINGS)]  # fmt: skip
+            out.append("| " + " | ".join(str(c) for c in cells) + " |")
+        out.append("")
+        if family in FOOTNOTES:
+            out += [FOOTNOTES[family], ""]
+        for _, r in rows[rows["kind"] == "run"].iterrows():
+            if np.isnan([r[f] for f in FINDINGS]).any():
+                out += [f"{md_cell(r['entry'])}: n/a marks a finding whose AUC is undefined "
+                        "(one class only in its test set); its mean leaves it out.", ""]  # fmt: skip
+    if not delta.empty:
+        out += ["## Per-finding difference to each baseline (run minus baseline)", ""]
+        dheader = ["baseline", "tag", "mean", *(SHORT[f] for f in FINDINGS)]
+        for run, group in delta.groupby("run", sort=False):
+            out += [f"### {md_cell(run)} ({group['split_family'].iloc[0]} split family)", "",
+                    "| " + " | ".join(dheader) + " |", "|" + "---|" * len(dheader)]  # fmt: skip
+            for _, d in group.iterrows():
+                cells = [md_cell(d["baseline"]), d["tag"], _signed(d["mean"]),
+                         *(_signed(d[f]) for f in FINDINGS)]  # fmt: skip
+                out.append("| " + " | ".join(cells) + " |")
+            out.append("")
+    out += ["![per-finding AUC](leaderboard.png)", ""]
+    return "\n".join(out)
+
+
+def write_leaderboard(run_dirs, out_dir: str | Path, baselines: pd.DataFrame | None = None) -> dict:
+    """Write leaderboard.md, leaderboard.csv, leaderboard_deltas.csv and leaderboard.png."""
+    if not run_dirs:
+        raise LeaderboardError("no run folders given")
+    runs = [read_run(d) for d in run_dirs]
+    table = leaderboard_table(runs, load_baselines() if baselines is None else baselines)
+    delta = deltas(table)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "md": safe_child(out_dir, "leaderboard.md"),
+        "csv": safe_child(out_dir, "leaderboard.csv"),
+        "deltas": safe_child(out_dir, "leaderboard_deltas.csv"),
+        "png": safe_child(out_dir, "leaderboard.png"),
+    }
+    table.to_csv(paths["csv"], index=False)
+    delta.to_csv(paths["deltas"], index=False)
+    paths["md"].write_text(_markdown(table, delta))
+    panels = []
+    for family in FAMILIES:
+        rows = table[table["split_family"] == family]
+        if (rows["kind"] == "run").any():
+            entries = [(r["entry"] + (f" [{r['tag']}]" if r["tag"] else ""),
+                        {f: None if np.isnan(r[f]) else r[f] for f in FINDINGS},
+                        r["kind"] == "run") for _, r in rows.iterrows()]  # fmt: skip
+            panels.append((FAMILY_TITLES[family], entries))
+    auc_panels(panels, paths["png"])
+    return paths

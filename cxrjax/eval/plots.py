@@ -1,0 +1,127 @@
+"""PNG figures for reports and the leaderboard.
+
+Uses matplotlib's object API (`Figure` renders through Agg without pyplot), so no
+global backend is switched and nothing needs a display.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from cxrjax.findings import FINDINGS
+
+_GRID = (4, 4)
+_LOG_FLOOR = 1e-5  # 14 panels, two left empty
+_OUTCOME_COLOURS = {"TP": "tab:green", "FN": "tab:orange", "TN": "tab:blue", "FP": "tab:red"}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _panels(title: str, size=(16, 14)):
+    fig = Figure(figsize=size, layout="constrained")
+    axes = fig.subplots(*_GRID).ravel()
+    for ax in axes[len(FINDINGS):]:
+        ax.set_axis_off()
+    fig.suptitle(title)
+    return fig, axes
+
+
+def roc_grid(curves: dict, aucs: dict, points: dict, path: Path, title: str) -> Path:
+    """One ROC panel per finding; `curves[f]` is (fpr, tpr) or None when undefined and
+    `points[f]` an optional (fpr, tpr) operating point to mark."""
+    fig, axes = _panels(title)
+    for ax, name in zip(axes, FINDINGS):
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+        if curves.get(name) is None:
+            ax.text(0.5, 0.5, "AUC undefined\n(one class only)", ha="center", va="center")
+        else:
+            fpr, tpr = curves[name]
+            ax.plot(fpr, tpr, lw=1.5)
+            if points.get(name) is not None:
+                ax.plot(*points[name], "o", color="tab:red", ms=5, label="Youden threshold")
+        ax.set_title(f"{name}  AUC {_fmt(aucs.get(name))}", fontsize=10)
+        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity", ylabel="sensitivity")
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def score_histograms(
+    labels: np.ndarray, probs: np.ndarray, thresholds: list, path: Path, title: str
+) -> Path:
+    """Score distributions per finding: positives upward, negatives downward (each as a
+    share of its class), bars coloured TP/FN/TN/FP by the finding's threshold."""
+    fig, axes = _panels(title)
+    for j, (ax, name) in enumerate(zip(axes, FINDINGS)):
+        y, p, t = labels[:, j] == 1, probs[:, j], thresholds[j]
+        # Log-spaced bins: most scores of rare findings sit near 0. The threshold is a
+        # bin edge, so every bar lies wholly on one side of it.
+        low = max(_LOG_FLOOR, min(float(p.min()), t if t else 1.0) / 2)
+        edges = np.geomspace(low, 1, 41)
+        if t is not None and low < t < 1:
+            edges = np.unique(np.r_[edges, t])
+        p = np.clip(p, low, 1)  # exact zeros land in the first bar
+        cut = t if t is not None else np.inf
+        groups = {
+            "TP": (p[y & (p >= cut)], 1, y.sum()),
+            "FN": (p[y & (p < cut)], 1, y.sum()),
+            "TN": (p[~y & (p < cut)], -1, (~y).sum()),
+            "FP": (p[~y & (p >= cut)], -1, (~y).sum()),
+        }
+        for outcome, (values, sign, total) in groups.items():
+            if len(values):
+                counts, _ = np.histogram(values, edges)
+                ax.stairs(sign * counts / total, edges, fill=True, alpha=0.8,
+                          color=_OUTCOME_COLOURS[outcome], label=outcome)  # fmt: skip
+        if t is not None:
+            ax.axvline(t, color="k", lw=1)
+        ax.axhline(0, color="0.3", lw=0.6)
+        ax.set_title(f"{name}  (threshold {_fmt(t)})", fontsize=10)
+        ax.set_xscale("log")
+        ax.set(xlim=(low, 1), xlabel="predicted probability (log scale)",
+               ylabel="share: positives up, negatives down")  # fmt: skip
+    handles = [
+        axes[0].fill_between([], [], color=c, label=k) for k, c in _OUTCOME_COLOURS.items()
+    ]
+    fig.legend(handles=handles, loc="lower right", fontsize=12)
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def _draw_aucs(ax, entries: list[tuple[str, dict, bool]], title: str) -> None:
+    x = np.arange(len(FINDINGS))
+    runs = [e for e in entries if e[2]]
+    width = 0.8 / max(len(runs), 1)
+    for i, (label, aucs, _) in enumerate(runs):
+        heights = [np.nan if aucs.get(f) is None else aucs[f] for f in FINDINGS]
+        ax.bar(x - 0.4 + width * (i + 0.5), heights, width, label=label, alpha=0.85)
+    markers = "os^vD<>ph*Xd"
+    for i, (label, aucs, _) in enumerate(e for e in entries if not e[2]):
+        values = [np.nan if aucs.get(f) is None else aucs[f] for f in FINDINGS]
+        ax.plot(x, values, markers[i % len(markers)], ms=6, mfc="none", label=label)
+    ax.set_xticks(x, [f.replace("_", " ") for f in FINDINGS], rotation=35, ha="right")
+    values = [v for _, aucs, _ in entries for v in aucs.values() if v is not None]
+    low = min([0.5, *(v - 0.02 for v in values if np.isfinite(v))])
+    ax.set(ylabel="ROC AUC", ylim=(low, 1.0), title=title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncols=3)
+
+
+def auc_chart(entries: list[tuple[str, dict, bool]], path: Path, title: str) -> Path:
+    """Per-finding AUC of several entries (label, {finding: auc or None}, is_run): runs
+    as bars, published baselines as markers, so a run reads against the references."""
+    return auc_panels([(title, entries)], path)
+
+
+def auc_panels(panels: list[tuple[str, list]], path: Path) -> Path:
+    """One `auc_chart`-style panel per (title, entries), stacked vertically."""
+    fig = Figure(figsize=(15, 6 * len(panels)), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(len(panels), 1))
+    for ax, (title, entries) in zip(axes, panels):
+        _draw_aucs(ax, entries, title)
+    fig.savefig(path, dpi=90)
+    return path
