@@ -76,10 +76,140 @@ def _add_prepare(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _input_errors_to_exit(run):
+    """Report bad input files as one `cxrjax: error:` line and exit status 2."""
+
+    def wrapped(args):
+        from cxrjax.eval.errors import INPUT_ERRORS
+
+        try:
+            return run(args)
+        except INPUT_ERRORS as e:
+            print(f"cxrjax {args.command}: error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapped
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics, report and figures for a predictions CSV")
+    p.add_argument("--predictions", type=Path, required=True,
+                   help="CSV: Image Index (or image_id) and one prob_<finding> column each")
+    p.add_argument("--labels", type=Path, required=True,
+                   help="NIH Data_Entry CSV(.gz), or a labelled split list (evaluated whole)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--val-predictions", type=Path, default=None,
+                   help="validation-part predictions: thresholds are chosen on these")
+    p.add_argument("--val-labels", type=Path, default=None,
+                   help="labels for --val-predictions (default: --labels)")
+    p.add_argument("--compare", type=Path, default=None,
+                   help="another run's predictions on the same images: per-finding DeLong test")
+    p.add_argument("--run-info", type=Path, default=None,
+                   help="run.json (name, split_family, split, px, backbone) for baselines")
+    p.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for CIs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target-sensitivity", type=float, default=0.9)
+
+    def run(args):
+        from cxrjax.eval.evaluate import evaluate_predictions
+        from cxrjax.eval.labels import read_labels
+        from cxrjax.eval.predictions import read_predictions
+
+        preds = read_predictions(args.predictions)
+        labels = read_labels(args.labels)
+        sources = {"predictions": str(args.predictions), "labels": str(args.labels)}
+        val = compare = None
+        if args.val_predictions:
+            v = read_predictions(args.val_predictions)
+            val_labels = read_labels(args.val_labels) if args.val_labels else labels
+            val = (v.image_ids, v.probs, val_labels)
+            sources["val_predictions"] = str(args.val_predictions)
+            sources["val_labels"] = str(args.val_labels or args.labels)
+        if args.compare:
+            c = read_predictions(args.compare)
+            compare = (c.image_ids, c.probs, str(args.compare))
+        m = evaluate_predictions(
+            preds.image_ids, preds.probs, labels, None, args.out, val,
+            n_bootstrap=args.bootstrap, seed=args.seed,
+            target_sensitivity=args.target_sensitivity, compare=compare,
+            run=args.run_info, sources=sources,
+        )
+        mean = "n/a" if m["mean_auc"] is None else f"{m['mean_auc']:.4f}"
+        print(f"mean AUC {mean} over {m['n_findings_in_mean']} findings, "
+              f"{m['n_images']} images; report: {args.out / 'report.md'}")
+
+    p.set_defaults(func=_input_errors_to_exit(run))
+
+
+def _add_leaderboard(sub) -> None:
+    p = sub.add_parser("leaderboard", help="rank evaluated runs against published baselines")
+    p.add_argument("run_dirs", type=Path, nargs="+", help="folders with metrics.json + run.json")
+    p.add_argument("--out", type=Path, required=True)
+
+    def run(args):
+        from cxrjax.eval.leaderboard import write_leaderboard
+
+        paths = write_leaderboard(args.run_dirs, args.out)
+        print(f"leaderboard: {paths['md']}")
+
+    p.set_defaults(func=_input_errors_to_exit(run))
+
+
+def _add_ensemble(sub) -> None:
+    p = sub.add_parser("ensemble", help="average several prediction CSVs per image")
+    p.add_argument("predictions", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, required=True)
+
+    def run(args):
+        from cxrjax.eval.ensemble import ensemble_files
+
+        print(f"ensemble of {len(args.predictions)}: {ensemble_files(args.predictions, args.out)}")
+
+    p.set_defaults(func=_input_errors_to_exit(run))
+
+
+def load_config(path: str, overrides: list[str]):
+    """A configs/*.py file (optionally `file.py:variant`) with `--config.a.b=value`
+    overrides, parsed by ml_collections so every field is typed and checked."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", default=None, flag_values=values)
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        raise SystemExit(f"cxrjax: unrecognized arguments: {' '.join(bad)}")
+    try:
+        values(["cxrjax", f"--config={path}", *overrides])
+    except flags.Error as e:
+        raise SystemExit(f"cxrjax: {e}") from None
+    return values.config
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train (or resume) a model; --config.FIELD=VALUE overrides any config field",
+    )
+    p.add_argument("--config", required=True, help="configs/NAME.py, or configs/NAME.py:smoke")
+    p.add_argument("--workdir", type=Path, required=True)
+    p.set_defaults(accepts_overrides=True)
+
+    def run(args):
+        from cxrjax.train.ensemble import train_members
+
+        config = load_config(args.config, args.overrides)
+        summary = train_members(config, args.workdir)
+        print(summary)
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cxrjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_synth, _add_prepare):
+    for add in (_add_synth, _add_prepare, _add_train, _add_evaluate, _add_leaderboard, _add_ensemble):
         add(sub)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):

@@ -1,0 +1,36 @@
+"""Full resolution: DenseNet121 + CBAM at the native 1024 px, bfloat16 compute with
+per-layer rematerialization so a batch fits on a 24 GB A10G, AdamW with cosine decay.
+
+    cxrjax prepare --nih-dir /data/nih --out /data/nih-1024 --image-size 1024
+    cxrjax train --config configs/full1024.py --workdir runs/full1024 \\
+        --config.data.prepared=/data/nih-1024
+    cxrjax train --config configs/full1024.py:smoke --workdir /tmp/full-smoke \\
+        --config.data.prepared=/tmp/prepared
+"""
+
+from cxrjax.train.defaults import base_config, smoke
+
+
+def get_config(variant: str = ""):
+    c = base_config()
+    c.data.image_size = 1024
+    c.data.workers = 8
+    c.global_batch_size = 32  # 8 per A10G on a g5.24xlarge
+    c.epochs = 30
+    c.model.arch = "densenet121"
+    c.model.cbam = True
+    c.model.head = "chexnet"
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+    c.loss.name = "weighted_bce"
+    c.optim.name = "adamw"
+    c.optim.learning_rate = 3e-4
+    c.optim.schedule = "cosine"
+    c.optim.warmup_epochs = 1.0
+    c.checkpoint.every_steps = 500  # an epoch at 1024 px is long; spot can end it
+    if variant == "smoke":
+        smoke(c, image_size=64)
+        c.checkpoint.every_steps = 2
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r}; use '' or 'smoke'")
+    return c

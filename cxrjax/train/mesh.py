@@ -1,0 +1,40 @@
+"""The device mesh: one `data` axis over every device of every process.
+
+Batches are sharded along `data`, parameters and optimizer state are replicated;
+BatchNorm's batch mean then runs over the global batch, and XLA adds the all-reduce.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA = "data"
+
+
+def make_mesh(devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA))
+
+
+def per_process_batch(global_batch: int, mesh: Mesh) -> int:
+    """This process's share of a global batch; it must split evenly over devices."""
+    devices = mesh.devices.size
+    if global_batch % devices:
+        raise ValueError(f"global batch {global_batch} does not split over {devices} devices")
+    return global_batch // jax.process_count()
+
+
+def to_global(batch: dict, mesh: Mesh) -> dict:
+    """Assemble each process's numpy batch into one global array per key."""
+    sharding = batch_sharded(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

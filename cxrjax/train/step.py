@@ -1,0 +1,66 @@
+"""The pure training and evaluation steps; `make_steps` jits them over the mesh."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cxrjax.data.normalize import to_model_input
+from cxrjax.models import l2_penalty
+from cxrjax.train.mesh import batch_sharded, replicated
+from cxrjax.train.state import TrainState
+
+
+def train_step(state: TrainState, batch: dict, *, model, loss_fn, mean, std, l2: float):
+    """One optimizer step. Returns the new state and this step's metrics (on device)."""
+    key = jax.random.fold_in(state.key, state.step)
+    images = to_model_input(batch["image"], mean, std, model.dtype)
+
+    def objective(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": key},
+        )
+        data_loss = loss_fn(logits, batch["labels"])
+        penalty = l2 * l2_penalty(params) if l2 else jnp.zeros((), jnp.float32)
+        return data_loss + penalty, (data_loss, updates["batch_stats"])
+
+    (total, (data_loss, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    metrics = {"loss": data_loss, "total_loss": total, "grad_norm": optax.global_norm(grads)}
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, model, loss_fn, mean, std):
+    """Probabilities and per-batch loss in inference mode."""
+    images = to_model_input(batch["image"], mean, std, model.dtype)
+    logits = model.apply(state.variables, images, train=False)
+    return {"probs": jax.nn.sigmoid(logits), "logits": logits}
+
+
+def make_steps(model, loss_fn, mesh, state_sharding, *, mean, std, l2: float):
+    """jit both steps: batch sharded over `data`, state replicated, state buffers donated."""
+    data = batch_sharded(mesh)
+    train = jax.jit(
+        functools.partial(train_step, model=model, loss_fn=loss_fn, mean=mean, std=std, l2=l2),
+        in_shardings=(state_sharding, data),
+        out_shardings=(state_sharding, replicated(mesh)),
+        donate_argnums=0,
+    )
+    evaluate = jax.jit(
+        functools.partial(eval_step, model=model, loss_fn=loss_fn, mean=mean, std=std),
+        in_shardings=(state_sharding, data),
+        out_shardings=data,
+    )
+    return train, evaluate
