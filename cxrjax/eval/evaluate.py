@@ -295,7 +295,8 @@ def _write_figures(out_dir, metrics, labels, probs, thresholds, curves, points, 
              f"ROC per finding ({metrics['n_images']} images); dot: Youden threshold "
              f"chosen on {where}")  # fmt: skip
     score_histograms(labels, probs, thresholds["youden"], safe_child(out_dir, "score_histograms.png"),
-                     f"Scores by true label; line: Youden threshold chosen on {where}")  # fmt: skip
+                     f"Scores by true label (positives up, negatives down); line: Youden "
+                     f"threshold chosen on {where}")  # fmt: skip
     label = run_info.name if run_info else "this run"
     entries = [(label, metrics["auc"], True)]
     if run_info is not None:

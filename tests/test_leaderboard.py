@@ -1,0 +1,194 @@
+"""Baselines table (checked against the markdown source) and the leaderboard."""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrjax.cli import main
+from cxrjax.eval.baselines import FAMILIES, load_baselines
+from cxrjax.eval.leaderboard import LeaderboardError, write_leaderboard
+from cxrjax.eval.runinfo import RunInfoError
+from cxrjax.findings import FINDINGS
+
+SHARED = Path(os.environ.get("CXRJAX_NIH_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "nih")).parent
+BASELINES_MD = SHARED / "baselines.md"
+# The markdown's column abbreviations, written out here independently of the package.
+ABBREV = {"Atel": "Atelectasis", "Card": "Cardiomegaly", "Effu": "Effusion",
+          "Infi": "Infiltration", "Mass": "Mass", "Nodu": "Nodule", "Pneu": "Pneumonia",
+          "PTX": "Pneumothorax", "Cons": "Consolidation", "Edem": "Edema", "Emph": "Emphysema",
+          "Fibr": "Fibrosis", "PT": "Pleural_Thickening", "Hern": "Hernia"}  # fmt: skip
+
+
+def _row(table, work_start):
+    rows = table[table["work"].str.startswith(work_start)]
+    assert len(rows) == 1, work_start
+    return rows.iloc[0]
+
+
+@pytest.mark.parametrize(
+    "work, finding, value",
+    [  # typed from /work/shared/baselines.md; the Fisher table is in a different column order
+        ("Fisher 2025", "Cardiomegaly", 0.915), ("Fisher 2025", "Infiltration", 0.723),
+        ("Fisher 2025", "Atelectasis", 0.816), ("Fisher 2025", "Hernia", 0.886),
+        ("Rajpurkar 2017 (as cited", "Consolidation", 0.893),
+        ("Rajpurkar 2017 (as cited", "Edema", 0.927),
+        ("Rajpurkar et al. 2017 (CheXNet", "Consolidation", 0.7901),
+        ("Rajpurkar et al. 2017 (CheXNet", "Edema", 0.8878),
+        ("Bhusala", "Nodule", 0.655), ("Bhusala", "Mass", 0.867),
+        ("Hasanah", "Hernia", 0.936), ("Hasanah", "Pneumonia", 0.810),
+        ("Ahmad", "Atelectasis", 0.850), ("Ahmad", "Pleural_Thickening", 0.820),
+        ("CheXNet reproduction", "Infiltration", 0.7156),
+        ("Wang et al. 2017 (ChestX-ray8", "Pleural_Thickening", 0.6835),
+        ("Hermoza", "Emphysema", 0.936),
+    ],
+)  # fmt: skip
+def test_baseline_cells(work, finding, value):
+    assert _row(load_baselines(), work)[finding] == value
+
+
+def test_baseline_families_and_both_rajpurkar_rows():
+    t = load_baselines()
+    assert _row(t, "Rajpurkar et al. 2017 (CheXNet")["split_family"] == "random"
+    assert _row(t, "Rajpurkar et al. 2017 (CheXNet")["mean"] == 0.8414
+    assert _row(t, "Rajpurkar 2017 (as cited by Fisher 2025)")["mean"] == 0.852
+    assert _row(t, "Fisher 2025")["split_family"] == "random"  # its write-up states 90/5/5 random
+    unstated = t[t["split_family"] == "unstated"]["work"].tolist()
+    assert len(unstated) == 4 and all("as cited by Fisher 2025" in w for w in unstated)
+    assert (t[t["split_family"] == "official"]["tag"] == "secondary").all()
+    assert len(t) == 13
+
+
+def _markdown_tables(text):
+    tables, current = [], None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            current = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if current is None:
+            current = {"header": cells, "rows": []}
+            tables.append(current)
+        elif not set("".join(cells)) <= set("-"):
+            current["rows"].append(dict(zip(current["header"], cells)))
+    return tables
+
+
+@pytest.mark.skipif(not BASELINES_MD.exists(), reason=f"{BASELINES_MD} not present")
+def test_every_baseline_cell_matches_the_markdown_source():
+    t = load_baselines()
+    rows = [r for table in _markdown_tables(BASELINES_MD.read_text()) for r in table["rows"]]
+    assert len(rows) == len(t)
+    for r in rows:
+        key = re.sub(r" \(as cited\)$", " (as cited by Fisher 2025)", r["work"])
+        ours = _row(t, key)
+        for short, finding in ABBREV.items():
+            assert ours[finding] == float(r[short]), (key, finding)
+        assert ours["mean"] == float(r["mean"])
+        if "px" in r:
+            assert ours["px"] == r["px"]
+
+
+# ----------------------------------------------------------------------- leaderboard
+
+
+def _run_dir(root, name, aucs, run=None, in_metrics=False):
+    d = root / name
+    d.mkdir()
+    defined = [v for v in aucs.values() if v is not None]
+    metrics = {"auc": aucs, "mean_auc": float(np.mean(defined))}
+    if in_metrics:
+        metrics["run"] = run
+    elif run is not None:
+        (d / "run.json").write_text(json.dumps(run))
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    return d
+
+
+def _aucs(base, **overrides):
+    return {f: overrides.get(f, base) for f in FINDINGS}
+
+
+@pytest.fixture()
+def board(tmp_path):
+    runs = [
+        _run_dir(tmp_path, "r1", _aucs(0.84), {"name": "mine|v1", "split_family": "random", "px": 224}),
+        _run_dir(tmp_path, "r2", _aucs(0.86), {"name": "mine|v1", "split_family": "random", "px": 224}),
+        _run_dir(tmp_path, "o1", _aucs(0.81, Hernia=None),
+                 {"name": "off", "split_family": "official"}, in_metrics=True),
+    ]  # fmt: skip
+    paths = write_leaderboard(runs, tmp_path / "lb")
+    return paths, pd.read_csv(paths["csv"], keep_default_na=False, na_values=[""])
+
+
+def test_runs_ranked_only_within_their_family(board):
+    _, t = board
+    mine = t[t["entry"] == "mine|v1"].iloc[0]
+    assert mine["split_family"] == "random" and mine["n_runs"] == 2
+    assert mine["mean"] == pytest.approx(0.85) and mine["std_runs"] == pytest.approx(np.std([0.84, 0.86], ddof=1))
+    random = t[t["split_family"] == "random"]
+    better = (random["mean"] > 0.85).sum()  # Fisher 0.842 and Rajpurkar 0.8414 are below
+    assert better == 0 and int(mine["rank"]) == 1
+    off = t[t["entry"] == "off"].iloc[0]
+    assert off["split_family"] == "official" and np.isnan(off["Hernia"])
+    official = t[t["split_family"] == "official"].sort_values("mean", ascending=False)
+    assert official["entry"].tolist()[:2] == ["Hermoza et al. 2020 (arXiv:2005.10550)", "off"]
+    assert int(off["rank"]) == 2
+    assert t[t["split_family"] == "unstated"]["rank"].isna().all()
+    assert t["split_family"].map(FAMILIES.index).is_monotonic_increasing
+    assert t.loc[t["entry"] == "off", "std_findings"].iloc[0] == pytest.approx(0.0)
+
+
+def test_deltas_are_run_minus_baseline_of_same_family(board):
+    paths, _ = board
+    d = pd.read_csv(paths["deltas"])
+    assert set(d["split_family"]) == {"random", "official"}
+    row = d[(d["run"] == "mine|v1") & d["baseline"].str.startswith("Fisher")].iloc[0]
+    assert row["Cardiomegaly"] == pytest.approx(0.85 - 0.915)
+    assert row["Hernia"] == pytest.approx(0.85 - 0.886)
+    assert not d["baseline"].str.contains("as cited by Fisher").any()  # unstated: never compared
+
+
+def test_markdown_and_png(board):
+    paths, _ = board
+    md = paths["md"].read_text()
+    assert "mine\\|v1" in md and "(2 runs)" in md  # a '|' in a name cannot break the table
+    assert md.index("## Official") < md.index("## Random") < md.index("## Split not stated")
+    off_row = next(line for line in md.splitlines() if line.startswith("| 2 | **off**"))
+    assert off_row.rstrip(" |").endswith("n/a")  # Hernia undefined
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_missing_split_family_is_a_clear_error(tmp_path, capsys):
+    d = _run_dir(tmp_path, "r", _aucs(0.8))
+    with pytest.raises(RunInfoError, match="split family is unknown; write run.json"):
+        write_leaderboard([d], tmp_path / "lb")
+    assert main(["leaderboard", str(d), "--out", str(tmp_path / "lb")]) == 2
+    assert "split family is unknown" in capsys.readouterr().err
+    bad = _run_dir(tmp_path, "b", _aucs(0.8), {"name": "x", "split_family": "unknown"})
+    with pytest.raises(RunInfoError, match="'split_family' is 'unknown'"):
+        write_leaderboard([bad], tmp_path / "lb")
+
+
+def test_bad_metrics_and_conflicting_runs(tmp_path):
+    with pytest.raises(LeaderboardError, match="no metrics.json"):
+        write_leaderboard([tmp_path], tmp_path / "lb")
+    d = _run_dir(tmp_path, "a", {"Mass": 0.8}, {"name": "a", "split_family": "random"})
+    with pytest.raises(LeaderboardError, match="'auc' must map each of the 14 findings"):
+        write_leaderboard([d], tmp_path / "lb")
+    a = _run_dir(tmp_path, "c", _aucs(0.8), {"name": "same", "split_family": "random"})
+    b = _run_dir(tmp_path, "d", _aucs(0.8), {"name": "same", "split_family": "official"})
+    with pytest.raises(LeaderboardError, match="disagree"):
+        write_leaderboard([a, b], tmp_path / "lb")
+
+
+def test_run_names_never_become_paths(tmp_path):
+    d = _run_dir(tmp_path, "r", _aucs(0.8), {"name": "../../escape", "split_family": "random"})
+    write_leaderboard([d], tmp_path / "lb")
+    assert sorted(p.name for p in (tmp_path / "lb").iterdir()) == [
+        "leaderboard.csv", "leaderboard.md", "leaderboard.png", "leaderboard_deltas.csv"]
+    assert not (tmp_path.parent / "escape").exists()
