@@ -125,6 +125,16 @@ def test_metadata_labels_are_not_exhaustive(tmp_path):
     assert y[1, FINDINGS.index("Infiltration")] == 1 and y[0].sum() == 0
 
 
+def test_metadata_with_byte_order_mark_is_recognised(tmp_path):
+    path = tmp_path / "Data_Entry_2017.csv"
+    path.write_text(
+        "\ufeffImage Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
+        "View Position\n00000001_000.png,Hernia,0,1,58,M,PA\n", encoding="utf-8"
+    )
+    labels = read_labels(path)
+    assert not labels.exhaustive and labels.table.loc[0, "Hernia"] == 1
+
+
 def test_predicted_but_unlabelled_image_is_an_error(tmp_path):
     labels = read_labels(_split_file(tmp_path / "l.txt", [(i, [0] * 14) for i in IDS]))
     with pytest.raises(MetadataError, match=r"1 predicted image\(s\) have no labels.*00000009_000"):

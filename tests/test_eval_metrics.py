@@ -241,3 +241,9 @@ def test_delong_identical_scores_give_no_difference():
 def test_delong_needs_two_of_each_class():
     with pytest.raises(ValueError, match="at least 2 positives"):
         delong_test(np.array([1, 0, 0]), np.array([0.5, 0.2, 0.1]), np.array([0.4, 0.3, 0.2]))
+
+
+def test_delong_difference_with_zero_variance_is_undefined_not_significant():
+    y = np.array([1, 1, 0, 0])
+    r = delong_test(y, np.array([0.9, 0.8, 0.2, 0.1]), np.full(4, 0.5))
+    assert r["difference"] == 0.5 and r["z"] is None and r["p_value"] is None

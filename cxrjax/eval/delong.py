@@ -43,8 +43,10 @@ def delong_test(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> di
     aucs, cov = delong_covariance(y, np.stack([scores_a, scores_b]))
     var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
     diff = float(aucs[0] - aucs[1])
-    if var <= 0:  # identical rankings: no evidence of a difference
+    if var <= 0 and diff == 0:  # identical rankings: no evidence of a difference
         z, p = 0.0, 1.0
+    elif var <= 0:  # a difference with zero estimated variance: the test is undefined
+        z, p = None, None
     else:
         z = diff / np.sqrt(var)
         p = float(2 * norm.sf(abs(z)))
@@ -53,6 +55,6 @@ def delong_test(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> di
         "auc_b": float(aucs[1]),
         "difference": diff,
         "se": float(np.sqrt(max(var, 0.0))),
-        "z": float(z),
+        "z": None if z is None else float(z),
         "p_value": p,
     }

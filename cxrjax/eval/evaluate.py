@@ -20,7 +20,6 @@ from cxrjax.eval.delong import delong_test
 from cxrjax.eval.labels import Labels, align_labels, as_labels
 from cxrjax.eval.metrics import (
     bootstrap_aucs,
-    defined,
     micro_auc,
     multilabel_summary,
     operating_point,
@@ -115,6 +114,65 @@ def _comparison(labels, probs, ids, compare, source) -> dict:
     }
 
 
+def _validation_thresholds(val, labels_obj, test_ids, test_patients, target, sources):
+    """Thresholds chosen on the validation part, after checking it is not the test part."""
+    val_source = sources.get("val_predictions", "validation predictions")
+    val_labels_obj = as_labels(val[2]) if len(val) > 2 else labels_obj
+    val_ids, val_probs = _check_probs(val[0], val[1], val_source)
+    overlap = pd.Index(val_ids).intersection(pd.Index(test_ids))
+    if len(overlap):
+        raise PredictionsError(
+            f"{val_source}: {len(overlap)} image(s) are also test images (e.g. "
+            f"{overlap[0]!r}); thresholds must be chosen on other images"
+        )
+    # The validation part only picks thresholds, so it need not cover a whole split list.
+    val_labels, val_patients = align_labels(
+        val_ids, Labels(val_labels_obj.table, val_labels_obj.source, False), val_source
+    )
+    notes = []
+    shared = np.intersect1d(val_patients, test_patients)
+    if len(shared):
+        notes.append(f"{len(shared)} patient(s) have images in both the validation and the "
+                     "test predictions; thresholds may be optimistic.")  # fmt: skip
+    thresholds = _choose_thresholds(val_labels, val_probs, target)
+    for op in ("youden", "target_sensitivity"):
+        for f, t in zip(FINDINGS, thresholds[op]):
+            if t is None:
+                notes.append(f"{f}: the validation part has a single class, so no {op} "
+                             "threshold could be chosen.")  # fmt: skip
+    return thresholds, notes
+
+
+def _per_finding(labels, probs, thresholds, notes):
+    """Per-finding AUC, prevalence and operating points; ROC curves and Youden points
+    for the figures. Appends a note for each finding whose AUC is undefined."""
+    findings, curves, points = {}, {}, {}
+    for j, f in enumerate(FINDINGS):
+        y, p = labels[:, j], probs[:, j]
+        auc = roc_auc(y, p)
+        ops = {op: None if t[j] is None else operating_point(y, p, t[j])
+               for op, t in thresholds.items()}  # fmt: skip
+        findings[f] = {
+            "auc": auc,
+            "n_positive": int(y.sum()),
+            "n_negative": int(len(y) - y.sum()),
+            "prevalence": float(y.mean()),
+            "operating_points": ops,
+        }
+        curves[f] = None
+        if auc is None:
+            which = "positives" if y.sum() == 0 else "negatives"
+            notes.append(f"{f}: no {which} among the evaluated images, so its AUC is "
+                         "undefined and it is excluded from mean_auc.")  # fmt: skip
+            continue
+        fpr, tpr, _ = roc_curve(y, p)
+        curves[f] = (fpr, tpr)
+        youden = ops["youden"]
+        if youden is not None and youden["specificity"] is not None:
+            points[f] = (1 - youden["specificity"], youden["sensitivity"])
+    return findings, curves, points
+
+
 def evaluate_predictions(
     image_ids,
     probs,
@@ -159,65 +217,15 @@ def evaluate_predictions(
     if patient_ids.shape != (len(ids),):
         raise ValueError(f"patient_ids must have one entry per image ({len(ids)})")
     run_info = _resolve_run(run, out_dir)
-    notes: list[str] = []
 
-    if val is not None:
-        val_source = sources.get("val_predictions", "validation predictions")
-        val_labels_obj = as_labels(val[2]) if len(val) > 2 else labels_obj
-        val_ids, val_probs = _check_probs(val[0], val[1], val_source)
-        overlap = pd.Index(val_ids).intersection(pd.Index(ids))
-        if len(overlap):
-            raise PredictionsError(
-                f"{val_source}: {len(overlap)} image(s) are also test images (e.g. "
-                f"{overlap[0]!r}); thresholds must be chosen on other images"
-            )
-        val_labels, val_patients = align_labels(
-            val_ids, Labels(val_labels_obj.table, val_labels_obj.source, False), val_source
-        )
-        shared = np.intersect1d(val_patients, patient_ids)
-        if len(shared):
-            notes.append(
-                f"{len(shared)} patient(s) have images in both the validation and the test "
-                "predictions; thresholds may be optimistic."
-            )
-        thresholds = _choose_thresholds(val_labels, val_probs, target_sensitivity)
-        chosen_on = "validation"
-    else:
+    if val is None:
         thresholds = _choose_thresholds(labels, probs, target_sensitivity)
-        chosen_on = "test"
-
-    findings: dict[str, dict] = {}
-    curves, points = {}, {}
-    for j, f in enumerate(FINDINGS):
-        y, p = labels[:, j], probs[:, j]
-        auc = roc_auc(y, p)
-        ops = {}
-        for op, values in thresholds.items():
-            t = values[j]
-            ops[op] = None if t is None else operating_point(y, p, t)
-        findings[f] = {
-            "auc": auc,
-            "n_positive": int(y.sum()),
-            "n_negative": int(len(y) - y.sum()),
-            "prevalence": float(y.mean()),
-            "operating_points": ops,
-        }
-        if auc is None:
-            which = "positives" if y.sum() == 0 else "negatives"
-            notes.append(f"{f}: no {which} among the evaluated images, so its AUC is "
-                         "undefined and it is excluded from mean_auc.")  # fmt: skip
-            curves[f] = None
-        else:
-            fpr, tpr, _ = roc_curve(y, p)
-            curves[f] = (fpr, tpr)
-            youden = ops["youden"]
-            if youden is not None and youden["specificity"] is not None:
-                points[f] = (1 - youden["specificity"], youden["sensitivity"])
-        for op, t in thresholds.items():
-            if t[j] is None and chosen_on == "validation" and op != "at_0.5":
-                notes.append(f"{f}: the validation part has a single class, so no {op} "
-                             "threshold could be chosen.")  # fmt: skip
-
+        chosen_on, notes = "test", []
+    else:
+        thresholds, notes = _validation_thresholds(val, labels_obj, ids, patient_ids,
+                                                   target_sensitivity, sources)  # fmt: skip
+        chosen_on = "validation"
+    findings, curves, points = _per_finding(labels, probs, thresholds, notes)
     defined_aucs = [findings[f]["auc"] for f in FINDINGS if findings[f]["auc"] is not None]
     reps = bootstrap_aucs(labels, probs, patient_ids, n_bootstrap, seed)
     for j, f in enumerate(FINDINGS):

@@ -31,7 +31,7 @@ class Labels:
 def _first_line(path: Path) -> str:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
-        return f.readline()
+        return f.readline().lstrip("\ufeff")  # a byte-order mark from spreadsheet exports
 
 
 def patient_from_image_id(image_ids: pd.Series, source: str) -> np.ndarray:

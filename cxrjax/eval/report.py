@@ -114,7 +114,8 @@ def write_report(path: Path, m: dict, report_texts: dict[str, str]) -> Path:
                 rows.append([f, "n/a", "n/a", "n/a", "n/a"])
             else:
                 rows.append([f, fmt(d["auc_a"], 4), fmt(d["auc_b"], 4),
-                             f"{d['difference']:+.4f}", f"{d['p_value']:.3g}"])  # fmt: skip
+                             f"{d['difference']:+.4f}",
+                             "n/a" if d["p_value"] is None else f"{d['p_value']:.3g}"])  # fmt: skip
         out += _table(["finding", "AUC (this)", "AUC (other)", "difference", "p (DeLong)"], rows)
         out.append("")
 
