@@ -144,13 +144,26 @@ def cli_files(tmp_path):
 
 
 def test_cli_evaluate(cli_files, capsys):
-    tmp, split, preds, _, _ = cli_files
+    tmp, split, preds, ids, probs = cli_files
+    vids, _, vlabels, vprobs = _synthetic(9, 30, first_patient=500)
+    val_split = _split_file(tmp / "val_list.txt", vids, vlabels)
+    write_predictions(tmp / "val.csv", vids, vprobs)
+    write_predictions(tmp / "other.csv", ids, probs ** 2)
+    (tmp / "run.json").write_text(json.dumps({"name": "cli", "split_family": "random"}))
     rc = main(["evaluate", "--predictions", str(preds), "--labels", str(split),
-               "--out", str(tmp / "out"), "--bootstrap", "10"])  # fmt: skip
+               "--out", str(tmp / "out"), "--bootstrap", "10", "--seed", "4",
+               "--val-predictions", str(tmp / "val.csv"), "--val-labels", str(val_split),
+               "--compare", str(tmp / "other.csv"), "--run-info", str(tmp / "run.json"),
+               "--target-sensitivity", "0.8"])  # fmt: skip
     assert rc == 0
     assert "mean AUC" in capsys.readouterr().out
     m = json.loads((tmp / "out" / "metrics.json").read_text())
-    assert m["bootstrap"]["n"] == 10 and m["inputs"]["labels"] == str(split)
+    assert m["bootstrap"]["n"] == 10 and m["bootstrap"]["seed"] == 4
+    assert m["inputs"]["val_labels"] == str(val_split)
+    assert m["thresholds"]["chosen_on"] == "validation"
+    assert m["thresholds"]["target_sensitivity"] == 0.8
+    assert m["comparison"]["findings"]["Mass"]["difference"] == pytest.approx(0.0, abs=1e-12)
+    assert m["run"]["name"] == "cli"
 
 
 def test_cli_reports_bad_input_as_one_line(cli_files, capsys):
