@@ -1,0 +1,633 @@
+#!/usr/bin/env bash
+# Train cxrjax on AWS spot GPU instances (g5.24xlarge by default) that survive preemption.
+#
+#   g5_24xlarge.sh up [--config FILE] [--KEY value ...] [--dry-run]   launch the run's instance(s)
+#   g5_24xlarge.sh status|logs|down [--config FILE] [--KEY value ...]  watch or end the run
+#   g5_24xlarge.sh iam-policy|iam-setup [--config FILE] [--dry-run]    the instance's IAM role
+#   g5_24xlarge.sh run --config /etc/cxrjax/run.env                    on the instance (systemd)
+#   g5_24xlarge.sh watch-spot --pid PID                                the interruption watcher
+#
+# Settings are KEY=VALUE lines in a config file (read as data, never sourced; see
+# launch/example.env) or --key-name value flags, flags winning. Credentials never go there:
+# the AWS CLI takes them from its environment or credential files, the wandb key lives in
+# SSM Parameter Store and only the instance reads it.
+set -euo pipefail
+shopt -s inherit_errexit
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(dirname "$SCRIPT_DIR")
+readonly SCRIPT_DIR REPO_DIR
+readonly IMDS="${CXRJAX_IMDS_ENDPOINT:-http://169.254.169.254}"
+readonly SPOT_POLL_SECONDS="${CXRJAX_SPOT_POLL_SECONDS:-5}"
+readonly COORDINATOR_PORT=1234
+# The trainer config field that names the prepared dataset directory.
+readonly DATA_FIELD=data.prepared
+readonly RUN_TAG=cxrjax-run
+readonly ENV_FILE=/etc/cxrjax/run.env
+
+# Every key a config file or flag may set. Anything else, credentials above all, is refused.
+readonly KEYS="AMI KEY_NAME SUBNET SECURITY_GROUP SSH_CIDR EBS_GB MAX_PRICE REGION S3_PREFIX \
+RUN_CONFIG NODES INSTANCE_TYPE HOP_LIMIT WANDB_PARAMETER SYNC_INTERVAL PROCESS_ID COORDINATOR"
+
+AMI="resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
+KEY_NAME=""
+SUBNET=""
+SECURITY_GROUP=""
+SSH_CIDR=""
+EBS_GB=300
+MAX_PRICE=""
+REGION="${AWS_REGION:-${AWS_DEFAULT_REGION:-us-east-1}}"
+S3_PREFIX=""
+RUN_CONFIG=chexnet
+NODES=1
+INSTANCE_TYPE=g5.24xlarge
+HOP_LIMIT=2
+WANDB_PARAMETER=/cxrjax/wandb-api-key
+SYNC_INTERVAL=600
+PROCESS_ID=0
+COORDINATOR=""
+DRY_RUN=0
+PID=""
+CONSOLE=0
+
+log() { printf '[cxrjax %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() { printf 'g5_24xlarge.sh: error: %s\n' "$*" >&2; exit 2; }
+usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+
+# ---------------------------------------------------------------- settings
+
+is_key() { [[ " $KEYS " == *" $1 "* ]]; }
+
+set_key() {  # KEY VALUE WHERE
+  local key=$1 value=$2 where=$3
+  case $key in
+    *SECRET* | *TOKEN* | *PASSWORD* | *API_KEY* | AWS_*)
+      die "$where: $key looks like a credential; credentials never go in a config or flag" \
+        "(the AWS CLI reads its own environment and credential files; put the wandb key" \
+        "in SSM Parameter Store, see WANDB_PARAMETER)" ;;
+  esac
+  is_key "$key" || die "$where: unknown key $key (known: $KEYS)"
+  [[ $value =~ ^[A-Za-z0-9._:/@+,=-]*$ ]] \
+    || die "$where: value of $key has a character outside [A-Za-z0-9._:/@+,=-] (no quotes or spaces)"
+  printf -v "$key" '%s' "$value"
+}
+
+load_config() {  # parse FILE as KEY=VALUE data; never source it
+  local file=$1 line n=0
+  [[ -f $file ]] || die "config file $file not found"
+  while IFS= read -r line || [[ -n $line ]]; do
+    n=$((n + 1))
+    line=${line%$'\r'}
+    [[ $line =~ ^[[:space:]]*(#.*)?$ ]] && continue
+    [[ $line =~ ^([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] || die "$file:$n: expected KEY=VALUE, got: $line"
+    set_key "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}" "$file:$n"
+  done <"$file"
+}
+
+parse_args() {  # config file first, then flags on top of it
+  local config="" flags=()
+  while (($#)); do
+    case $1 in
+      --config) config=${2:?--config needs a file}; shift 2 ;;
+      --dry-run) DRY_RUN=1; shift ;;
+      --console) CONSOLE=1; shift ;;
+      --pid) PID=${2:?--pid needs a process id}; shift 2 ;;
+      -h | --help) usage 0 ;;
+      --*=*) flags+=("${1%%=*}" "${1#*=}"); shift ;;
+      --*) (($# >= 2)) || die "$1 needs a value"; flags+=("$1" "$2"); shift 2 ;;
+      *) die "unexpected argument: $1 (see --help)" ;;
+    esac
+  done
+  [[ -z $config ]] || load_config "$config"
+  local i key
+  for ((i = 0; i < ${#flags[@]}; i += 2)); do
+    key=$(printf '%s' "${flags[i]#--}" | tr 'a-z-' 'A-Z_')
+    set_key "$key" "${flags[i + 1]}" "flag ${flags[i]}"
+  done
+}
+
+need() {  # KEY...: each must be set
+  local key
+  for key; do [[ -n ${!key} ]] || die "$key is required (config file line $key=... or flag --$(printf '%s' "$key" | tr 'A-Z_' 'a-z-'))"; done
+}
+
+check_int() {  # KEY MIN
+  if [[ ! ${!1} =~ ^[0-9]+$ ]] || ((${!1} < $2)); then die "$1 must be an integer >= $2, got '${!1}'"; fi
+}
+
+check_s3_prefix() {
+  [[ $S3_PREFIX =~ ^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^/](.*[^/])?$ ]] \
+    || die "S3_PREFIX must be s3://BUCKET/some/prefix with a key prefix and no trailing slash" \
+      "(the instance may touch only this prefix, never a whole bucket), got '$S3_PREFIX'"
+}
+
+check_ssh_cidr() {  # an SSH source must be a real CIDR that is not the whole internet
+  [[ -z $SSH_CIDR ]] && return 0
+  [[ $SSH_CIDR =~ ^[0-9.]+/[0-9]+$ || $SSH_CIDR =~ ^[0-9A-Fa-f:]+/[0-9]+$ ]] \
+    || die "SSH_CIDR must be a CIDR such as 203.0.113.7/32, got '$SSH_CIDR'"
+  [[ ${SSH_CIDR#*/} =~ ^0+$ ]] \
+    && die "SSH_CIDR $SSH_CIDR opens SSH to the whole internet; give your own address (e.g. \$(curl -s https://checkip.amazonaws.com)/32) or leave SSH_CIDR empty and use SSM"
+  return 0
+}
+
+run_name() { basename "$S3_PREFIX"; }  # one run per S3 prefix: its last component names it
+
+validate_common() {
+  need S3_PREFIX REGION
+  check_s3_prefix
+  [[ $(run_name) =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$ ]] \
+    || die "the last component of S3_PREFIX names the run and must match [A-Za-z0-9._-]{1,63}, got '$(run_name)'"
+}
+
+validate_up() {
+  validate_common
+  need AMI SUBNET RUN_CONFIG INSTANCE_TYPE
+  [[ $AMI =~ ^ami-[0-9a-f]+$|^resolve:ssm:/ ]] || die "AMI must be ami-... or resolve:ssm:/parameter, got '$AMI'"
+  [[ $SUBNET =~ ^subnet-[0-9a-f]+$ ]] || die "SUBNET must be subnet-..., got '$SUBNET'"
+  [[ -z $SECURITY_GROUP || $SECURITY_GROUP =~ ^sg-[0-9a-f]+$ ]] || die "SECURITY_GROUP must be sg-..., got '$SECURITY_GROUP'"
+  [[ $HOP_LIMIT == 1 || $HOP_LIMIT == 2 ]] || die "HOP_LIMIT must be 1 (no containers) or 2 (containers), got '$HOP_LIMIT'"
+  [[ -z $MAX_PRICE || $MAX_PRICE =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "MAX_PRICE must be dollars per hour such as 4.50, got '$MAX_PRICE'"
+  [[ $RUN_CONFIG =~ ^[A-Za-z0-9_-]+(:[A-Za-z0-9_-]+)?$ ]] || die "RUN_CONFIG must be a config name such as chexnet or chexnet:smoke, got '$RUN_CONFIG'"
+  check_int EBS_GB 50
+  check_int NODES 1
+  check_int SYNC_INTERVAL 10
+  check_ssh_cidr
+  git -C "$REPO_DIR" cat-file -e "HEAD:configs/${RUN_CONFIG%%:*}.py" 2>/dev/null \
+    || die "configs/${RUN_CONFIG%%:*}.py is not in the committed tree of $REPO_DIR; up ships HEAD"
+}
+
+# ---------------------------------------------------------------- AWS calls
+
+# Dry-run lines go to fd 3, the original stdout, so they also escape $(...) captures.
+exec 3>&1
+
+quote() {  # ARG: as a shell word, readable where it needs no quoting
+  if [[ $1 =~ ^[A-Za-z0-9_./:=,@+-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
+}
+
+aws_do() {  # make an AWS call, or print it under --dry-run
+  if ((DRY_RUN)); then
+    local arg line="[dry-run] aws --region $REGION"
+    for arg; do line+=" $(quote "$arg")"; done
+    printf '%s\n' "$line" >&3
+    return 0
+  fi
+  aws --region "$REGION" "$@"
+}
+
+aws_text() {  # PLACEHOLDER ARGS...: the call's text output (PLACEHOLDER under --dry-run)
+  local placeholder=$1
+  shift
+  if ((DRY_RUN)); then aws_do "$@" --output text; printf '%s\n' "$placeholder"; return 0; fi
+  aws --region "$REGION" "$@" --output text
+}
+
+tag_spec() {  # RESOURCE-TYPE EXTRA-TAGS...
+  local type=$1 tags t
+  tags="{Key=$RUN_TAG,Value=$(run_name)}"
+  shift
+  for t; do tags+=",$t"; done
+  printf 'ResourceType=%s,Tags=[%s]' "$type" "$tags"
+}
+
+# ---------------------------------------------------------------- security group
+
+audit_security_group() {  # SG: refuse world-open ingress; multi-node needs the self rule
+  local sg=$1 open self
+  ((DRY_RUN)) && { aws_do ec2 describe-security-groups --group-ids "$sg"; return 0; }
+  open=$(aws_text - ec2 describe-security-groups --group-ids "$sg" --query \
+    "length(SecurityGroups[0].IpPermissions[?IpRanges[?CidrIp=='0.0.0.0/0'] || Ipv6Ranges[?CidrIpv6=='::/0']])")
+  [[ $open == 0 ]] || die "security group $sg opens $open ingress rule(s) to 0.0.0.0/0 or ::/0; remove them or let up create the run's own group"
+  if ((NODES > 1)); then
+    self=$(aws_text - ec2 describe-security-groups --group-ids "$sg" --query \
+      "length(SecurityGroups[0].IpPermissions[?UserIdGroupPairs[?GroupId=='$sg']])")
+    [[ $self != 0 ]] || die "security group $sg has no rule admitting its own members; multi-node runs need one for the JAX coordinator and NCCL"
+  fi
+}
+
+cluster_security_group() {  # the run's own group: SSH only from SSH_CIDR, members to members
+  local vpc=$1 name sg
+  name="cxrjax-$(run_name)"
+  sg=$(aws_text '<existing-group-id-or-None>' ec2 describe-security-groups \
+    --filters "Name=group-name,Values=$name" "Name=vpc-id,Values=$vpc" --query 'SecurityGroups[0].GroupId')
+  if [[ $sg != None && $sg != '<existing-group-id-or-None>' ]]; then
+    log "reusing security group $sg ($name)"
+    audit_security_group "$sg"
+    printf '%s\n' "$sg"
+    return 0
+  fi
+  sg=$(aws_text '<new-security-group-id>' ec2 create-security-group --group-name "$name" \
+    --description "cxrjax run $(run_name): no ingress from the internet" --vpc-id "$vpc" \
+    --tag-specifications "$(tag_spec security-group)" --query GroupId)
+  if [[ -n $SSH_CIDR ]]; then
+    local range="IpRanges=[{CidrIp=$SSH_CIDR,Description=ssh}]"
+    [[ $SSH_CIDR == *:* ]] && range="Ipv6Ranges=[{CidrIpv6=$SSH_CIDR,Description=ssh}]"
+    aws_do ec2 authorize-security-group-ingress --group-id "$sg" \
+      --ip-permissions "IpProtocol=tcp,FromPort=22,ToPort=22,$range" >/dev/null
+  fi
+  if ((NODES > 1)); then
+    # All traffic between members, from members only: the JAX coordinator (port
+    # $COORDINATOR_PORT) and NCCL's socket transport, which picks its ports at run time.
+    aws_do ec2 authorize-security-group-ingress --group-id "$sg" \
+      --ip-permissions "IpProtocol=-1,UserIdGroupPairs=[{GroupId=$sg,Description=cluster-members}]" >/dev/null
+  fi
+  printf '%s\n' "$sg"
+}
+
+# ---------------------------------------------------------------- up
+
+ship_source() {  # upload the committed tree; prints its S3 address
+  local sha archive url
+  sha=$(git -C "$REPO_DIR" rev-parse --short=12 HEAD)
+  [[ -z $(git -C "$REPO_DIR" status --porcelain --untracked-files=no) ]] \
+    || log "warning: uncommitted changes in $REPO_DIR are not shipped; the instance runs commit $sha"
+  url="$S3_PREFIX/src/cxrjax-$sha.tar.gz"
+  archive=$(mktemp)
+  git -C "$REPO_DIR" archive --format=tar.gz -o "$archive" HEAD
+  aws_do s3 cp --only-show-errors "$archive" "$url" >&2
+  rm -f "$archive"
+  printf '%s\n' "$url"
+}
+
+write_user_data() {  # FILE SOURCE-URL PROCESS-ID COORDINATOR: the instance bootstrap
+  local file=$1 src=$2 pid=$3 coordinator=$4 work key
+  work="/opt/cxrjax/work/$(run_name)"
+  {
+    cat <<'HEAD'
+#!/bin/bash
+# cxrjax bootstrap written by launch/g5_24xlarge.sh up. It holds no credentials: the
+# instance role reaches only the run's S3 prefix, and the wandb key is read from SSM.
+set -euo pipefail
+mkdir -p /opt/cxrjax/src /etc/cxrjax
+cat >/etc/cxrjax/run.env <<'CXRJAX_ENV'
+HEAD
+    for key in S3_PREFIX REGION RUN_CONFIG NODES WANDB_PARAMETER SYNC_INTERVAL; do
+      printf '%s=%s\n' "$key" "${!key}"
+    done
+    printf 'PROCESS_ID=%s\nCOORDINATOR=%s\nCXRJAX_ENV\n' "$pid" "$coordinator"
+    printf 'aws s3 cp --only-show-errors --region %q %q - | tar -xz -C /opt/cxrjax/src\n' "$REGION" "$src"
+    cat <<UNIT
+python3 -c 'import ensurepip' 2>/dev/null || { apt-get update -q && apt-get install -y -q python3-venv; }
+cat >/etc/systemd/system/cxrjax-run.service <<'CXRJAX_UNIT'
+[Unit]
+Description=cxrjax training run (starts again on every boot, so a spot stop/start resumes)
+Wants=network-online.target
+After=network-online.target
+StartLimitIntervalSec=6h
+StartLimitBurst=5
+
+[Service]
+Environment=HOME=/root
+ExecStart=/opt/cxrjax/src/launch/g5_24xlarge.sh run --config $ENV_FILE
+# a finished run powers the instance off; "down" then removes it
+ExecStopPost=/bin/sh -c 'test -e $work/done.json && systemctl --no-block poweroff || true'
+Restart=on-failure
+RestartSec=60
+# the trainer gets SIGTERM and time to checkpoint and upload before SIGKILL
+KillMode=mixed
+TimeoutStopSec=170
+# a run that keeps failing stops paying for the GPUs
+FailureAction=poweroff
+
+[Install]
+WantedBy=multi-user.target
+CXRJAX_UNIT
+systemctl daemon-reload
+systemctl enable --now cxrjax-run.service
+UNIT
+  } >"$file"
+}
+
+launch_node() {  # PROCESS-ID COORDINATOR SG ROOT-DEVICE IMAGE SOURCE-URL: prints "id private-ip"
+  local pid=$1 coordinator=$2 sg=$3 root=$4 image=$5 src=$6 user_data spot args=()
+  user_data=$(mktemp)
+  write_user_data "$user_data" "$src" "$pid" "$coordinator"
+  if ((DRY_RUN)); then
+    printf '[dry-run] user-data of process %s:\n' "$pid" >&3
+    sed 's/^/  | /' "$user_data" >&3
+  fi
+  # persistent + stop: AWS stops the instance on interruption, keeps its EBS volume and
+  # private IP, and starts it again when capacity returns; the systemd unit then resumes.
+  spot="{\"MarketType\":\"spot\",\"SpotOptions\":{\"SpotInstanceType\":\"persistent\",\"InstanceInterruptionBehavior\":\"stop\"${MAX_PRICE:+,\"MaxPrice\":\"$MAX_PRICE\"}}}"
+  args=(ec2 run-instances --image-id "$image" --instance-type "$INSTANCE_TYPE" --count 1
+    --subnet-id "$SUBNET" --security-group-ids "$sg"
+    --iam-instance-profile "Name=cxrjax-$(run_name)"
+    --instance-market-options "$spot"
+    --metadata-options "HttpTokens=required,HttpPutResponseHopLimit=$HOP_LIMIT,HttpEndpoint=enabled"
+    --block-device-mappings "[{\"DeviceName\":\"$root\",\"Ebs\":{\"VolumeSize\":$EBS_GB,\"VolumeType\":\"gp3\",\"Encrypted\":true,\"DeleteOnTermination\":true}}]"
+    --user-data "file://$user_data"
+    --tag-specifications "$(tag_spec instance "{Key=Name,Value=cxrjax-$(run_name)-$pid}" "{Key=cxrjax-process,Value=$pid}")"
+    "$(tag_spec volume)"
+    --query 'Instances[0].[InstanceId,PrivateIpAddress]')
+  [[ -z $KEY_NAME ]] || args+=(--key-name "$KEY_NAME")
+  aws_text "<instance-id-$pid> <private-ip-$pid>" "${args[@]}"
+  rm -f "$user_data"
+}
+
+cmd_up() {
+  validate_up
+  local image=$AMI root vpc sg src node coordinator="" out id ip
+  if ((!DRY_RUN)); then
+    out=$(aws_text - ec2 describe-instances --filters "Name=tag:$RUN_TAG,Values=$(run_name)" \
+      "Name=instance-state-name,Values=pending,running,stopping,stopped" --query 'Reservations[].Instances[].InstanceId')
+    [[ -z $out ]] || die "run $(run_name) already has instances ($out); use status, or down first"
+  fi
+  if [[ $AMI == resolve:ssm:* ]]; then
+    image=$(aws_text '<ami-from-ssm>' ssm get-parameter --name "${AMI#resolve:ssm:}" --query Parameter.Value)
+  fi
+  # The root volume is encrypted through its mapping, which needs the AMI's root device name.
+  root=$(aws_text '<root-device-of-ami>' ec2 describe-images --image-ids "$image" --query 'Images[0].RootDeviceName')
+  [[ $root == /dev/* || $root == '<root-device-of-ami>' ]] || die "AMI $image not found in $REGION (root device: $root)"
+  if [[ -n $SECURITY_GROUP ]]; then
+    audit_security_group "$SECURITY_GROUP"
+    sg=$SECURITY_GROUP
+  else
+    vpc=$(aws_text '<vpc-of-subnet>' ec2 describe-subnets --subnet-ids "$SUBNET" --query 'Subnets[0].VpcId')
+    sg=$(cluster_security_group "$vpc")
+  fi
+  src=$(ship_source)
+  for ((node = 0; node < NODES; node++)); do
+    # Process 0 learns its own address from IMDS; the others get it from its launch.
+    out=$(launch_node "$node" "$coordinator" "$sg" "$root" "$image" "$src")
+    read -r id ip <<<"$out"
+    ((node == 0)) && coordinator="$ip:$COORDINATOR_PORT"
+    log "launched process $node of $NODES: $id ($ip)"
+  done
+  if ((DRY_RUN)); then log "dry run: no AWS call was made"; return 0; fi
+  log "run $(run_name) is up; watch it with: $0 status --s3-prefix $S3_PREFIX"
+}
+
+# ---------------------------------------------------------------- status, logs, down
+
+run_instances() {  # "id state spot-request-id" per live instance of the run
+  aws_text '<instance-id> running <spot-request-id>' ec2 describe-instances \
+    --filters "Name=tag:$RUN_TAG,Values=$(run_name)" "Name=instance-state-name,Values=pending,running,stopping,stopped" \
+    --query 'Reservations[].Instances[].[InstanceId,State.Name,SpotInstanceRequestId]'
+}
+
+cmd_status() {
+  validate_common
+  # shellcheck disable=SC2016  # the backquotes are a JMESPath literal
+  aws_do ec2 describe-instances --filters "Name=tag:$RUN_TAG,Values=$(run_name)" --output table --query \
+    'Reservations[].Instances[].{id:InstanceId,state:State.Name,type:InstanceType,process:Tags[?Key==`cxrjax-process`]|[0].Value,ip:PrivateIpAddress,spot:SpotInstanceRequestId}'
+  local requests
+  requests=$(run_instances | awk '$3 != "None" {print $3}')
+  # shellcheck disable=SC2086  # one word per request id
+  [[ -z $requests ]] || aws_do ec2 describe-spot-instance-requests --spot-instance-request-ids $requests \
+    --output table --query 'SpotInstanceRequests[].{request:SpotInstanceRequestId,state:State,status:Status.Code,instance:InstanceId}'
+  if ((!DRY_RUN)) && aws --region "$REGION" s3 ls "$S3_PREFIX/workdir/done.json" >/dev/null 2>&1; then
+    echo "training finished: $S3_PREFIX/workdir/done.json exists; end the run with: $0 down --s3-prefix $S3_PREFIX"
+  fi
+}
+
+cmd_logs() {  # tail each instance's run log through SSM Run Command, or its console output
+  validate_common
+  local id state _ command _try
+  while read -r id state _; do
+    [[ -n $id ]] || continue
+    echo "=== $id ($state)"
+    if ((CONSOLE)); then
+      aws_do ec2 get-console-output --instance-id "$id" --latest --output text --query Output
+      continue
+    fi
+    command=$(aws_text '<command-id>' ssm send-command --instance-ids "$id" --document-name AWS-RunShellScript \
+      --parameters 'commands=["tail -n 200 /opt/cxrjax/logs/run.log"]' --query Command.CommandId)
+    ((DRY_RUN)) && { aws_do ssm get-command-invocation --command-id "$command" --instance-id "$id"; continue; }
+    for _try in $(seq 30); do
+      state=$(aws_text - ssm get-command-invocation --command-id "$command" --instance-id "$id" --query Status 2>/dev/null || echo Pending)
+      [[ $state == Pending || $state == InProgress || $state == Delayed ]] || break
+      sleep 2
+    done
+    aws_text - ssm get-command-invocation --command-id "$command" --instance-id "$id" --query StandardOutputContent
+  done < <(run_instances)
+}
+
+cmd_down() {  # cancel the persistent spot requests first, or AWS would relaunch the instances
+  validate_common
+  local ids=() requests=() id _state request sg
+  while read -r id _state request; do
+    [[ -n $id ]] || continue
+    ids+=("$id")
+    [[ $request == None || -z $request ]] || requests+=("$request")
+  done < <(run_instances)
+  ((${#requests[@]} == 0)) || aws_do ec2 cancel-spot-instance-requests --spot-instance-request-ids "${requests[@]}" >/dev/null
+  if ((${#ids[@]})); then
+    aws_do ec2 terminate-instances --instance-ids "${ids[@]}" >/dev/null
+    aws_do ec2 wait instance-terminated --instance-ids "${ids[@]}"
+    log "terminated ${ids[*]}"
+  else
+    log "run $(run_name) has no live instances"
+  fi
+  sg=$(aws_text '<run-security-group-or-None>' ec2 describe-security-groups \
+    --filters "Name=tag:$RUN_TAG,Values=$(run_name)" --query 'SecurityGroups[0].GroupId')
+  [[ $sg == None || -z $sg ]] || aws_do ec2 delete-security-group --group-id "$sg"
+  log "checkpoints and results stay in $S3_PREFIX/workdir/"
+}
+
+# ---------------------------------------------------------------- IAM
+
+render_policy() {  # the instance policy for this run's prefix, from launch/iam_policy.json
+  local bucket key account=$1
+  bucket=${S3_PREFIX#s3://}
+  key=${bucket#*/}
+  bucket=${bucket%%/*}
+  sed -e "s|\${BUCKET}|$bucket|g" -e "s|\${PREFIX}|$key|g" -e "s|\${REGION}|$REGION|g" \
+    -e "s|\${ACCOUNT_ID}|$account|g" -e "s|\${WANDB_PARAMETER}|${WANDB_PARAMETER#/}|g" \
+    "$SCRIPT_DIR/iam_policy.json"
+}
+
+cmd_iam_policy() {
+  validate_common
+  render_policy "$(aws_text '<account-id>' sts get-caller-identity --query Account)"
+}
+
+cmd_iam_setup() {  # role + instance profile named cxrjax-RUN, with only the rendered policy
+  validate_common
+  local name policy trust
+  name="cxrjax-$(run_name)"
+  policy=$(mktemp)
+  trust=$(mktemp)
+  render_policy "$(aws_text '<account-id>' sts get-caller-identity --query Account)" >"$policy"
+  printf '%s\n' '{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}' >"$trust"
+  aws_do iam create-role --role-name "$name" --assume-role-policy-document "file://$trust" \
+    --description "cxrjax run $(run_name): its own S3 prefix only" >/dev/null
+  aws_do iam put-role-policy --role-name "$name" --policy-name "$name" --policy-document "file://$policy"
+  aws_do iam create-instance-profile --instance-profile-name "$name" >/dev/null
+  aws_do iam add-role-to-instance-profile --instance-profile-name "$name" --role-name "$name"
+  rm -f "$policy" "$trust"
+  log "instance profile $name grants $S3_PREFIX/* and the SSM parameter $WANDB_PARAMETER"
+}
+
+# ---------------------------------------------------------------- on the instance
+
+imds_token() {
+  curl -sS -f --max-time 2 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 21600' "$IMDS/latest/api/token"
+}
+
+imds_get() {  # PATH under latest/
+  local token
+  token=$(imds_token) || return 1
+  curl -sS -f --max-time 2 -H "X-aws-ec2-metadata-token: $token" "$IMDS/latest/$1"
+}
+
+spot_watch() {  # PID: SIGTERM it on a spot interruption notice (IMDSv2, every SPOT_POLL_SECONDS)
+  local pid=$1 token="" code notice warned=0
+  notice=$(mktemp)
+  while kill -0 "$pid" 2>/dev/null; do
+    [[ -n $token ]] || token=$(imds_token 2>/dev/null) || token=""
+    code=$(curl -s --max-time 2 -o "$notice" -w '%{http_code}' \
+      -H "X-aws-ec2-metadata-token: $token" "$IMDS/latest/meta-data/spot/instance-action") || code=000
+    case $code in
+      200)
+        log "spot interruption notice $(tr -d '\n' <"$notice"); sending SIGTERM to the trainer ($pid)"
+        kill -TERM "$pid" 2>/dev/null || true
+        rm -f "$notice"
+        return 0 ;;
+      404) ;;  # no notice
+      401) token="" ;;  # the token expired: take a new one
+      *) ((warned)) || log "warning: instance metadata at $IMDS answered HTTP $code; still polling"; warned=1 ;;
+    esac
+    sleep "$SPOT_POLL_SECONDS"
+  done
+  rm -f "$notice"
+}
+
+cmd_watch_spot() {
+  [[ $PID =~ ^[0-9]+$ ]] || die "watch-spot needs --pid PID"
+  spot_watch "$PID"
+}
+
+s3_sync() { aws --region "$REGION" s3 sync --only-show-errors "$@"; }
+
+cmd_run() {
+  validate_common
+  need RUN_CONFIG
+  local home=${CXRJAX_HOME:-/opt/cxrjax} config=${RUN_CONFIG%%:*} work nih cache logs venv
+  local config_arg size prepared wandb_key="" ip syncer trainer watcher status online=()
+  work="$home/work/$(run_name)"
+  nih="$home/data/nih"
+  cache="$home/jax-cache"
+  logs="$home/logs"
+  venv="$home/venv"
+  config_arg="configs/$config.py${RUN_CONFIG#"$config"}"  # configs/NAME.py[:variant]
+  mkdir -p "$work" "$nih" "$cache" "$logs"
+  exec > >(tee -a "$logs/run.log") 2>&1
+  log "run $(run_name): config $RUN_CONFIG, process $PROCESS_ID of $NODES, home $home"
+  cd "$REPO_DIR"
+  [[ -f configs/$config.py ]] || die "configs/$config.py not found in $REPO_DIR"
+
+  if [[ ! -x $venv/bin/cxrjax ]]; then
+    log "installing cxrjax with GPU jax into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --upgrade pip
+    "$venv/bin/pip" install -q "${REPO_DIR}[gpu]"
+  fi
+  # The recipe decides the resolution; the prepared shards must match it.
+  size=$("$venv/bin/python" -c 'import sys; from cxrjax.cli import load_config
+print(load_config(sys.argv[1], []).data.image_size)' "$config_arg")
+  prepared="$home/data/prepared-$size"
+
+  # Prepared shards: this volume's, else an earlier instance's upload, else NIH + prepare.
+  [[ -f $prepared/manifest.json ]] || s3_sync "$S3_PREFIX/prepared-$size/" "$prepared/"
+  if [[ ! -f $prepared/manifest.json ]]; then
+    if [[ ! -f $nih/.fetched ]]; then
+      log "fetching NIH ChestX-ray14 from $S3_PREFIX/nih/"
+      s3_sync "$S3_PREFIX/nih/" "$nih/"
+      [[ -n $(ls -A "$nih") ]] || die "no NIH data under $S3_PREFIX/nih/; upload it once with: aws s3 sync /path/to/nih $S3_PREFIX/nih/"
+      touch "$nih/.fetched"
+    fi
+    "$venv/bin/cxrjax" prepare --nih-dir "$nih" --out "$prepared" --image-size "$size"
+    # Shards first, manifest last, so a half-finished upload never looks complete.
+    s3_sync "$prepared/" "$S3_PREFIX/prepared-$size/" --exclude manifest.json
+    aws --region "$REGION" s3 cp --only-show-errors "$prepared/manifest.json" "$S3_PREFIX/prepared-$size/manifest.json"
+  fi
+
+  # A fresh volume starts from the run's uploaded workdir, so the trainer resumes there.
+  if [[ -z $(ls -A "$work") ]]; then
+    log "pulling $S3_PREFIX/workdir/ (empty on a first launch)"
+    s3_sync "$S3_PREFIX/workdir/" "$work/"
+  fi
+
+  if ((NODES > 1)) && [[ -z $COORDINATOR ]]; then  # process 0 hosts the coordinator
+    ip=$(imds_get meta-data/local-ipv4) || die "cannot read this instance's address from $IMDS"
+    COORDINATOR="$ip:$COORDINATOR_PORT"
+  fi
+  if wandb_key=$(aws --region "$REGION" ssm get-parameter --name "$WANDB_PARAMETER" --with-decryption \
+    --query Parameter.Value --output text 2>/dev/null); then
+    log "wandb key read from SSM parameter $WANDB_PARAMETER: logging to wandb online"
+    online=(--config.wandb.mode=online)
+  else
+    wandb_key=""
+    log "no readable SSM parameter $WANDB_PARAMETER: wandb stays as the config says (offline by default)"
+  fi
+
+  sync_up() {
+    s3_sync "$work/" "$S3_PREFIX/workdir/" --exclude '*.orbax-checkpoint-tmp*'
+    s3_sync "$logs/" "$S3_PREFIX/logs/process-$PROCESS_ID/"
+  }
+  sync_loop() {  # its sleep dies with it, so nothing lingers on the log pipe after the run
+    local nap
+    trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+    while :; do
+      sleep "$SYNC_INTERVAL" &
+      nap=$!
+      wait "$nap"
+      sync_up || log "periodic S3 sync failed; next try in ${SYNC_INTERVAL}s"
+    done
+  }
+  sync_loop &
+  syncer=$!
+  (  # the key reaches the trainer's environment only, never an argument list or a file
+    export JAX_COMPILATION_CACHE_DIR=$cache
+    if ((NODES > 1)); then
+      export CXRJAX_COORDINATOR=$COORDINATOR CXRJAX_NUM_PROCESSES=$NODES CXRJAX_PROCESS_ID=$PROCESS_ID
+    fi
+    [[ -z $wandb_key ]] || export WANDB_API_KEY=$wandb_key
+    exec "$venv/bin/cxrjax" train --config "$config_arg" --workdir "$work" "--config.$DATA_FIELD=$prepared" "${online[@]}"
+  ) &
+  trainer=$!
+  wandb_key=""
+  # A stop of this script (systemd, shutdown) reaches the trainer as the same request to checkpoint.
+  trap 'log "stop requested: the trainer checkpoints and exits"; kill -TERM "$trainer" 2>/dev/null || true' TERM INT
+  spot_watch "$trainer" &
+  watcher=$!
+  while :; do
+    status=0
+    wait "$trainer" || status=$?
+    kill -0 "$trainer" 2>/dev/null || break  # else a trapped signal interrupted the wait
+  done
+  trap - TERM INT
+  kill "$syncer" "$watcher" 2>/dev/null || true
+  if [[ -f $work/done.json ]]; then
+    log "training finished; uploading $work to $S3_PREFIX/workdir/"
+  elif ((status == 0)); then
+    log "trainer checkpointed and stopped early; uploading $work so the next start resumes from it"
+  else
+    log "trainer failed with status $status; uploading $work"
+  fi
+  sync_up
+  return "$status"
+}
+
+# ---------------------------------------------------------------- main
+
+main() {
+  (($#)) || usage 2
+  local command=$1
+  shift
+  parse_args "$@"
+  case $command in
+    up) cmd_up ;;
+    status) cmd_status ;;
+    logs) cmd_logs ;;
+    down) cmd_down ;;
+    iam-policy) cmd_iam_policy ;;
+    iam-setup) cmd_iam_setup ;;
+    run) cmd_run ;;
+    watch-spot) cmd_watch_spot ;;
+    -h | --help | help) usage 0 ;;
+    *) die "unknown command $command (see --help)" ;;
+  esac
+}
+
+main "$@"
