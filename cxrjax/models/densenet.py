@@ -147,3 +147,19 @@ class DenseNet(nn.Module):
             if b != last:
                 x = Transition(train, dtype=self.dtype, name=f"pool{b + 2}")(x)
         return nn.relu(_batch_norm(train, self.dtype, "bn")(x))
+
+
+def keras_layer_names(block_config: Sequence[int]) -> list[str]:
+    """Names of the weight-carrying layers of the Keras DenseNet, in `model.layers` order.
+
+    Keras 3 `.weights.h5` files key layers by this order (`conv2d_7` is the 8th Conv2D).
+    """
+    names = ["conv1_conv", "conv1_bn"]
+    last = len(block_config) - 1
+    for b, num_layers in enumerate(block_config):
+        for i in range(num_layers):
+            prefix = f"conv{b + 2}_block{i + 1}"
+            names += [f"{prefix}_0_bn", f"{prefix}_1_conv", f"{prefix}_1_bn", f"{prefix}_2_conv"]
+        if b != last:
+            names += [f"pool{b + 2}_bn", f"pool{b + 2}_conv"]
+    return names + ["bn"]
