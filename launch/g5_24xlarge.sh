@@ -332,6 +332,8 @@ cmd_up() {
       "Name=instance-state-name,Values=pending,running,stopping,stopped" --query 'Reservations[].Instances[].InstanceId')
     [[ -z $out ]] || die "run $(run_name) already has instances ($out); use status, or down first"
   fi
+  aws_do iam get-instance-profile --instance-profile-name "cxrjax-$(run_name)" >/dev/null \
+    || die "no instance profile cxrjax-$(run_name); create it first with: $0 iam-setup --s3-prefix $S3_PREFIX"
   if [[ $AMI == resolve:ssm:* ]]; then
     image=$(aws_text '<ami-from-ssm>' ssm get-parameter --name "${AMI#resolve:ssm:}" --query Parameter.Value)
   fi
@@ -348,7 +350,8 @@ cmd_up() {
   src=$(ship_source)
   for ((node = 0; node < NODES; node++)); do
     # Process 0 learns its own address from IMDS; the others get it from its launch.
-    out=$(launch_node "$node" "$coordinator" "$sg" "$root" "$image" "$src")
+    out=$(launch_node "$node" "$coordinator" "$sg" "$root" "$image" "$src") \
+      || die "launching process $node failed; end what is up with: $0 down --s3-prefix $S3_PREFIX"
     read -r id ip <<<"$out"
     ((node == 0)) && coordinator="$ip:$COORDINATOR_PORT"
     log "launched process $node of $NODES: $id ($ip)"

@@ -254,15 +254,30 @@ def test_single_node_without_ssh_opens_no_port(repo):
     assert "--key-name" not in _calls(result.stdout, "run-instances")[0]
 
 
+def test_logs_and_down_dry_run(repo):
+    logs = script(repo, "logs", *BASE, "--dry-run")
+    assert logs.returncode == 0, logs.stderr
+    (send,) = _calls(logs.stdout, "send-command")
+    assert send["--document-name"] == "AWS-RunShellScript"
+    assert send["--parameters"] == 'commands=["tail -n 200 /opt/cxrjax/logs/run.log"]'
+    console = script(repo, "logs", *BASE, "--dry-run", "--console")
+    assert _calls(console.stdout, "get-console-output")[0]["--instance-id"] == "<instance-id>"
+    down = script(repo, "down", *BASE, "--dry-run")
+    assert down.returncode == 0, down.stderr
+    actions = [line.split()[5] for line in down.stdout.splitlines() if line.startswith("[dry-run] aws")]
+    # the persistent spot requests go before the instances, or AWS would relaunch them
+    assert actions.index("cancel-spot-instance-requests") < actions.index("terminate-instances")
+
+
 # ---------------------------------------------------------------- the spot watcher
 
 
-def _wait_for(predicate, timeout: float, what: str):
+def _wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.05)
+        time.sleep(poll)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
@@ -355,13 +370,16 @@ def test_spot_notice_during_training_resumes(repo, tmp_path):
                                 timeout=600, **kwargs)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
-    run("synth", "--out", str(tmp_path / "nih"), "--patients", "60", "--image-size", "32")
-    run("prepare", "--nih-dir", str(tmp_path / "nih"), "--out", str(tmp_path / "prepared"),
-        "--image-size", "32", "--source-size", "0", "--workers", "1")
+    from cxrjax.data.prepare import PrepareOptions, prepare
+    from cxrjax.data.synth import write_synthetic_nih
+
+    write_synthetic_nih(tmp_path / "nih", num_patients=60, image_size=32)
+    prepare(tmp_path / "nih", tmp_path / "prepared",
+            PrepareOptions(image_size=32, source_size=0, workers=1))
 
     def train(workdir: Path) -> list[str]:
         return [*cli, "train", "--config", "configs/chexnet.py:smoke", "--workdir", str(workdir),
-                f"--config.data.prepared={tmp_path / 'prepared'}"]
+                f"--config.data.prepared={tmp_path / 'prepared'}", "--config.epochs=4"]
 
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
     started = time.monotonic()
@@ -374,16 +392,22 @@ def test_spot_notice_during_training_resumes(repo, tmp_path):
                                    stderr=subprocess.STDOUT, text=True)
         watcher = watch(repo, trainer.pid, imds, 0.5)
         try:
-            # Mid-training: once the first training metrics are written (epoch 1 of 2).
+            # Mid-training: at the first training metrics (epoch 1 of 4) the trainer is
+            # paused until the watcher has seen the notice and sent SIGTERM, so the signal
+            # lands mid-run however fast the warm compilation cache makes the rest.
             _wait_for(lambda: (interrupted / "metrics.jsonl").exists() or trainer.poll() is not None,
-                      max(60.0, 2 * whole_seconds), "the first training metrics")
-            assert trainer.poll() is None, "the smoke run ended before the notice"
-            imds.notice()
-            noticed = time.monotonic()
+                      max(60.0, 2 * whole_seconds), "the first training metrics", poll=0.01)
+            os.kill(trainer.pid, signal.SIGSTOP)
+            try:
+                assert trainer.poll() is None, "the smoke run ended before the notice"
+                imds.notice()
+                noticed = time.monotonic()
+                assert watcher.wait(timeout=10) == 0
+            finally:
+                os.kill(trainer.pid, signal.SIGCONT)
             output, _ = trainer.communicate(timeout=30)
             assert trainer.returncode == 0, output[-4000:]
             assert time.monotonic() - noticed < 30
-            assert watcher.wait(timeout=10) == 0
         finally:
             trainer.kill()
             watcher.kill()
@@ -523,8 +547,12 @@ def test_up_refuses_a_given_security_group_open_to_the_world(repo, aws):
     sg = ec2.create_security_group(GroupName="wide-open", Description="x", VpcId=aws["vpc"])["GroupId"]
     ec2.authorize_security_group_ingress(GroupId=sg, IpPermissions=[{
         "IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
-    result = script(repo, "up", "--s3-prefix", "s3://cxrjax-bucket/runs/open", "--run-config", "demo",
-                    "--subnet", aws["subnet"], "--ami", aws["ami"], "--security-group", sg, env=aws["env"])
+    up = ["up", "--s3-prefix", "s3://cxrjax-bucket/runs/open", "--run-config", "demo",
+          "--subnet", aws["subnet"], "--ami", aws["ami"], "--security-group", sg]
+    result = script(repo, *up, env=aws["env"])
+    assert result.returncode == 2 and "create it first with" in result.stderr  # no profile yet
+    aws["iam"].create_instance_profile(InstanceProfileName="cxrjax-open")
+    result = script(repo, *up, env=aws["env"])
     assert result.returncode == 2
     assert f"security group {sg} opens 1 ingress rule(s) to 0.0.0.0/0" in result.stderr
     assert ec2.describe_instances(Filters=[{"Name": "tag:cxrjax-run", "Values": ["open"]}])["Reservations"] == []
