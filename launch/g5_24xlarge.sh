@@ -79,7 +79,8 @@ load_config() {  # parse FILE as KEY=VALUE data; never source it
     n=$((n + 1))
     line=${line%$'\r'}
     [[ $line =~ ^[[:space:]]*(#.*)?$ ]] && continue
-    [[ $line =~ ^([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] || die "$file:$n: expected KEY=VALUE, got: $line"
+    # The line itself is not echoed: it could be a pasted credential.
+    [[ $line =~ ^([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] || die "$file:$n: expected KEY=VALUE (no spaces around =)"
     set_key "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}" "$file:$n"
   done <"$file"
 }
@@ -250,8 +251,17 @@ ship_source() {  # upload the committed tree; prints its S3 address
 }
 
 write_user_data() {  # FILE SOURCE-URL PROCESS-ID COORDINATOR: the instance bootstrap
-  local file=$1 src=$2 pid=$3 coordinator=$4 work key
-  work="/opt/cxrjax/work/$(run_name)"
+  local file=$1 src=$2 pid=$3 coordinator=$4 key when_done
+  if ((NODES > 1)); then
+    # A cluster ends together: a run that finished or checkpointed on a notice (the trainer
+    # stops every process at once) powers off, which terminates; "up" again resumes.
+    when_done="# finished or checkpointed: power off (= terminate); \"up\" again resumes
+SuccessAction=poweroff"
+  else
+    # One node resumes by itself after a spot stop, so only a finished run powers off.
+    when_done="# a finished run powers the instance off; \"down\" then removes it
+ExecStopPost=/bin/sh -c 'test -e /opt/cxrjax/work/$(run_name)/done.json && systemctl --no-block poweroff || true'"
+  fi
   {
     cat <<'HEAD'
 #!/bin/bash
@@ -279,8 +289,7 @@ StartLimitBurst=5
 [Service]
 Environment=HOME=/root
 ExecStart=/opt/cxrjax/src/launch/g5_24xlarge.sh run --config $ENV_FILE
-# a finished run powers the instance off; "down" then removes it
-ExecStopPost=/bin/sh -c 'test -e $work/done.json && systemctl --no-block poweroff || true'
+$when_done
 Restart=on-failure
 RestartSec=60
 # the trainer gets SIGTERM and time to checkpoint and upload before SIGKILL
@@ -306,10 +315,14 @@ launch_node() {  # PROCESS-ID COORDINATOR SG ROOT-DEVICE IMAGE SOURCE-URL: print
     printf '[dry-run] user-data of process %s:\n' "$pid" >&3
     sed 's/^/  | /' "$user_data" >&3
   fi
-  # persistent + stop: AWS stops the instance on interruption, keeps its EBS volume and
-  # private IP, and starts it again when capacity returns; the systemd unit then resumes.
-  spot="{\"MarketType\":\"spot\",\"SpotOptions\":{\"SpotInstanceType\":\"persistent\",\"InstanceInterruptionBehavior\":\"stop\"${MAX_PRICE:+,\"MaxPrice\":\"$MAX_PRICE\"}}}"
+  # One node, persistent + stop: AWS stops it on interruption, keeps its EBS volume, and
+  # starts it again when capacity returns; the systemd unit then resumes. A cluster,
+  # one-time + terminate: its members shut down together and "up" relaunches them all.
+  local kind=persistent interruption=stop shutdown=stop
+  ((NODES == 1)) || { kind=one-time; interruption=terminate; shutdown=terminate; }
+  spot="{\"MarketType\":\"spot\",\"SpotOptions\":{\"SpotInstanceType\":\"$kind\",\"InstanceInterruptionBehavior\":\"$interruption\"${MAX_PRICE:+,\"MaxPrice\":\"$MAX_PRICE\"}}}"
   args=(ec2 run-instances --image-id "$image" --instance-type "$INSTANCE_TYPE" --count 1
+    --instance-initiated-shutdown-behavior "$shutdown"
     --subnet-id "$SUBNET" --security-group-ids "$sg"
     --iam-instance-profile "Name=cxrjax-$(run_name)"
     --instance-market-options "$spot"
@@ -532,6 +545,11 @@ print(load_config(sys.argv[1], []).data.image_size)' "$config_arg")
 
   # Prepared shards: this volume's, else an earlier instance's upload, else NIH + prepare.
   [[ -f $prepared/manifest.json ]] || s3_sync "$S3_PREFIX/prepared-$size/" "$prepared/"
+  if [[ ! -f $prepared/manifest.json ]] && ((PROCESS_ID > 0)); then
+    log "waiting for process 0 to prepare the data and upload $S3_PREFIX/prepared-$size/"
+    until aws --region "$REGION" s3 ls "$S3_PREFIX/prepared-$size/manifest.json" >/dev/null 2>&1; do sleep 60; done
+    s3_sync "$S3_PREFIX/prepared-$size/" "$prepared/"
+  fi
   if [[ ! -f $prepared/manifest.json ]]; then
     if [[ ! -f $nih/.fetched ]]; then
       log "fetching NIH ChestX-ray14 from $S3_PREFIX/nih/"
