@@ -206,10 +206,44 @@ def _add_train(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_import_weights(sub) -> None:
+    p = sub.add_parser(
+        "import-weights",
+        help="Keras (.h5, .weights.h5) or torchvision (.pth) DenseNet weights -> weights artifact",
+    )
+    p.add_argument("--source", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="new weights directory")
+    p.add_argument("--arch", default="densenet121", help="densenet121|densenet169|densenet201|tiny")
+    p.add_argument("--head", default="chexnet", help="chexnet|fisher (a fisher head starts fresh)")
+    p.add_argument("--cbam", action="store_true", help="add CBAM (freshly initialized)")
+    p.add_argument("--in-channels", type=int, default=3, choices=(1, 3))
+    p.add_argument("--backbone-only", action="store_true", help="drop any classifier in the source")
+
+    def run(args):
+        import json
+
+        from cxrjax.models import default_model_config
+        from cxrjax.models.import_weights import import_weights
+
+        cfg = default_model_config()
+        cfg.update(arch=args.arch, head=args.head, cbam=args.cbam, in_channels=args.in_channels)
+        try:
+            report = import_weights(args.source, args.out, cfg, backbone_only=args.backbone_only)
+        except (ValueError, ImportError, OSError) as e:  # bad file or options (WeightsError is a ValueError)
+            print(f"cxrjax import-weights: error: {e}", file=sys.stderr)
+            return 2
+        report["loaded"] = len(report["loaded"])
+        print(json.dumps(report, indent=2))
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cxrjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_synth, _add_prepare, _add_train, _add_evaluate, _add_leaderboard, _add_ensemble):
+    for add in (_add_synth, _add_prepare, _add_train, _add_evaluate, _add_leaderboard, _add_ensemble,
+                _add_import_weights):
         add(sub)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):

@@ -20,6 +20,7 @@ import numpy as np
 
 from cxrjax.models.classifier import build_model
 from cxrjax.models.densenet import arch_spec, keras_layer_names
+from cxrjax.models.errors import WeightsError
 from cxrjax.models.keras_h5 import LayerTensors, is_legacy_h5, read_keras3_weights_h5, read_legacy_h5
 from cxrjax.models.weights import gray_stem, save_weights
 
@@ -145,24 +146,27 @@ def map_layers(
         report["dropped"] = sorted(f"{n}/{v}" for n, t in layers.items() for v in t)
         layers.clear()
     elif layers:
-        head = variables["params"]["classifier"]
+        want = flat["params"].get(("classifier", "logits", "kernel"))
+        only = next(iter(layers.values()))
         fits = (
             len(layers) == 1
             and model_cfg.head == "chexnet"
-            and set(head) == {"logits"}
-            and not problems
+            and set(only) == {"kernel", "bias"}
+            and np.shape(only["kernel"]) == want.shape
         )
         if fits:
             take(next(iter(layers)), ("classifier", "logits"), DENSE_VARIABLES, flat)
         else:
+            found = ", ".join(
+                f"{n} ({', '.join(f'{v}{list(np.shape(a))}' for v, a in t.items())})" for n, t in sorted(layers.items())
+            )
             problems.append(
-                "unexpected layer(s) "
-                + ", ".join(sorted(layers))
-                + f": only a single Dense classifier onto the chexnet head ({model_cfg.num_classes} "
-                "classes) can be imported besides the backbone; use --backbone-only to drop them"
+                f"unexpected layer(s) {found}: besides the backbone only one Dense layer with "
+                f"kernel {list(want.shape) if want is not None else '?'} can be imported, onto the "
+                "chexnet head; use --backbone-only to drop them"
             )
     if problems:
-        raise ValueError("cannot import weights:\n  " + "\n  ".join(problems))
+        raise WeightsError("cannot import weights:\n  " + "\n  ".join(problems))
     unfilled = [
         "/".join((c,) + p) for c, leaves in flat.items() for p, v in leaves.items()
         if isinstance(v, jax.ShapeDtypeStruct) and "/".join((c,) + p) not in set(report["loaded"])

@@ -25,6 +25,8 @@ from typing import Sequence
 import h5py
 import numpy as np
 
+from cxrjax.models.errors import WeightsError
+
 LayerTensors = dict[str, dict[str, np.ndarray]]
 
 # Keras 3 saves a layer's variables in `layer.weights`-creation order.
@@ -50,9 +52,9 @@ def _strings(attrs, name: str) -> list[str]:
 def _dataset(group: h5py.Group, key: str, where: str) -> np.ndarray:
     item = group.get(key)
     if not isinstance(item, h5py.Dataset):
-        raise ValueError(f"{where}: expected a dataset at {key!r}, found {type(item).__name__}")
+        raise WeightsError(f"{where}: expected a dataset at {key!r}, found {type(item).__name__}")
     if item.dtype.kind not in "fiu":
-        raise ValueError(f"{where}/{key}: dtype {item.dtype} is not numeric")
+        raise WeightsError(f"{where}/{key}: dtype {item.dtype} is not numeric")
     return np.asarray(item[()])
 
 
@@ -66,11 +68,11 @@ def read_legacy_h5(path: str | Path) -> LayerTensors:
         root = f["model_weights"] if "model_weights" in f and not _strings(f.attrs, "layer_names") else f
         names = _strings(root.attrs, "layer_names")
         if not names:
-            raise ValueError(f"{path}: no `layer_names` attribute; not a legacy Keras h5 file")
+            raise WeightsError(f"{path}: no `layer_names` attribute; not a legacy Keras h5 file")
         for layer_name in names:
             group = root.get(layer_name)
             if not isinstance(group, h5py.Group):
-                raise ValueError(f"{path}: layer {layer_name!r} is listed but has no group")
+                raise WeightsError(f"{path}: layer {layer_name!r} is listed but has no group")
             tensors = {}
             for weight_name in _strings(group.attrs, "weight_names"):
                 variable = weight_name.split("/")[-1].split(":")[0]
@@ -91,7 +93,7 @@ def _keras3_layers_group(f: h5py.File, path) -> h5py.Group:
 
     f.visititems(visit)
     if len(found) != 1:
-        raise ValueError(
+        raise WeightsError(
             f"{path}: expected one `layers` group with Conv2D layers, found {len(found)}"
             f" ({', '.join(found) or 'none'}); not a Keras 3 DenseNet weights file?"
         )
@@ -121,12 +123,12 @@ def read_keras3_weights_h5(path: str | Path, backbone_layers: Sequence[str]) -> 
             found.setdefault(kind, []).append((index, key))
         unknown = sorted(set(found) - set(KERAS3_VARIABLES))
         if unknown:
-            raise ValueError(f"{path}: unexpected weight-carrying layer type(s) {', '.join(unknown)}")
+            raise WeightsError(f"{path}: unexpected weight-carrying layer type(s) {', '.join(unknown)}")
         for kind, entries in found.items():
             entries.sort()
             expected = by_kind.get(kind)
             if expected is not None and len(entries) != len(expected):
-                raise ValueError(
+                raise WeightsError(
                     f"{path}: {len(entries)} {kind} layers, the model has {len(expected)}"
                 )
             for position, (_, key) in enumerate(entries):
@@ -135,13 +137,13 @@ def read_keras3_weights_h5(path: str | Path, backbone_layers: Sequence[str]) -> 
                 stored_name = stored_name.decode() if isinstance(stored_name, bytes) else stored_name
                 name = expected[position] if expected is not None else (stored_name or key)
                 if stored_name is not None and stored_name != name:
-                    raise ValueError(
+                    raise WeightsError(
                         f"{path}: layers/{key} is named {stored_name!r} in the file but is "
                         f"{name!r} by position; not a Keras DenseNet of this arch?"
                     )
                 variables = KERAS3_VARIABLES[kind]
                 if len(vars_group) > len(variables):
-                    raise ValueError(f"{path}: layers/{key} has {len(vars_group)} variables, expected at most {len(variables)}")
+                    raise WeightsError(f"{path}: layers/{key} has {len(vars_group)} variables, expected at most {len(variables)}")
                 layers[name] = {
                     variables[i]: _dataset(vars_group, str(i), f"{path}:layers/{key}/vars")
                     for i in range(len(vars_group))

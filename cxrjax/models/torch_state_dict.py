@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrjax.models.errors import WeightsError
+
 LayerTensors = dict[str, dict[str, np.ndarray]]
 
 _OLD_STYLE = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.")
@@ -42,7 +44,7 @@ def _load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
+        raise WeightsError(
             f"{path}: refused. Its pickle holds objects other than tensors and plain "
             "containers; unpickling it could run arbitrary code, so it is not loaded. "
             "Re-save just the state dict (torch.save(model.state_dict(), ...)) from a "
@@ -54,7 +56,7 @@ def _to_numpy(key: str, value) -> np.ndarray:
     import torch
 
     if not isinstance(value, torch.Tensor):
-        raise ValueError(f"state dict entry {key} is a {type(value).__name__}, not a tensor")
+        raise WeightsError(f"state dict entry {key} is a {type(value).__name__}, not a tensor")
     if value.is_floating_point():
         value = value.detach().to(torch.float32)
     return value.cpu().numpy()
@@ -90,10 +92,10 @@ def read_torch_state_dict(path: str | Path) -> LayerTensors:
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state:
-        raise ValueError(f"{path}: expected a state dict (or {{'state_dict': ...}}), got {type(state).__name__}")
+        raise WeightsError(f"{path}: expected a state dict (or {{'state_dict': ...}}), got {type(state).__name__}")
     stems = [k for k in state if k.endswith("features.conv0.weight")]
     if len(stems) != 1:
-        raise ValueError(f"{path}: expected one '*features.conv0.weight' key, found {len(stems)}")
+        raise WeightsError(f"{path}: expected one '*features.conv0.weight' key, found {len(stems)}")
     prefix = stems[0][: -len("features.conv0.weight")]
     layers: LayerTensors = {}
     unexpected = []
@@ -123,5 +125,5 @@ def read_torch_state_dict(path: str | Path) -> LayerTensors:
             continue
         layers.setdefault(layer, {})[variable] = array
     if unexpected:
-        raise ValueError(f"{path}: unexpected tensor(s) for a torchvision DenseNet: {', '.join(unexpected)}")
+        raise WeightsError(f"{path}: unexpected tensor(s) for a torchvision DenseNet: {', '.join(unexpected)}")
     return layers

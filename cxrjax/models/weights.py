@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cxrjax.models.classifier import default_model_config
+from cxrjax.models.errors import WeightsError
 
 CONFIG_FILE = "model_config.json"
 VARIABLES_DIR = "variables"
@@ -53,7 +54,7 @@ def load_weights(path: str | Path, target: Any = None) -> tuple[ml_collections.C
     stored = json.loads(config_file.read_text())
     unknown = sorted(set(stored) - set(cfg))
     if unknown:
-        raise ValueError(f"{config_file}: unknown model config field(s) {', '.join(unknown)}")
+        raise WeightsError(f"{config_file}: unknown model config field(s) {', '.join(unknown)}")
     cfg.update(stored)
     with ocp.StandardCheckpointer() as checkpointer:
         variables = checkpointer.restore(path / VARIABLES_DIR, target)
@@ -107,7 +108,7 @@ def merge_pretrained(
     'converted' notes.
     """
     if loaded_cfg.arch != model_cfg.arch:
-        raise ValueError(f"weights are {loaded_cfg.arch}, the model is {model_cfg.arch}")
+        raise WeightsError(f"weights are {loaded_cfg.arch}, the model is {model_cfg.arch}")
     take = {"backbone"}
     if loaded_cfg.cbam and model_cfg.cbam:
         take.add("attention")
@@ -122,14 +123,14 @@ def merge_pretrained(
             report["ignored"].append(name)
             continue
         if path not in fresh_flat:
-            raise ValueError(f"weights tensor {name} has no place in the model")
+            raise WeightsError(f"weights tensor {name} has no place in the model")
         want = fresh_flat[path]
         value = np.asarray(value)
         if path[1:] == STEM_KERNEL and value.shape[2] == 3 and want.shape[2] == 1:
             value = gray_stem(value)
             report["converted"].append(f"{name}: 3-channel stem summed over input channels")
         if value.shape != want.shape or value.dtype != want.dtype:
-            raise ValueError(
+            raise WeightsError(
                 f"weights tensor {name} is {value.dtype}{list(value.shape)}, "
                 f"the model expects {want.dtype}{list(want.shape)}"
             )
@@ -137,7 +138,7 @@ def merge_pretrained(
         report["loaded"].append(name)
     missing = [p for p in fresh_flat if _part(p) in take and p not in loaded_flat]
     if missing:
-        raise ValueError(
+        raise WeightsError(
             "weights lack tensor(s) the model needs: " + ", ".join("/".join(p) for p in missing)
         )
     report["fresh"] = ["/".join(p) for p in fresh_flat if _part(p) not in take]
