@@ -24,23 +24,65 @@ def tiny_cfg(**overrides):
 
 
 X = jax.random.normal(jax.random.key(1), (2, 32, 32, 3), jnp.float32)
+DROPOUT_KEY = jax.random.key(3)
+
+# Compiling is the cost here (each jitted tiny-DenseNet function takes ~1-3 s on CPU;
+# eager flax compiles op by op and is slower still), so tests share cached results.
 
 
 @functools.cache
 def _variables(cbam: bool, head: str):
-    # A jitted init compiles in ~2 s; eager init compiles every op separately and takes
-    # longer. Variables do not depend on dtype or remat, so tests share these.
-    return jax.jit(build_model(tiny_cfg(cbam=cbam, head=head)).init)(jax.random.key(0), X)
+    """Random variables with init-like scales, from shapes only (a jitted init would
+    compile for seconds). They do not depend on dtype or remat."""
+    model = build_model(tiny_cfg(cbam=cbam, head=head))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), X))
+    rng = np.random.default_rng(0)
+
+    def fill(path, s):
+        name = path[-1].key
+        if name == "kernel":
+            return rng.normal(0, np.sqrt(2 / np.prod(s.shape[:-1])), s.shape).astype(np.float32)
+        if name in ("scale", "var"):
+            return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
+        return rng.normal(0, 0.1, s.shape).astype(np.float32)  # bias, mean
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def init(cfg):
-    """(model, variables, x) for a tiny config; applying eagerly is fast once initialized."""
+    """(model, variables, x) for a tiny config."""
     return build_model(cfg), _variables(bool(cfg.cbam), cfg.head), X
 
 
 def apply(model, variables, x, **kwargs):
-    # One compile per new shape/dtype beats eager flax, which compiles op by op.
     return jax.jit(lambda v, x: model.apply(v, x, **kwargs))(variables, x)
+
+
+@functools.cache
+def _eval(cbam: bool, head: str):
+    """(feature map, logits) in eval mode, float32."""
+    model, variables, x = init(tiny_cfg(cbam=cbam, head=head))
+    return apply(model, variables, x, method="features_and_logits")
+
+
+def train_loss(remat: bool = False):
+    """A training loss of the CBAM + Fisher model (dropout active) and its variables."""
+    model, variables, x = init(tiny_cfg(cbam=True, head="fisher", remat=remat))
+
+    def loss(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+            mutable=["batch_stats"], rngs={"dropout": DROPOUT_KEY},
+        )
+        return jnp.sum(logits * jnp.arange(14.0)), (logits, updates)
+
+    return loss, variables
+
+
+@functools.cache
+def _grads(remat: bool):
+    loss, variables = train_loss(remat)
+    return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
 
 
 def leaves_with_paths(tree):
@@ -57,32 +99,24 @@ def test_default_config_fields():
 
 
 def test_tiny_forward_backward_shapes_and_batch_stats_update():
-    model, variables, x = init(tiny_cfg(cbam=True, head="fisher"))
+    _, variables, _ = init(tiny_cfg(cbam=True, head="fisher"))
     assert set(variables) == {"params", "batch_stats"}
     assert set(variables["params"]) == {"backbone", "attention", "classifier"}
-
-    def loss(params):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-            mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)},
-        )
-        return jnp.mean(logits**2), (logits, updates)
-
-    grads, (logits, updates) = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+    grads, (logits, updates) = _grads(False)
     assert logits.shape == (2, 14) and logits.dtype == jnp.float32
     assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
-    assert any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads["backbone"]))
+    for part in ("backbone", "attention", "classifier"):
+        assert any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads[part])), part
     old, new = variables["batch_stats"]["backbone"]["bn"], updates["batch_stats"]["backbone"]["bn"]
     assert not np.allclose(old["mean"], new["mean"])  # train mode updates running stats
 
 
 def test_non_square_input():
     model, variables, _ = init(tiny_cfg())
-    for shape in [(1, 64, 96, 3), (1, 67, 41, 3)]:
-        logits = apply(model, variables, jnp.ones(shape))
-        assert logits.shape == (1, 14)
-        assert np.isfinite(logits).all()
+    logits = apply(model, variables, jnp.ones((1, 67, 41, 3)))
+    assert logits.shape == (1, 14)
+    assert np.isfinite(logits).all()
 
 
 def test_wrong_channel_count_is_named():
@@ -94,34 +128,33 @@ def test_wrong_channel_count_is_named():
 
 
 def test_bfloat16_compute_keeps_float32_params_stats_and_logits():
-    cfg16 = tiny_cfg(dtype="bfloat16", cbam=True, head="fisher")
-    model16, variables, x = init(cfg16)
+    model16, variables, x = init(tiny_cfg(dtype="bfloat16", cbam=True, head="fisher"))
     assert all(v.dtype == jnp.float32 for _, v in leaves_with_paths(variables))
-    logits, updates = apply(model16, variables, x, train=True, mutable=["batch_stats"],
-                            rngs={"dropout": jax.random.key(0)})
-    assert logits.dtype == jnp.float32
+    (fmap, logits16), updates = apply(
+        model16, variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": DROPOUT_KEY},
+        method="features_and_logits",
+    )
+    assert fmap.dtype == jnp.bfloat16
+    assert logits16.dtype == jnp.float32
     assert all(v.dtype == jnp.float32 for _, v in leaves_with_paths(updates))
-    fmap, logits16 = apply(model16, variables, x, method="features_and_logits")
-    assert fmap.dtype == jnp.bfloat16 and logits16.dtype == jnp.float32
-    logits32 = apply(build_model(tiny_cfg(cbam=True, head="fisher")), variables, x)
-    np.testing.assert_allclose(logits16, logits32, atol=0.1)  # same function, bf16 rounding
+    _, (logits32, _) = _grads(False)  # the same training forward in float32
+    np.testing.assert_allclose(logits16, logits32, atol=0.15)  # bf16 rounding only
 
 
 def test_features_and_logits_match_call_and_split_for_gradcam():
     model, variables, x = init(tiny_cfg(cbam=True, head="fisher"))
-    fmap, logits = apply(model, variables, x, method="features_and_logits")
-    np.testing.assert_allclose(logits, apply(model, variables, x), rtol=1e-6)
+    fmap, logits = _eval(True, "fisher")
     assert fmap.shape == (2, 1, 1, 32)
-    np.testing.assert_allclose(apply(model, variables, x, method="features"), fmap, rtol=1e-6)
+    np.testing.assert_allclose(logits, apply(model, variables, x), rtol=1e-6)
     out, vjp = jax.vjp(lambda f: model.apply(variables, f, method="classify"), fmap)
-    np.testing.assert_allclose(out, logits, rtol=1e-6)
+    np.testing.assert_allclose(out, logits, rtol=1e-5, atol=1e-6)
     (grad_fmap,) = vjp(jnp.eye(14)[None, 0].repeat(2, 0))
     assert grad_fmap.shape == fmap.shape
 
 
 def test_chexnet_head_is_gap_then_dense():
-    model, variables, x = init(tiny_cfg())
-    fmap, logits = apply(model, variables, x, method="features_and_logits")
+    _, variables, _ = init(tiny_cfg())
+    fmap, logits = _eval(False, "chexnet")
     dense = variables["params"]["classifier"]["logits"]
     expected = np.asarray(fmap).mean(axis=(1, 2)) @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"])
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
@@ -133,22 +166,17 @@ def test_fisher_head_layers_dropout_and_l2():
     assert head["dense1"]["kernel"].shape == (32, 128)
     assert head["dense2"]["kernel"].shape == (128, 64)
     assert head["logits"]["kernel"].shape == (64, 14)
-    fmap, logits = apply(model, variables, x, method="features_and_logits")
+    fmap, logits = _eval(True, "fisher")
     h = np.asarray(fmap).mean(axis=(1, 2))
     for name in ("dense1", "dense2"):
         h = np.maximum(h @ np.asarray(head[name]["kernel"]) + np.asarray(head[name]["bias"]), 0)
     expected = h @ np.asarray(head["logits"]["kernel"]) + np.asarray(head["logits"]["bias"])
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
-    @jax.jit
-    def train_logits_for(key):
-        return model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})[0]
-
-    def train_logits(seed):
-        return train_logits_for(jax.random.key(seed))
-
-    assert not np.allclose(train_logits(0), train_logits(1))  # dropout active in training
-    np.testing.assert_array_equal(train_logits(0), train_logits(0))
+    _, (train_logits, _) = _grads(False)  # dropout key DROPOUT_KEY
+    other, _ = apply(model, variables, x, train=True, mutable=["batch_stats"],
+                     rngs={"dropout": jax.random.key(4)})
+    assert not np.allclose(train_logits, other)  # dropout is active in training
 
     kernels = [np.asarray(head[n]["kernel"], np.float64) for n in ("dense1", "dense2", "logits")]
     assert head_kernel_paths(variables["params"]) == [
@@ -197,28 +225,22 @@ def _saved_residual_bytes(fn, arg, capsys) -> tuple[int, str]:
 
 
 def test_remat_cuts_saved_activations_with_identical_gradients(capsys):
-    results = {}
+    reports = {}
     for remat in (False, True):
-        model, variables, x = init(tiny_cfg(remat=remat))
-
-        def loss(params):
-            logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                                    x, train=True, mutable=["batch_stats"])
-            return jnp.sum(logits * jnp.arange(14.0))
-
-        nbytes, report = _saved_residual_bytes(loss, variables["params"], capsys)
-        results[remat] = (nbytes, report, jax.jit(jax.grad(loss))(variables["params"]))
-    plain_bytes, plain_report, plain_grads = results[False]
-    remat_bytes, remat_report, remat_grads = results[True]
+        loss, variables = train_loss(remat)
+        reports[remat] = _saved_residual_bytes(lambda p: loss(p)[0], variables["params"], capsys)
+    (plain_bytes, plain_report), (remat_bytes, remat_report) = reports[False], reports[True]
     # Without remat the dense layers' BN/ReLU/conv outputs are kept for the backward
     # pass; with it none are (only their thin inputs), and the total drops (measured
-    # 691 kB -> 400 kB at this size, the rest being stem, transitions and head).
+    # ~690 kB -> ~400 kB at this size, the rest being stem, transitions, CBAM and head).
     assert plain_report.count("DenseLayer") >= 16  # 8 layers x 2 ReLU outputs (at least)
     assert "DenseLayer" not in remat_report
     assert remat_bytes < 0.65 * plain_bytes, (remat_bytes, plain_bytes)
+
     # Same math, different XLA fusion: equal up to float32 round-off. Gradients of biases
     # feeding a train-mode BatchNorm nearly cancel, so round-off is judged against the
     # largest gradient (measured differences: <= 3e-6 against a largest gradient of ~11).
+    (plain_grads, _), (remat_grads, _) = _grads(False), _grads(True)
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(plain_grads))
     for (path, a), (_, b) in zip(leaves_with_paths(plain_grads), leaves_with_paths(remat_grads)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * scale, err_msg=path)
