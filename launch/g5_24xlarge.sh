@@ -268,6 +268,7 @@ ExecStopPost=/bin/sh -c 'test -e /opt/cxrjax/work/$(run_name)/done.json && syste
 # cxrjax bootstrap written by launch/g5_24xlarge.sh up. It holds no credentials: the
 # instance role reaches only the run's S3 prefix, and the wandb key is read from SSM.
 set -euo pipefail
+command -v aws >/dev/null || { echo "cxrjax: this AMI has no aws CLI; use one that does" >&2; exit 1; }
 mkdir -p /opt/cxrjax/src /etc/cxrjax
 cat >/etc/cxrjax/run.env <<'CXRJAX_ENV'
 HEAD
