@@ -370,7 +370,7 @@ cmd_up() {
     ((node == 0)) && coordinator="$ip:$COORDINATOR_PORT"
     log "launched process $node of $NODES: $id ($ip)"
   done
-  if ((DRY_RUN)); then log "dry run: no AWS call was made"; return 0; fi
+  ((DRY_RUN)) && return 0
   log "run $(run_name) is up; watch it with: $0 status --s3-prefix $S3_PREFIX"
 }
 
@@ -431,7 +431,7 @@ cmd_down() {  # cancel the persistent spot requests first, or AWS would relaunch
   if ((${#ids[@]})); then
     aws_do ec2 terminate-instances --instance-ids "${ids[@]}" >/dev/null
     aws_do ec2 wait instance-terminated --instance-ids "${ids[@]}"
-    log "terminated ${ids[*]}"
+    ((DRY_RUN)) || log "terminated ${ids[*]}"
   else
     log "run $(run_name) has no live instances"
   fi
@@ -650,6 +650,7 @@ main() {
     -h | --help | help) usage 0 ;;
     *) die "unknown command $command (see --help)" ;;
   esac
+  ((!DRY_RUN)) || log "dry run: no AWS call was made"
 }
 
 main "$@"
