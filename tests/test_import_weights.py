@@ -20,7 +20,6 @@ import re
 
 import h5py
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -145,7 +144,7 @@ def test_published_legacy_h5_notop(keras_ref, tmp_path):
     try:
         base.set_weights([np.zeros_like(w) for w in original])
         base.load_weights(str(path))
-        for got, want in zip(base.get_weights(), original):
+        for got, want in zip(base.get_weights(), original, strict=True):
             np.testing.assert_array_equal(got, want)
     finally:
         base.set_weights(original)
@@ -284,9 +283,12 @@ def test_code_running_pickle_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {"features.conv0.weight": _WritesMarker(marker)}}, path)
-    with pytest.raises(ValueError, match="refused.*could run arbitrary code"):
+    with pytest.raises(ValueError, match=r"refused.*GLOBAL io.open.*could run arbitrary code"):
         read_torch_state_dict(path)
     assert not marker.exists()
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pth: not a readable torch checkpoint"):
+        read_torch_state_dict(tmp_path / "junk.pth")
     # Control: an unrestricted unpickle of the same file does run the payload.
     torch.load(path, weights_only=False)["state_dict"]["features.conv0.weight"].close()
     assert marker.exists()
@@ -384,7 +386,7 @@ def test_extra_layers_need_backbone_only():
         map_layers(layers, fisher, template_variables(fisher))
 
 
-def write_keras3_h5(path, layers, names):
+def write_keras3_h5(path, layers, names, prefix="layers"):
     """Keras 3 `.weights.h5` layout: layers/<class>[_k]/vars/<i>, attr `name` on vars."""
     counts = {}
     with h5py.File(path, "w") as f:
@@ -392,7 +394,7 @@ def write_keras3_h5(path, layers, names):
             kind = "conv2d" if name.endswith("conv") else "batch_normalization"
             k = counts.get(kind, 0)
             counts[kind] = k + 1
-            group = f.create_group(f"layers/{kind}{'' if k == 0 else f'_{k}'}/vars")
+            group = f.create_group(f"{prefix}/{kind}{'' if k == 0 else f'_{k}'}/vars")
             group.attrs["name"] = name
             order = ("kernel",) if kind == "conv2d" else ("gamma", "beta", "moving_mean", "moving_variance")
             for i, var in enumerate(order):
@@ -411,8 +413,18 @@ def test_keras3_layer_order_is_checked_against_stored_names(tmp_path):
     swapped = list(names)
     i, j = swapped.index("conv2_block1_1_conv"), swapped.index("conv2_block1_2_conv")
     swapped[i], swapped[j] = swapped[j], swapped[i]
+    # A DenseNet nested in an outer model with a Dense head beside it.
+    write_keras3_h5(tmp_path / "nested.weights.h5", layers, names, prefix="layers/functional/layers")
+    with h5py.File(tmp_path / "nested.weights.h5", "a") as f:
+        head = f.create_group("layers/dense/vars")
+        head.attrs["name"] = "chexnet_logits"
+        head["0"], head["1"] = np.ones((32, 14), np.float32), np.zeros(14, np.float32)
+    _, read = read_layers(tmp_path / "nested.weights.h5", cfg)
+    np.testing.assert_array_equal(read["chexnet_logits"]["kernel"], np.ones((32, 14)))
+    variables, report = map_layers(read, cfg, template_variables(cfg))
+    assert report["fresh"] == [] and variables["params"]["classifier"]["logits"]["kernel"].sum() == 32 * 14
     write_keras3_h5(tmp_path / "swapped.weights.h5", layers, swapped)
-    with pytest.raises(ValueError, match="named 'conv2_block1_2_conv' in the file but is 'conv2_block1_1_conv' by position"):
+    with pytest.raises(ValueError, match="'conv2_block1_2_conv' in the file but is 'conv2_block1_1_conv' by position"):
         read_layers(tmp_path / "swapped.weights.h5", cfg)
 
 

@@ -228,7 +228,7 @@ def test_remat_cuts_saved_activations_with_identical_gradients(capsys):
     reports = {}
     for remat in (False, True):
         loss, variables = train_loss(remat)
-        reports[remat] = _saved_residual_bytes(lambda p: loss(p)[0], variables["params"], capsys)
+        reports[remat] = _saved_residual_bytes(lambda p, loss=loss: loss(p)[0], variables["params"], capsys)
     (plain_bytes, plain_report), (remat_bytes, remat_report) = reports[False], reports[True]
     # Without remat the dense layers' BN/ReLU/conv outputs are kept for the backward
     # pass; with it none are (only their thin inputs), and the total drops (measured
@@ -242,7 +242,7 @@ def test_remat_cuts_saved_activations_with_identical_gradients(capsys):
     # largest gradient (measured differences: <= 3e-6 against a largest gradient of ~11).
     (plain_grads, _), (remat_grads, _) = _grads(False), _grads(True)
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(plain_grads))
-    for (path, a), (_, b) in zip(leaves_with_paths(plain_grads), leaves_with_paths(remat_grads)):
+    for (path, a), (_, b) in zip(leaves_with_paths(plain_grads), leaves_with_paths(remat_grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * scale, err_msg=path)
 
 

@@ -32,7 +32,7 @@ def test_roundtrip_keeps_config_and_every_tensor(tmp_path):
     loaded_cfg, loaded = load_weights(tmp_path / "w")
     assert loaded_cfg.to_dict() == cfg.to_dict()
     assert jax.tree.structure(loaded) == jax.tree.structure(jax.tree.map(np.asarray, variables))
-    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(loaded)):
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(loaded), strict=True):
         assert b.dtype == np.float32
         np.testing.assert_array_equal(a, b)
     with pytest.raises(FileExistsError):
@@ -46,14 +46,16 @@ def test_merge_takes_shared_parts_and_reports_fresh_ones():
     src = jax.tree.map(np.asarray, init(src_cfg, seed=1))
     dst_cfg = tiny(cbam=True, head="fisher")
     merged, report = merge_pretrained(init(dst_cfg, seed=2), src, src_cfg, dst_cfg)
-    for a, b in zip(jax.tree.leaves(merged["params"]["backbone"]), jax.tree.leaves(src["params"]["backbone"])):
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(merged["batch_stats"]["backbone"]["bn"]["var"], src["batch_stats"]["backbone"]["bn"]["var"])
+    for part in ("params", "batch_stats"):
+        got, want = jax.tree.leaves(merged[part]["backbone"]), jax.tree.leaves(src[part]["backbone"])
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
     assert {p.split("/")[1] for p in report["fresh"]} == {"attention", "classifier"}
     assert sorted(report["ignored"]) == ["params/classifier/logits/bias", "params/classifier/logits/kernel"]
     same, report = merge_pretrained(init(src_cfg, seed=2), src, src_cfg, src_cfg)
     assert report["fresh"] == [] and report["ignored"] == []
-    np.testing.assert_array_equal(same["params"]["classifier"]["logits"]["kernel"], src["params"]["classifier"]["logits"]["kernel"])
+    np.testing.assert_array_equal(same["params"]["classifier"]["logits"]["kernel"],
+                                  src["params"]["classifier"]["logits"]["kernel"])
 
 
 def test_merge_into_gray_model_sums_the_stem():

@@ -22,7 +22,7 @@ from cxrjax.models.classifier import build_model
 from cxrjax.models.densenet import arch_spec, keras_layer_names
 from cxrjax.models.errors import WeightsError
 from cxrjax.models.keras_h5 import LayerTensors, is_legacy_h5, read_keras3_weights_h5, read_legacy_h5
-from cxrjax.models.weights import gray_stem, save_weights
+from cxrjax.models.weights import flat_paths, gray_stem, save_weights
 
 BN_VARIABLES = {  # flax (collection, name) <- keras variable
     ("params", "scale"): "gamma",
@@ -115,14 +115,16 @@ def map_layers(
     report: dict[str, list[str]] = {"loaded": [], "fresh": [], "dropped": [], "converted": []}
     problems: list[str] = []
 
-    def take(layer_name: str, flax_path: tuple[str, ...], mapping, shapes_from) -> None:
+    targets = flat_paths(variables)
+
+    def take(layer_name: str, flax_path: tuple[str, ...], mapping) -> None:
         tensors = layers.pop(layer_name)
         for (collection, leaf), variable in mapping.items():
             name = f"{layer_name}/{variable}"
             if variable not in tensors:
                 problems.append(f"{name}: missing")
                 continue
-            want = shapes_from[collection][flax_path + (leaf,)]
+            want = targets[(collection,) + flax_path + (leaf,)]
             value = tensors.pop(variable)
             if flax_path == ("backbone", "conv1_conv") and np.shape(value)[2:3] == (3,) and want.shape[2] == 1:
                 value = gray_stem(value)
@@ -133,32 +135,33 @@ def map_layers(
                 report["loaded"].append("/".join((collection,) + flax_path + (leaf,)))
         problems.extend(f"{layer_name}/{extra}: unexpected" for extra in tensors)
 
-    flat = {c: {tuple(k.key for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(t)[0]} for c, t in variables.items()}
     for path, module in _modules(variables["params"]["backbone"]).items():
         layer_name = "_".join(path)
         if layer_name not in layers:
             problems.append(f"{layer_name}: missing layer")
             continue
         mapping = BN_VARIABLES if "scale" in module else CONV_VARIABLES
-        take(layer_name, ("backbone",) + path, mapping, flat)
+        take(layer_name, ("backbone",) + path, mapping)
 
     if backbone_only:
         report["dropped"] = sorted(f"{n}/{v}" for n, t in layers.items() for v in t)
         layers.clear()
     elif layers:
-        want = flat["params"].get(("classifier", "logits", "kernel"))
+        want = targets.get(("params", "classifier", "logits", "kernel"))
         only = next(iter(layers.values()))
         fits = (
             len(layers) == 1
             and model_cfg.head == "chexnet"
             and set(only) == {"kernel", "bias"}
+            and want is not None
             and np.shape(only["kernel"]) == want.shape
         )
         if fits:
-            take(next(iter(layers)), ("classifier", "logits"), DENSE_VARIABLES, flat)
+            take(next(iter(layers)), ("classifier", "logits"), DENSE_VARIABLES)
         else:
             found = ", ".join(
-                f"{n} ({', '.join(f'{v}{list(np.shape(a))}' for v, a in t.items())})" for n, t in sorted(layers.items())
+                f"{n} ({', '.join(f'{v}{list(np.shape(a))}' for v, a in t.items())})"
+                for n, t in sorted(layers.items())
             )
             problems.append(
                 f"unexpected layer(s) {found}: besides the backbone only one Dense layer with "
@@ -167,16 +170,11 @@ def map_layers(
             )
     if problems:
         raise WeightsError("cannot import weights:\n  " + "\n  ".join(problems))
-    unfilled = [
-        "/".join((c,) + p) for c, leaves in flat.items() for p, v in leaves.items()
-        if isinstance(v, jax.ShapeDtypeStruct) and "/".join((c,) + p) not in set(report["loaded"])
-    ]
+    loaded = set(report["loaded"])
+    unfilled = [p for p, v in targets.items() if isinstance(v, jax.ShapeDtypeStruct) and "/".join(p) not in loaded]
     if unfilled:  # every backbone tensor is either loaded or reported missing above
         raise AssertionError(f"tensors neither imported nor initialized: {unfilled}")
-    loaded = set(report["loaded"])
-    report["fresh"] = [
-        "/".join((c,) + p) for c, leaves in flat.items() for p in leaves if "/".join((c,) + p) not in loaded
-    ]
+    report["fresh"] = ["/".join(p) for p in targets if "/".join(p) not in loaded]
     return variables, report
 
 

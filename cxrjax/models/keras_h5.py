@@ -141,11 +141,30 @@ def read_keras3_weights_h5(path: str | Path, backbone_layers: Sequence[str]) -> 
                         f"{path}: layers/{key} is named {stored_name!r} in the file but is "
                         f"{name!r} by position; not a Keras DenseNet of this arch?"
                     )
-                variables = KERAS3_VARIABLES[kind]
-                if len(vars_group) > len(variables):
-                    raise WeightsError(f"{path}: layers/{key} has {len(vars_group)} variables, expected at most {len(variables)}")
-                layers[name] = {
-                    variables[i]: _dataset(vars_group, str(i), f"{path}:layers/{key}/vars")
-                    for i in range(len(vars_group))
-                }
+                layers[name] = _keras3_vars(vars_group, kind, f"{path}:layers/{key}/vars")
+        # Weights outside that group: a head around a nested DenseNet. Named by their
+        # stored name; the mapping decides whether they fit (and reports them if not).
+        inside = group.name.rstrip("/") + "/"
+        outside = []
+        f.visititems(
+            lambda name, item: outside.append("/" + name)
+            if isinstance(item, h5py.Group) and name.split("/")[-1] == "vars" and len(item)
+            and not ("/" + name).startswith(inside) else None
+        )
+        for name in outside:
+            vars_group = f[name]
+            key = name.split("/")[-2] if name.count("/") > 1 else "model"
+            stored = vars_group.attrs.get("name", key)
+            stored = stored.decode() if isinstance(stored, bytes) else str(stored)
+            layers[stored] = _keras3_vars(vars_group, _order(key)[0], f"{path}:{name}")
     return layers
+
+
+def _keras3_vars(vars_group: h5py.Group, kind: str, where: str) -> dict[str, np.ndarray]:
+    names = KERAS3_VARIABLES.get(kind, ())
+    if len(vars_group) > len(names) and kind in KERAS3_VARIABLES:
+        raise WeightsError(f"{where}: {len(vars_group)} variables, a {kind} layer has at most {len(names)}")
+    return {
+        (names[i] if i < len(names) else str(i)): _dataset(vars_group, str(i), where)
+        for i in range(len(vars_group))
+    }

@@ -44,12 +44,18 @@ def _load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", str(e), re.S)
+        reason = found[1].strip().split(". ")[0] if found else str(e).strip().splitlines()[-1]
+        if not reason.startswith("Unsupported global"):
+            raise WeightsError(f"{path}: not a readable torch checkpoint ({reason})") from None
         raise WeightsError(
-            f"{path}: refused. Its pickle holds objects other than tensors and plain "
-            "containers; unpickling it could run arbitrary code, so it is not loaded. "
-            "Re-save just the state dict (torch.save(model.state_dict(), ...)) from a "
-            f"trusted environment. torch said: {str(e).splitlines()[0]}"
+            f"{path}: refused. Its pickle asks for Python objects beyond tensors and plain "
+            f"containers ({reason}); unpickling it could run arbitrary code, so it is not "
+            "loaded. Re-save just the state dict (torch.save(model.state_dict(), ...)) where "
+            "the file is trusted."
         ) from None
+    except Exception as e:  # torch raises assorted types (KeyError, RuntimeError, EOFError) for non-checkpoints
+        raise WeightsError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
 
 
 def _to_numpy(key: str, value) -> np.ndarray:

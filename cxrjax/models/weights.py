@@ -72,7 +72,8 @@ def gray_stem(kernel: np.ndarray) -> np.ndarray:
     return np.asarray(kernel).sum(axis=2, keepdims=True)
 
 
-def _flat(tree: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
+def flat_paths(tree: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
+    """{(collection, module, ..., leaf name): leaf} for a variables dict."""
     flat = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(dict(tree))[0]:
         flat[tuple(k.key for k in path)] = leaf
@@ -114,7 +115,7 @@ def merge_pretrained(
         take.add("attention")
     if loaded_cfg.head == model_cfg.head and loaded_cfg.num_classes == model_cfg.num_classes:
         take.add("classifier")
-    fresh_flat, loaded_flat = _flat(fresh), _flat(loaded)
+    fresh_flat, loaded_flat = flat_paths(fresh), flat_paths(loaded)
     merged = dict(fresh_flat)
     report: dict[str, list[str]] = {"loaded": [], "fresh": [], "ignored": [], "converted": []}
     for path, value in loaded_flat.items():
