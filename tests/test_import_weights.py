@@ -122,6 +122,7 @@ def assert_parity(variables, ref, with_head=True):
         assert diff_l <= TOL, f"logits differ from Keras by {diff_l}"
 
 
+@pytest.mark.slow
 def test_parameter_count_and_layer_order_match_keras(keras_ref):
     base = keras_ref["base"]
     assert base.count_params() == KERAS_NOTOP_PARAMS
@@ -131,6 +132,7 @@ def test_parameter_count_and_layer_order_match_keras(keras_ref):
     assert keras_layer_names((6, 12, 24, 16)) == [layer.name for layer in base.layers if layer.weights]
 
 
+@pytest.mark.slow
 def test_published_legacy_h5_notop(keras_ref, tmp_path):
     base = keras_ref["base"]
     notop = {n: t for n, t in keras_ref["layers"].items() if n != "chexnet_logits"}
@@ -158,6 +160,7 @@ def test_published_legacy_h5_notop(keras_ref, tmp_path):
     assert_parity(variables, keras_ref, with_head=False)
 
 
+@pytest.mark.slow
 def test_keras_legacy_writer_with_dense_head(keras_ref, tmp_path):
     from keras.src.legacy.saving import legacy_h5_format
 
@@ -171,6 +174,7 @@ def test_keras_legacy_writer_with_dense_head(keras_ref, tmp_path):
     assert_parity(variables, keras_ref)
 
 
+@pytest.mark.slow
 def test_keras3_weights_h5(keras_ref, tmp_path):
     path = tmp_path / "full.weights.h5"
     keras_ref["full"].save_weights(str(path))
@@ -247,6 +251,7 @@ def torchvision_forward(sd, x_nhwc, blocks=(6, 12, 24, 16)):
     return x.numpy().transpose(0, 2, 3, 1), logits.numpy()
 
 
+@pytest.mark.slow
 def test_torchvision_state_dict(keras_ref, tmp_path):
     torch = pytest.importorskip("torch")
     checkpoint = torchvision_state_dict(keras_ref["layers"])
