@@ -298,7 +298,7 @@ def _finish(config, workdir, manager, state, eval_step, mesh, model, prepared, m
         test_index = read_index(prepared / "test")
         keys, probs, _ = predict(state, eval_step, ShardedRecords(prepared / "test"), config, mesh, config.data.image_size)
         val_index = read_index(prepared / "val")
-        _, val_probs, _ = predict(state, eval_step, ShardedRecords(prepared / "val"), config, mesh, config.data.image_size)
+        val_keys, val_probs, _ = predict(state, eval_step, ShardedRecords(prepared / "val"), config, mesh, config.data.image_size)
         if jax.process_index() == 0:
             ids = test_index["image_id"].to_numpy()[keys]
             out = workdir / "test"
@@ -306,7 +306,7 @@ def _finish(config, workdir, manager, state, eval_step, mesh, model, prepared, m
             write_predictions(out / "predictions.csv", ids, probs)
             metrics = evaluate_predictions(
                 ids, probs, test_index, out_dir=out,
-                val=(val_index["image_id"].to_numpy(), val_probs, val_index),
+                val=(val_index["image_id"].to_numpy()[val_keys], val_probs, val_index),
                 n_bootstrap=config.eval.bootstrap, seed=config.seed,
                 run=_run_info(config, manifest, workdir),
             )
