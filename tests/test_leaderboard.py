@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from cxrjax.cli import main
-from cxrjax.eval.baselines import FAMILIES, load_baselines
-from cxrjax.eval.leaderboard import LeaderboardError, write_leaderboard
+from cxrjax.eval.baselines import load_baselines
+from cxrjax.eval.leaderboard import FAMILIES, LeaderboardError, write_leaderboard
 from cxrjax.eval.runinfo import RunInfoError
 from cxrjax.findings import FINDINGS
 
@@ -161,6 +161,20 @@ def test_markdown_and_png(board):
     off_row = next(line for line in md.splitlines() if line.startswith("| 2 | **off**"))
     assert off_row.rstrip(" |").endswith("n/a")  # Hernia undefined
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_synthetic_runs_are_never_ranked_against_published_results(tmp_path):
+    synthetic = _run_dir(tmp_path, "s", _aucs(0.98), {"name": "synthetic-demo", "split_family": "synthetic"})
+    real = _run_dir(tmp_path, "o", _aucs(0.80), {"name": "off", "split_family": "official"})
+    paths = write_leaderboard([synthetic, real], tmp_path / "lb")
+    t = pd.read_csv(paths["csv"], keep_default_na=False, na_values=[""])
+    group = t[t["split_family"] == "synthetic"]
+    assert group["entry"].tolist() == ["synthetic-demo"] and group["rank"].tolist() == [1]
+    official = t[t["split_family"] == "official"]
+    assert int(official.loc[official["entry"] == "off", "rank"].iloc[0]) > 1  # below the baselines
+    assert "synthetic-demo" not in set(pd.read_csv(paths["deltas"])["run"])  # no baseline to differ from
+    md = paths["md"].read_text()
+    assert md.index("## Official") < md.index("## Synthetic data") < md.index("## Split not stated")
 
 
 def test_missing_split_family_is_a_clear_error(tmp_path, capsys):

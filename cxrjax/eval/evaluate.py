@@ -307,7 +307,9 @@ def _write_figures(out_dir, metrics, labels, probs, thresholds, curves, points, 
                      f"threshold chosen on {where}")  # fmt: skip
     label = run_info.name if run_info else "this run"
     entries = [(label, metrics["auc"], True)]
-    if run_info is not None:
+    if run_info is not None and run_info.split_family == "synthetic":
+        title = "Per-finding AUC on synthetic data (no published baseline applies)"
+    elif run_info is not None:
         table = load_baselines()
         for _, row in table[table["split_family"] == run_info.split_family].iterrows():
             entries.append((f"{row['work']} [{row['tag']}]", {f: row[f] for f in FINDINGS}, False))

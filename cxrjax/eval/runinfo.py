@@ -4,8 +4,9 @@ Schema (JSON object; extra keys are allowed and ignored):
 
     name          str, required   label shown on the leaderboard; run folders that share a
                                   name are one entry (mean and std across them)
-    split_family  str, required   "official" (NIH train_val_list/test_list) or "random"
-                                  (patient-wise random split, e.g. the CheXNet split)
+    split_family  str, required   "official" (NIH train_val_list/test_list), "random"
+                                  (patient-wise random split, e.g. the CheXNet split) or
+                                  "synthetic" (cxrjax's synthetic data: no baseline applies)
     split         str, optional   which split exactly, e.g. "chexnet" or "random 90/5/5 seed 0"
     px            int, optional   input resolution in pixels
     backbone      str, optional   e.g. "DenseNet-121"
@@ -20,7 +21,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-SPLIT_FAMILIES = ("official", "random")
+SPLIT_FAMILIES = ("official", "random", "synthetic")
 
 
 class RunInfoError(ValueError):
@@ -49,8 +50,8 @@ def parse_run_info(data: object, source: str) -> RunInfo:
     if family not in SPLIT_FAMILIES:
         raise RunInfoError(
             f"{source}: 'split_family' is {family!r}; set it to 'official' (NIH "
-            "train_val_list/test_list) or 'random' (patient-wise random split such as "
-            "CheXNet's) - results on different splits cannot be ranked together"
+            "train_val_list/test_list), 'random' (patient-wise random split such as "
+            "CheXNet's) or 'synthetic' - results on different splits cannot be ranked together"
         )
     px = data.get("px")
     if px is not None and (isinstance(px, bool) or not isinstance(px, int) or px <= 0):
