@@ -34,7 +34,7 @@ def default_config():
 def run_demo(out: Path, config, nih_dir: Path | None = None, prepare_workers: int = 2) -> dict:
     """Run every stage into `out`; returns the summary also written to out/demo.json."""
     from cxrjax.data.prepare import PrepareOptions, prepare
-    from cxrjax.data.synth import write_synthetic_nih
+    from cxrjax.data.synth import MARKER, write_synthetic_nih
     from cxrjax.eval.leaderboard import write_leaderboard
     from cxrjax.train.ensemble import train_members
 
@@ -43,7 +43,7 @@ def run_demo(out: Path, config, nih_dir: Path | None = None, prepare_workers: in
     size = config.data.image_size
     if nih_dir is None:
         nih_dir = out / "synthetic"
-        if not (nih_dir / "test_list.txt").exists():  # written last
+        if not (nih_dir / MARKER).exists():  # written last
             print(write_synthetic_nih(nih_dir, SYNTHETIC_PATIENTS, SYNTHETIC_SOURCE_SIZE, config.seed))
         run_name, source_size = "synthetic-demo", SYNTHETIC_SOURCE_SIZE
     else:

@@ -9,6 +9,7 @@ stored as RGBA and as 16-bit, as in the real release and its mirrors.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,8 @@ CORRELATED = [
 VIEWS = ("PA", "AP")
 RGBA_SHARE = 0.06
 UINT16_SHARE = 0.03
+# Written beside the metadata: results on this data are marked synthetic downstream.
+MARKER = "cxrjax_synthetic.json"
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,9 @@ def write_synthetic_nih(
     (out / "train_val_list.txt").write_text("\n".join(table["Image Index"][~is_test]))
     (out / "test_list.txt").write_text("\n".join(table["Image Index"][is_test]))
     labels = np.stack([r[2] for r in rows])
+    settings = {"num_patients": num_patients, "image_size": image_size, "seed": seed,
+                "min_prevalence": min_prevalence}
+    (out / MARKER).write_text(json.dumps({"generator": "cxrjax synth", **settings}, indent=1))
     return SynthSummary(
         out=out,
         images=len(table),
