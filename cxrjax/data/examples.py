@@ -34,7 +34,9 @@ def encode(record: XrayRecord) -> bytes:
     f["view"].bytes_list.value.append(record.view.encode())
     f["age"].int64_list.value.append(int(record.age))
     f["sex"].bytes_list.value.append(record.sex.encode())
-    return ex.SerializeToString()
+    # Map fields serialize in a per-process hash order unless asked to sort: without
+    # this a rerun (or another worker) writes different bytes for the same record.
+    return ex.SerializeToString(deterministic=True)
 
 
 def decode(payload: bytes) -> XrayRecord:

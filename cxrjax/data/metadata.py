@@ -67,6 +67,15 @@ def _parse_labels(text: str, path: Path, row: int) -> tuple[np.ndarray, bool]:
     return labels, False
 
 
+def _integer_column(raw: pd.DataFrame, column: str, path: Path) -> pd.Series:
+    text = raw[column].str.strip()
+    bad = ~text.str.fullmatch(r"\d+")
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise MetadataError(f"{path}: row {i + 2}: {column} {text.iloc[i]!r} is not a whole number")
+    return text.astype(np.int64)
+
+
 def read_metadata(path: str | Path) -> pd.DataFrame:
     """Parse a Data_Entry CSV; pandas reads `.gz` transparently."""
     path = Path(path)
@@ -100,11 +109,16 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
     if dup.any():
         i = int(np.flatnonzero(dup.to_numpy())[0])
         raise MetadataError(f"{path}: row {i + 2}: duplicated image id {ids.iloc[i]!r}")
-    try:
-        patient = raw["Patient ID"].astype(int)
-        follow_up = raw["Follow-up #"].astype(int)
-    except ValueError as e:
-        raise MetadataError(f"{path}: non-integer Patient ID or Follow-up #: {e}") from e
+    patient = _integer_column(raw, "Patient ID", path)
+    follow_up = _integer_column(raw, "Follow-up #", path)
+    # The file name starts with the patient number; a row where they disagree would
+    # put one patient on both sides of a split.
+    wrong = ids.str[:8].astype(np.int64) != patient
+    if wrong.any():
+        i = int(np.flatnonzero(wrong.to_numpy())[0])
+        raise MetadataError(
+            f"{path}: row {i + 2}: Patient ID {patient.iloc[i]} does not match image id {ids.iloc[i]!r}"
+        )
     sex = raw["Patient Gender"].str.strip()
     bad_sex = ~sex.isin(["M", "F"])
     if bad_sex.any():

@@ -27,7 +27,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from cxrjax import __version__
-from cxrjax.data import examples, images, tfrecord
+from cxrjax.data import examples, images, synth, tfrecord
 from cxrjax.data.metadata import MetadataError, find_metadata, label_matrix, read_metadata
 from cxrjax.data.splits import PARTS, make_split
 from cxrjax.findings import FINDINGS
@@ -119,10 +119,29 @@ def write_shard(task: dict) -> dict:
             entries.append({"image_id": row["image_id"], "offset": offset, "length": len(framed)})
             offset += len(framed)
     index = {"shard": out.name, "sha256": digest.hexdigest(), "records": entries, "skipped": skipped}
-    index_path = out.with_name(out.name.replace(".tfrecord", ".index.json"))
-    index_path.write_text(json.dumps(index))
+    index_path = _index_path(out)
+    index_tmp = index_path.with_suffix(".tmp")
+    index_tmp.write_text(json.dumps(index))
+    os.replace(index_tmp, index_path)
     os.replace(tmp, out)  # the shard exists under its final name only when whole
     return index
+
+
+def _index_path(shard: Path) -> Path:
+    return shard.with_name(shard.name.replace(".tfrecord", ".index.json"))
+
+
+def _shard_is_done(path: Path, skip_bad: bool) -> bool:
+    """A shard a rerun may keep: its index exists and the file holds exactly the indexed
+    bytes (a truncated or half-copied shard is redone). Without --skip-bad, a shard
+    that skipped images is redone too, so the bad image is reported."""
+    try:
+        index = json.loads(_index_path(path).read_text())
+        size = path.stat().st_size
+    except (OSError, ValueError):
+        return False
+    whole = size == sum(r["length"] for r in index["records"])
+    return whole and (skip_bad or not index["skipped"])
 
 
 def _plan(table: pd.DataFrame, part: pd.Series, files: dict[str, Path], opts: PrepareOptions):
@@ -197,13 +216,8 @@ def prepare(nih_dir: str | Path, out: str | Path, opts: PrepareOptions) -> dict:
     plan_path = out / PLAN
     plan_doc = {"settings": settings, "shards": {p: [[r["image_id"] for r in s] for s in shards] for p, shards in plan.items()}}
     if plan_path.exists():
-        previous = json.loads(plan_path.read_text())
-        if previous != json.loads(json.dumps(plan_doc)):
-            raise ValueError(
-                f"{out} was prepared with other settings or data; use a new --out folder"
-            )
-    else:
-        plan_path.write_text(json.dumps(plan_doc))
+        _check_same_plan(json.loads(plan_path.read_text()), json.loads(json.dumps(plan_doc)), out)
+    plan_path.write_text(json.dumps(plan_doc))
 
     tasks = []
     for name, shards in plan.items():
@@ -219,7 +233,7 @@ def prepare(nih_dir: str | Path, out: str | Path, opts: PrepareOptions) -> dict:
                     "skip_bad": opts.skip_bad,
                 }
             )
-    todo = [t for t in tasks if not Path(t["path"]).exists()]
+    todo = [t for t in tasks if not _shard_is_done(Path(t["path"]), opts.skip_bad)]
     bar = tqdm(total=sum(len(t["rows"]) for t in todo), unit="img", desc="prepare", disable=None)
     if opts.workers <= 1 or len(todo) <= 1:
         for task in todo:
@@ -229,11 +243,39 @@ def prepare(nih_dir: str | Path, out: str | Path, opts: PrepareOptions) -> dict:
         context = multiprocessing.get_context("spawn")  # safe even after jax started threads
         with cf.ProcessPoolExecutor(opts.workers, mp_context=context) as pool:
             futures = {pool.submit(write_shard, t): t for t in todo}
-            for future in cf.as_completed(futures):
-                future.result()  # re-raises the first bad image with its file named
-                bar.update(len(futures[future]["rows"]))
+            try:
+                for future in cf.as_completed(futures):
+                    future.result()  # re-raises the first bad image with its file named
+                    bar.update(len(futures[future]["rows"]))
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # report now, not after every shard
+                raise
     bar.close()
     return _finish(out, table, tasks, settings, opts, missing_rows)
+
+
+def _check_same_plan(previous: dict, plan_doc: dict, out: Path) -> None:
+    """Refuse to mix shards of two different conversions in one folder. --skip-bad may
+    change between runs: finished shards stay valid either way (see _shard_is_done)."""
+    def settings(doc):
+        s = dict(doc["settings"])
+        s["options"] = {k: v for k, v in s["options"].items() if k != "skip_bad"}
+        return s
+
+    old, new = settings(previous), settings(plan_doc)
+    changed = [
+        f"{key}: {old['options'].get(key)!r} -> {new['options'].get(key)!r}"
+        for key in sorted(set(old["options"]) | set(new["options"]))
+        if old["options"].get(key) != new["options"].get(key)
+    ]
+    changed += [f"{key}: {old[key]!r} -> {new[key]!r}" for key in ("nih_dir", "label_file") if old[key] != new[key]]
+    if not changed and previous["shards"] != plan_doc["shards"]:
+        changed = ["the images to prepare (the label file or the images on disk changed)"]
+    if changed:
+        raise ValueError(
+            f"{out} holds a conversion with other settings ({'; '.join(changed)}); "
+            "rerun with the same options to resume it, or use a new --out folder"
+        )
 
 
 def _finish(out, table, tasks, settings, opts, skipped: list[dict]) -> dict:
@@ -243,7 +285,7 @@ def _finish(out, table, tasks, settings, opts, skipped: list[dict]) -> dict:
         rows = []
         for task in (t for t in tasks if Path(t["path"]).parent.name == name):
             path = Path(task["path"])
-            index = json.loads(path.with_name(path.name.replace(".tfrecord", ".index.json")).read_text())
+            index = json.loads(_index_path(path).read_text())
             skipped += [{**s, "part": name} for s in index["skipped"]]
             shards_doc.append(
                 {"file": f"{name}/{path.name}", "records": len(index["records"]), "sha256": index["sha256"]}
@@ -270,6 +312,7 @@ def _finish(out, table, tasks, settings, opts, skipped: list[dict]) -> dict:
         "split": opts.split,
         **settings,
         "label_file_sha256": _sha256(Path(settings["label_file"])),
+        "synthetic": (Path(settings["nih_dir"]) / synth.MARKER).exists(),
         "parts": parts,
         "shards": shards_doc,
         "skipped": {
@@ -279,8 +322,9 @@ def _finish(out, table, tasks, settings, opts, skipped: list[dict]) -> dict:
             "images": skipped if len(skipped) <= 1000 else "see skipped.csv",
         },
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return manifest
+    text = json.dumps(manifest, indent=1)
+    (out / MANIFEST).write_text(text)
+    return json.loads(text)  # exactly what read_manifest gives later
 
 
 def read_manifest(prepared: str | Path) -> dict:

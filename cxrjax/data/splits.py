@@ -29,13 +29,14 @@ class LeakageError(ValueError):
 
 def check_no_leakage(table: pd.DataFrame, part: pd.Series) -> None:
     """Raise if any patient has images in two parts."""
-    parts_per_patient = pd.Series(part.to_numpy()).groupby(table["patient_id"].to_numpy()).nunique()
-    leaked = parts_per_patient[parts_per_patient > 1]
+    patients = table["patient_id"].to_numpy()
+    parts_per_patient = pd.Series(part.to_numpy()).groupby(patients).nunique()
+    leaked = parts_per_patient.index[parts_per_patient > 1]
     if len(leaked):
-        shown = ", ".join(str(p) for p in leaked.index[:10])
-        raise LeakageError(
-            f"{len(leaked)} patient(s) appear in more than one split part (e.g. {shown})"
+        shown = "; ".join(
+            f"patient {p} in {', '.join(sorted(set(part.to_numpy()[patients == p])))}" for p in leaked[:10]
         )
+        raise LeakageError(f"{len(leaked)} patient(s) appear in more than one split part ({shown})")
 
 
 def read_image_list(path: str | Path) -> list[str]:
@@ -87,7 +88,10 @@ def _assign(table: pd.DataFrame, lists: dict[str, list[str]], source: str) -> pd
             )
         taken = part.loc[index[images].to_numpy()]
         if (taken != "").any():
-            raise MetadataError(f"{source}: image {taken[taken != ''].index[0]} is in two lists")
+            row = taken[taken != ""].index[0]
+            raise MetadataError(
+                f"{source}: image {table['image_id'][row]} is in both the {taken[row]} and {name} lists"
+            )
         part.loc[index[images].to_numpy()] = name
     return part
 
