@@ -92,11 +92,23 @@ def _input_errors_to_exit(run):
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="metrics, report and figures for a predictions CSV")
-    p.add_argument("--predictions", type=Path, required=True,
-                   help="CSV: Image Index (or image_id) and one prob_<finding> column each")
-    p.add_argument("--labels", type=Path, required=True,
-                   help="NIH Data_Entry CSV(.gz), or a labelled split list (evaluated whole)")
+    p = sub.add_parser("evaluate", help="metrics, report and figures for a predictions CSV or a trained model")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--predictions", type=Path,
+                       help="CSV: Image Index (or image_id) and one prob_<finding> column each")
+    given.add_argument("--checkpoint", type=Path,
+                       help="training workdir (its best_weights: the best checkpoint by val mean AUC) "
+                            "or a weights directory; predicts a prepared part first")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="NIH Data_Entry CSV(.gz), or a labelled split list (evaluated whole); "
+                        "required with --predictions, default with --checkpoint: the part's index.csv")
+    p.add_argument("--data", type=Path, default=None,
+                   help="--checkpoint: a `cxrjax prepare` folder (default: the run's data.prepared)")
+    p.add_argument("--part", choices=("train", "val", "test"), default="test",
+                   help="--checkpoint: the prepared part to evaluate; thresholds come from val")
+    p.add_argument("--tta", type=int, default=1, metavar="N",
+                   help="--checkpoint: average N views (the image and N-1 fixed small affine warps)")
+    p.add_argument("--batch-size", type=int, default=32, help="--checkpoint: images per jitted call")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--val-predictions", type=Path, default=None,
                    help="validation-part predictions: thresholds are chosen on these")
@@ -115,24 +127,39 @@ def _add_evaluate(sub) -> None:
         from cxrjax.eval.labels import read_labels
         from cxrjax.eval.predictions import read_predictions
 
-        preds = read_predictions(args.predictions)
-        labels = read_labels(args.labels)
-        sources = {"predictions": str(args.predictions), "labels": str(args.labels)}
         val = compare = None
-        if args.val_predictions:
-            v = read_predictions(args.val_predictions)
-            val_labels = read_labels(args.val_labels) if args.val_labels else labels
-            val = (v.image_ids, v.probs, val_labels)
-            sources["val_predictions"] = str(args.val_predictions)
-            sources["val_labels"] = str(args.val_labels or args.labels)
+        run_info = args.run_info
+        if args.checkpoint:
+            from cxrjax.eval.inference import predict_for_evaluation
+
+            r = predict_for_evaluation(args.checkpoint, args.data, args.part, labels=args.labels,
+                                       val_predictions=args.val_predictions, val_labels=args.val_labels,
+                                       tta=args.tta, batch_size=args.batch_size)  # fmt: skip
+            image_ids, probs, labels, sources, val = r["ids"], r["probs"], r["labels"], r["sources"], r["val"]
+            run_info = run_info or r["run"]
+        else:
+            if args.labels is None:
+                p.error("--labels is required with --predictions")
+            if args.data or args.tta != 1:
+                p.error("--data and --tta apply to --checkpoint")
+            preds = read_predictions(args.predictions)
+            image_ids, probs = preds.image_ids, preds.probs
+            labels = read_labels(args.labels)
+            sources = {"predictions": str(args.predictions), "labels": str(args.labels)}
+            if args.val_predictions:
+                v = read_predictions(args.val_predictions)
+                val_labels = read_labels(args.val_labels) if args.val_labels else labels
+                val = (v.image_ids, v.probs, val_labels)
+                sources["val_predictions"] = str(args.val_predictions)
+                sources["val_labels"] = str(args.val_labels or args.labels)
         if args.compare:
             c = read_predictions(args.compare)
             compare = (c.image_ids, c.probs, str(args.compare))
         m = evaluate_predictions(
-            preds.image_ids, preds.probs, labels, None, args.out, val,
+            image_ids, probs, labels, None, args.out, val,
             n_bootstrap=args.bootstrap, seed=args.seed,
             target_sensitivity=args.target_sensitivity, compare=compare,
-            run=args.run_info, sources=sources,
+            run=run_info, sources=sources,
         )
         mean = "n/a" if m["mean_auc"] is None else f"{m['mean_auc']:.4f}"
         print(f"mean AUC {mean} over {m['n_findings_in_mean']} findings, "
@@ -239,11 +266,59 @@ def _add_import_weights(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="probabilities CSV for PNG files or folders (optional Grad-CAM heatmaps)")
+    p.add_argument("paths", type=Path, nargs="+", help="PNG files, or folders searched for *.png")
+    p.add_argument("--weights", type=Path, required=True, help="weights directory or training workdir")
+    p.add_argument("--out", type=Path, required=True, help="CSV to write: Image Index (file name), prob_<finding>")
+    p.add_argument("--heatmaps", type=Path, default=None,
+                   help="also write Grad-CAM overlays of each image's --top-k findings in this folder")
+    p.add_argument("--top-k", type=int, default=1, metavar="K")
+    p.add_argument("--tta", type=int, default=1, metavar="N",
+                   help="average N views (the image and N-1 fixed small affine warps); heatmaps use the image")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="model input size for weights without a training run (default 224)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per jitted call")
+
+    def run(args):
+        from cxrjax.eval.inference import run_predict
+
+        summary = run_predict(args.weights, args.paths, args.out, heatmaps=args.heatmaps, top_k=args.top_k,
+                              tta=args.tta, image_size=args.image_size, batch_size=args.batch_size)  # fmt: skip
+        print(f"{summary['images']} images with {summary['model']}: {summary['predictions']}"
+              + (f"; heatmaps: {summary['heatmaps']}" if "heatmaps" in summary else ""))
+
+    p.set_defaults(func=_input_errors_to_exit(run))
+
+
+def _add_gradcam(sub) -> None:
+    p = sub.add_parser("gradcam", help="Grad-CAM heatmaps overlaid on PNG images, at their original size")
+    p.add_argument("paths", type=Path, nargs="+", help="PNG files, or folders searched for *.png")
+    p.add_argument("--weights", type=Path, required=True, help="weights directory or training workdir")
+    p.add_argument("--out", type=Path, required=True, help="folder for <image>_<finding>.png and gradcam.csv")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--findings", default=None, help="comma-separated findings, e.g. Effusion,Mass")
+    which.add_argument("--top-k", type=int, default=1, metavar="K", help="each image's K most probable findings")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="model input size for weights without a training run (default 224)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per jitted call")
+
+    def run(args):
+        from cxrjax.eval.inference import run_gradcam
+
+        summary = run_gradcam(args.weights, args.paths, args.out, findings=args.findings, top_k=args.top_k,
+                              image_size=args.image_size, batch_size=args.batch_size)  # fmt: skip
+        print(f"{summary['overlays']} overlays for {summary['images']} images with {summary['model']}: "
+              f"{summary['index']}")
+
+    p.set_defaults(func=_input_errors_to_exit(run))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cxrjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_synth, _add_prepare, _add_train, _add_evaluate, _add_leaderboard, _add_ensemble,
-                _add_import_weights):
+                _add_import_weights, _add_predict, _add_gradcam):
         add(sub)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):
