@@ -98,6 +98,29 @@ class ShardedRecords(grain.RandomAccessDataSource):
         return f"ShardedRecords({self.part_dir}, {len(self)} records)"
 
 
+class RecordRange(grain.RandomAccessDataSource):
+    """Records [start, stop) of a source; elements keep their keys (record indices)."""
+
+    def __init__(self, source: grain.RandomAccessDataSource, start: int, stop: int):
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> dict:
+        return self.source[self.start + int(i)]
+
+    def __repr__(self) -> str:
+        return f"RecordRange({self.source!r}, {self.start}, {self.stop})"
+
+
+def process_range(n: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """A process's contiguous share of n records; the first n % P processes take one more."""
+    per, extra = divmod(n, process_count)
+    start = process_index * per + min(process_index, extra)
+    return start, start + per + (process_index < extra)
+
+
 def training_table(part_dir: str | Path, balance: Balance, seed: int) -> pd.DataFrame:
     """The train part's index after dropping No Finding rows and repeating rare ones."""
     table = read_index(part_dir)
@@ -148,8 +171,9 @@ def make_loader(
     """A grain DataLoader yielding this process's share of each global batch.
 
     `batch_size` is per process. Training repeats forever with a fresh global
-    shuffle each epoch and drops the last partial batch; evaluation reads each record
-    once, in order, and keeps the last partial batch.
+    shuffle each epoch and drops the last partial batch (over P processes, also the
+    last n % P records); evaluation reads each record once, in order, each process a
+    contiguous range, and keeps the last partial batch.
     """
     if process_index is None or process_count is None:
         import jax
@@ -158,6 +182,11 @@ def make_loader(
     if workers and not flags.FLAGS.is_parsed():
         # grain's worker processes read absl flags; outside absl.app nobody parsed them.
         flags.FLAGS.mark_as_parsed()
+    if not train and process_count > 1:
+        # grain's DataLoader gives each of P shards n // P records even without
+        # drop_remainder, so evaluation would silently skip up to P - 1 records.
+        source = RecordRange(source, *process_range(len(source), process_index, process_count))
+        process_index, process_count = 0, 1
     shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=train)
     sampler = grain.IndexSampler(
         num_records=len(source),
