@@ -236,6 +236,15 @@ def test_each_bad_image_is_an_error_naming_its_file(broken_source, tmp_path):
         prepare(src, tmp_path / "c", OPTS)
 
 
+def test_two_files_with_one_image_name_are_refused(broken_source, tmp_path):
+    src, files = broken_source
+    extra = src / "images_099" / "images"
+    extra.mkdir(parents=True)
+    shutil.copy(files[0], extra / files[0].name)
+    with pytest.raises(MetadataError, match=rf"duplicated image id '{files[0].name}': .*images_099"):
+        prepare(src, tmp_path / "out", OPTS)
+
+
 def test_unknown_label_is_an_error_naming_the_row(broken_source, tmp_path):
     src, _ = broken_source
     csv = src / "Data_Entry_2017.csv"
