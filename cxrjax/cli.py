@@ -73,7 +73,7 @@ def _add_prepare(sub) -> None:
         print(f"prepared {counts} images at {args.image_size}px in {args.out}"
               f" ({manifest['skipped']['count']} skipped)")
 
-    p.set_defaults(func=run)
+    p.set_defaults(func=_input_errors_to_exit(run))
 
 
 def _input_errors_to_exit(run):
@@ -230,7 +230,7 @@ def _add_train(sub) -> None:
         print(summary)
         return 0
 
-    p.set_defaults(func=run)
+    p.set_defaults(func=_input_errors_to_exit(run))
 
 
 def _add_import_weights(sub) -> None:
@@ -264,6 +264,33 @@ def _add_import_weights(sub) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="synthetic (or --nih-dir) data -> prepare -> train DenseNet121+CBAM -> evaluate -> leaderboard",
+    )
+    p.add_argument("--out", type=Path, default=Path("cxrjax-demo"))
+    p.add_argument("--nih-dir", type=Path, default=None,
+                   help="a real NIH download instead of the synthetic dataset")
+    p.add_argument("--config", default=None, help="default: configs/demo.py of this checkout")
+    p.set_defaults(accepts_overrides=True)
+
+    def run(args):
+        from cxrjax.demo import default_config, run_demo
+
+        config = load_config(args.config or default_config(), args.overrides)
+        summary = run_demo(args.out, config, args.nih_dir)
+        kind = "synthetic test part" if summary["synthetic"] else "test part"
+        mean = "undefined" if summary["mean_auc"] is None else f"{summary['mean_auc']:.4f}"
+        print(f"mean AUC {mean} on the {kind}; metrics: {summary['metrics']}; "
+              f"leaderboard: {summary['leaderboard']}")
+        if summary["synthetic"]:
+            print("(synthetic data: this shows the pipeline works end to end; it is not a clinical result)")
+        return 0
+
+    p.set_defaults(func=_input_errors_to_exit(run))
 
 
 def _add_predict(sub) -> None:
@@ -314,11 +341,28 @@ def _add_gradcam(sub) -> None:
     p.set_defaults(func=_input_errors_to_exit(run))
 
 
+def _add_bench(sub) -> None:
+    from cxrjax.bench.args import add_arguments
+
+    p = sub.add_parser(
+        "bench",
+        help="throughput, compile time, memory, FLOPs and MFU of the training step, with torch/keras peers",
+    )
+    add_arguments(p)
+
+    def run(args):
+        from cxrjax.bench.args import run as run_bench
+
+        return run_bench(args, "cxrjax bench")
+
+    p.set_defaults(func=run)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cxrjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_synth, _add_prepare, _add_train, _add_evaluate, _add_leaderboard, _add_ensemble,
-                _add_import_weights, _add_predict, _add_gradcam):
+    for add in (_add_demo, _add_synth, _add_prepare, _add_train, _add_evaluate, _add_leaderboard, _add_ensemble,
+                _add_import_weights, _add_predict, _add_gradcam, _add_bench):
         add(sub)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):

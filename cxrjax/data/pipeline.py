@@ -20,6 +20,7 @@ import pandas as pd
 from cxrjax.data import examples, tfrecord
 from cxrjax.data.augment import AugmentConfig, random_affine
 from cxrjax.data.images import decode_record_png
+from cxrjax.data.prepare import PreparedDataError
 from cxrjax.data.splits import keep_no_finding_fraction, oversample_repeats
 from cxrjax.findings import FINDINGS
 
@@ -36,7 +37,7 @@ class Balance:
 def read_index(part_dir: str | Path) -> pd.DataFrame:
     path = Path(part_dir) / "index.csv"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {part_dir} a part of a prepared dataset?")
+        raise PreparedDataError(f"{path} not found: is {part_dir} a part of a prepared dataset?")
     return pd.read_csv(path, dtype={"image_id": str, "shard": str})
 
 

@@ -36,6 +36,10 @@ MANIFEST = "manifest.json"
 PLAN = "plan.json"
 
 
+class PreparedDataError(ValueError):
+    """An output folder that is not (or not the same) prepared dataset."""
+
+
 @dataclass(frozen=True)
 class PrepareOptions:
     image_size: int
@@ -272,7 +276,7 @@ def _check_same_plan(previous: dict, plan_doc: dict, out: Path) -> None:
     if not changed and previous["shards"] != plan_doc["shards"]:
         changed = ["the images to prepare (the label file or the images on disk changed)"]
     if changed:
-        raise ValueError(
+        raise PreparedDataError(
             f"{out} holds a conversion with other settings ({'; '.join(changed)}); "
             "rerun with the same options to resume it, or use a new --out folder"
         )
@@ -330,5 +334,5 @@ def _finish(out, table, tasks, settings, opts, skipped: list[dict]) -> dict:
 def read_manifest(prepared: str | Path) -> dict:
     path = Path(prepared) / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `cxrjax prepare` first (or it did not finish)")
+        raise PreparedDataError(f"{path} not found: run `cxrjax prepare` first (or it did not finish)")
     return json.loads(path.read_text())

@@ -3,6 +3,8 @@ opposed to bugs (which keep their traceback)."""
 
 from cxrjax.data.images import ImageError
 from cxrjax.data.metadata import MetadataError
+from cxrjax.data.prepare import PreparedDataError
+from cxrjax.data.splits import LeakageError
 from cxrjax.eval.leaderboard import LeaderboardError
 from cxrjax.eval.model_source import InferenceError
 from cxrjax.eval.paths import UnsafePathError
@@ -11,4 +13,4 @@ from cxrjax.eval.runinfo import RunInfoError
 from cxrjax.models.errors import WeightsError
 
 INPUT_ERRORS = (MetadataError, PredictionsError, RunInfoError, LeaderboardError, UnsafePathError,
-                ImageError, WeightsError, InferenceError)
+                ImageError, WeightsError, InferenceError, PreparedDataError, LeakageError)
