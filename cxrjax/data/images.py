@@ -61,6 +61,16 @@ def resize_square(image: np.ndarray, size: int, source: str) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
 
 
+def to_model_size(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W] → [size, size] for the model: area interpolation when shrinking (as
+    `prepare` does from the source PNG), linear when enlarging. Training and inference
+    both resize here, so a model sees the same pixels in both."""
+    if image.shape == (size, size):
+        return image
+    shrink = image.shape[0] > size or image.shape[1] > size
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
 def encode_png(image: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 3])
     if not ok:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from cxrjax.data import examples, tfrecord
 from cxrjax.data.augment import AugmentConfig, random_affine
-from cxrjax.data.images import decode_record_png
+from cxrjax.data.images import decode_record_png, to_model_size
 from cxrjax.data.prepare import PreparedDataError
 from cxrjax.data.splits import keep_no_finding_fraction, oversample_repeats
 from cxrjax.findings import FINDINGS
@@ -141,16 +141,7 @@ class DecodeAndAugment(grain.RandomMapTransform):
     augment: AugmentConfig | None = None
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        import cv2  # imported in the worker
-
-        image = decode_record_png(element["png"])
-        if image.shape != (self.image_size, self.image_size):
-            shrink = image.shape[0] > self.image_size
-            image = cv2.resize(
-                image,
-                (self.image_size, self.image_size),
-                interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR,
-            )
+        image = to_model_size(decode_record_png(element["png"]), self.image_size)
         if self.augment is not None:
             image = random_affine(image, self.augment, rng)
         return {"image": image[..., None], "labels": element["labels"], "key": np.int64(element["key"])}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from cxrjax.data.images import ImageError, decode_to_gray8
@@ -43,12 +42,3 @@ def read_gray(path: Path) -> np.ndarray:
     except OSError as e:
         raise ImageError(f"{path}: cannot read ({e.strerror})") from e
     return decode_to_gray8(data, str(path))
-
-
-def to_model_size(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [H, W] → [size, size]: area interpolation when shrinking (as `prepare` does
-    from the source PNG), linear when enlarging (as the training loader does)."""
-    if image.shape == (size, size):
-        return image
-    shrink = image.shape[0] > size or image.shape[1] > size
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)

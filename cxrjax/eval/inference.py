@@ -22,7 +22,8 @@ import numpy as np
 
 from cxrjax.data.augment import AugmentConfig, random_affine
 from cxrjax.data.normalize import to_model_input
-from cxrjax.eval.image_files import collect_pngs, read_gray, to_model_size
+from cxrjax.data.images import to_model_size
+from cxrjax.eval.image_files import collect_pngs, read_gray
 from cxrjax.eval.model_source import InferenceError, TrainedModel, load_trained, locate, read_run_config
 from cxrjax.findings import FINDINGS
 from cxrjax.models import build_model
