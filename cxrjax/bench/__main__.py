@@ -1,0 +1,17 @@
+"""`python -m cxrjax.bench ...`: the same arguments as `cxrjax bench`."""
+
+import argparse
+import sys
+
+from cxrjax.bench.args import add_arguments, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m cxrjax.bench", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv), "python -m cxrjax.bench")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

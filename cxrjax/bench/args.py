@@ -1,0 +1,88 @@
+"""The `cxrjax bench` arguments, shared by `cxrjax bench` and `python -m cxrjax.bench`.
+
+`python -m cxrjax.bench` exists for machines that have only the model stack (jax, flax,
+optax, torch): the full `cxrjax` command also sets up `prepare`, which needs
+tensorflow-datasets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from cxrjax.bench.spec import DTYPES, PEERS
+
+REMAT = {"off": False, "on": True}
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _choices(allowed):
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(v for v in text.split(",") if v)
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+        return values
+
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="e.g. benchmarks/results/<device>")
+    p.add_argument("--arch", default="densenet121", help="densenet121|densenet169|densenet201|tiny")
+    p.add_argument("--sizes", type=_ints, default=(224,), help="image sizes, e.g. 224,320,512,1024")
+    p.add_argument("--dtypes", type=_choices(DTYPES), default=("bfloat16",), help="float32,bfloat16")
+    p.add_argument("--remat", type=_choices(tuple(REMAT)), default=("off",), help="off,on")
+    p.add_argument("--batch", type=int, default=32, help="batch per device")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (after 2 warm-up steps)")
+    p.add_argument("--peers", type=_choices(PEERS), default=(), help="torch,torch_compile,keras")
+    p.add_argument("--memory-budget-gb", type=float, default=0.0,
+                   help="also find the largest batch per device whose compiled step fits this many GiB")
+    p.add_argument("--scaling", action="store_true", help="also measure 1/2/4/8 devices (simulated on CPU)")
+    p.add_argument("--prepared", type=Path, default=None,
+                   help="a `cxrjax prepare` output: also time the step fed by the grain pipeline")
+    p.add_argument("--workers", type=int, default=0, help="grain decode processes for --prepared")
+
+
+def command_line(args: argparse.Namespace, prog: str) -> str:
+    """The parsed arguments written back as one complete command, to reproduce the run."""
+    words = [*shlex.split(prog), "--out", str(args.out), "--arch", args.arch,
+             "--sizes", ",".join(map(str, args.sizes)), "--dtypes", ",".join(args.dtypes),
+             "--remat", ",".join(args.remat), "--batch", str(args.batch), "--steps", str(args.steps)]
+    if args.peers:
+        words += ["--peers", ",".join(args.peers)]
+    if args.memory_budget_gb:
+        words += ["--memory-budget-gb", f"{args.memory_budget_gb:g}"]
+    if args.scaling:
+        words.append("--scaling")
+    if args.prepared:
+        words += ["--prepared", str(args.prepared), "--workers", str(args.workers)]
+    return shlex.join(words)
+
+
+def run(args: argparse.Namespace, prog: str) -> int:
+    """Run the benchmark; `prog` is how it was invoked (`cxrjax bench`, `python -m cxrjax.bench`)."""
+    from cxrjax.bench.run import BenchOptions, run_bench
+
+    try:
+        options = BenchOptions(
+            out=args.out, arch=args.arch, sizes=args.sizes, dtypes=args.dtypes,
+            remat=tuple(REMAT[v] for v in args.remat), batch=args.batch, steps=args.steps, peers=args.peers,
+            memory_budget_gb=args.memory_budget_gb, scaling=args.scaling,
+            prepared=str(args.prepared) if args.prepared else "", workers=args.workers,
+        )
+    except ValueError as e:
+        print(f"cxrjax bench: error: {e}", file=sys.stderr)
+        return 2
+    results = run_bench(options, command_line(args, prog))
+    print(f"bench: {args.out / (args.arch + '.md')}")
+    failed = [r for r in results["measurements"] + results["scaling"] if r["status"] == "failed"]
+    return 1 if failed else 0

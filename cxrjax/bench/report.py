@@ -1,0 +1,202 @@
+"""Write a benchmark result as JSON, a Markdown report and plots (matplotlib, lazily)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cxrjax.bench.memory import GIB
+
+MIB = 2**20
+NA = "—"
+EXPLAINER = (
+    "Throughput comes from steps launched back to back; step time is the median of steps waited for "
+    "one by one; compile time is cxrjax's `lower().compile()`; first call is the first step (lazy "
+    "compilation for torch.compile and Keras). FLOPs are XLA's cost analysis of the cxrjax step; MFU "
+    "uses the cxrjax step's FLOPs without remat for every framework. Peak memory is the allocator's "
+    "peak on GPU; on CPU, MiB/image comes from XLA's buffer assignment of the compiled step."
+)
+
+
+def _fmt(value, spec: str, scale: float = 1.0) -> str:
+    return NA if value is None else format(value * scale, spec)
+
+
+def _remat(row: dict) -> str:
+    return "on" if row["remat"] else "off"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def measurements_table(rows: list[dict]) -> str:
+    header = ["task", "framework", "px", "dtype", "remat", "devices", "batch/device", "images/s",
+              "images/s/device", "step ms (median)", "compile s", "first call s", "GFLOP/image", "MFU",
+              "peak GiB", "MiB/image", "status"]
+    body = []
+    for r in rows:
+        note = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}"
+        body.append([
+            r["task"], r["framework"], str(r["size"]), r["dtype"], _remat(r), str(r.get("devices") or NA),
+            str(r["batch_per_device"]), _fmt(r.get("images_per_s"), ".1f"),
+            _fmt(r.get("images_per_s_per_device"), ".1f"), _fmt(r.get("step_s_median"), ".1f", 1e3),
+            _fmt(r.get("compile_s"), ".1f"), _fmt(r.get("first_step_s"), ".2f"),
+            _fmt(r.get("flops_per_image"), ".3f", 1e-9), _fmt(r.get("mfu"), ".1%"),
+            _fmt(r.get("peak_bytes"), ".2f", 1 / GIB), _fmt(r.get("bytes_per_image"), ".1f", 1 / MIB),
+            note.replace("|", "/"),
+        ])
+    return table(header, body)
+
+
+def ratios_table(ratios: list[dict]) -> str:
+    header = ["task", "px", "dtype", "remat", "peer", "cxrjax images/s/device", "peer images/s/device",
+              "cxrjax ÷ peer", "cxrjax MiB/image", "peer MiB/image"]
+    return table(header, [[
+        r["task"], str(r["size"]), r["dtype"], _remat(r), r["peer"],
+        _fmt(r["cxrjax_images_per_s_per_device"], ".1f"), _fmt(r["peer_images_per_s_per_device"], ".1f"),
+        _fmt(r["speedup"], ".2f"), _fmt(r["cxrjax_bytes_per_image"], ".1f", 1 / MIB),
+        _fmt(r["peer_bytes_per_image"], ".1f", 1 / MIB),
+    ] for r in ratios])
+
+
+def max_batch_table(rows: list[dict]) -> str:
+    header = ["px", "dtype", "remat", "budget GiB", "largest batch/device", "GiB at batch", "GiB at batch + 1",
+              "compiles"]
+    return table(header, [[
+        str(r["size"]), r["dtype"], _remat(r), _fmt(r["budget_bytes"], ".1f", 1 / GIB), str(r["batch"]),
+        _fmt(r["bytes_at_batch"], ".2f", 1 / GIB), _fmt(r["bytes_at_next"], ".2f", 1 / GIB), str(len(r["probes"])),
+    ] for r in rows])
+
+
+def scaling_table(rows: list[dict]) -> str:
+    header = ["px", "dtype", "remat", "devices", "batch/device", "images/s", "images/s/device", "efficiency",
+              "status"]
+    return table(header, [[
+        str(r["size"]), r["dtype"], _remat(r), str(r["devices"]), str(r["batch_per_device"]),
+        _fmt(r.get("images_per_s"), ".1f"), _fmt(r.get("images_per_s_per_device"), ".1f"),
+        _fmt(r.get("efficiency"), ".2f"), r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason')}",
+    ] for r in rows])
+
+
+def fed_table(rows: list[dict]) -> str:
+    header = ["px", "dtype", "remat", "workers", "synthetic images/s", "grain-fed images/s", "fed ÷ synthetic",
+              "input-bound"]
+    return table(header, [[
+        str(r["size"]), r["dtype"], _remat(r), str(r.get("workers", NA)), _fmt(r.get("synthetic_images_per_s"), ".1f"),
+        _fmt(r.get("images_per_s"), ".1f"), _fmt(r.get("fed_fraction"), ".2f"),
+        NA if r["status"] != "ok" else ("yes" if r["input_bound"] else "no"),
+    ] for r in rows])
+
+
+def targets_table(rows: list[dict]) -> str:
+    return table(["target", "measured", "status"],
+                 [[t["target"], _fmt(t["value"], ".2f"), t["status"]] for t in rows])
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    device = meta["device"]
+    peak = device.get("peak_flops")
+    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+    rows = results["measurements"]
+    steady = [r for r in rows if r["task"] in ("train", "inference")]
+    fed = [r for r in rows if r["task"] == "train_fed"]
+    peak_text = f"{peak['name']} — {peak['source']}" if peak else "none listed for this device, MFU not reported"
+    parts = [
+        f"# cxrjax bench: {meta['options']['arch']} on {device.get('device_kind') or 'unknown device'}",
+        "",
+        f"- date: {meta['date']}",
+        f"- command: `{meta['command']}`",
+        f"- device: {device.get('device_kind')} ({device.get('platform')}, {device.get('devices')} device(s))",
+        f"- MFU peak: {peak_text}",
+        f"- host: {meta['host']['cpu_count']} CPUs, {meta['host']['machine']}, Python {meta['host']['python']}",
+        f"- versions: {versions}",
+        *[f"- note: {n}" for n in meta["notes"]],
+        "",
+        EXPLAINER,
+        "",
+        "## Measurements",
+        "",
+        measurements_table(steady),
+    ]
+    sections = (("Same-run ratios (cxrjax ÷ peer, per device)", results["ratios"], ratios_table),
+                ("Training fed by the grain pipeline", fed, fed_table),
+                ("Largest batch under the memory budget", results["max_batch"], max_batch_table),
+                ("Scaling over devices (fixed batch per device)", results["scaling"], scaling_table),
+                ("Targets (judged on GPU rows only)", results["targets"], targets_table))
+    for title, items, render in sections:
+        if items:
+            parts += ["", f"## {title}", "", render(items)]
+    return "\n".join(parts) + "\n"
+
+
+def plot(results: dict, out: Path, stem: str) -> list[str]:
+    """Throughput and memory per image against image size; scaling when measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results["measurements"] if r["status"] == "ok" and r["task"] in ("train", "inference")]
+    written = []
+
+    def series(rows, value):
+        lines = {}
+        for r in rows:
+            if r.get(value) is not None:
+                label = f"{r['framework']} {r['dtype']}" + (" remat" if r["remat"] else "")
+                lines.setdefault(label, []).append((r["size"], r[value]))
+        return {k: sorted(v) for k, v in lines.items()}
+
+    figures = ((f"{stem}-throughput.png", "images_per_s_per_device", "images/s per device", 1.0),
+               (f"{stem}-memory.png", "bytes_per_image", "MiB per image (peak, else compiled)", 1 / MIB))
+    sizes = sorted({r["size"] for r in ok})
+    for name, value, ylabel, scale in figures:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+        for ax, task in zip(axes[0], ("train", "inference"), strict=True):
+            lines = series([r for r in ok if r["task"] == task], value)
+            width = 0.8 / max(len(lines), 1)
+            for i, (label, points) in enumerate(lines.items()):
+                xs = [sizes.index(p[0]) + (i - (len(lines) - 1) / 2) * width for p in points]
+                ax.bar(xs, [p[1] * scale for p in points], width, label=label)
+            ax.set_xticks(range(len(sizes)), [f"{s} px" for s in sizes])
+            ax.set(title=task, ylabel=ylabel)
+            ax.grid(alpha=0.3, axis="y")
+            if lines:
+                ax.legend(fontsize=7)
+        fig.suptitle(f"{results['meta']['options']['arch']} on {results['meta']['device'].get('device_kind')}")
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    scaling = [r for r in results["scaling"] if r["status"] == "ok"]
+    if scaling:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        groups = {}
+        for r in scaling:
+            groups.setdefault(f"{r['size']}px {r['dtype']}" + (" remat" if r["remat"] else ""), []).append(r)
+        for label, rows in groups.items():
+            rows = sorted(rows, key=lambda r: r["devices"])
+            ax.plot([r["devices"] for r in rows], [r["images_per_s"] for r in rows], marker="o", label=label)
+            base = rows[0]["images_per_s"] / rows[0]["devices"]
+            ax.plot([r["devices"] for r in rows], [base * r["devices"] for r in rows], ls="--", color="grey")
+        ax.set(xlabel="devices", ylabel="training images/s (total)", title="scaling (dashed: linear)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"{stem}-scaling.png", dpi=110)
+        plt.close(fig)
+        written.append(f"{stem}-scaling.png")
+    return written
+
+
+def write_report(results: dict, out: Path, stem: str) -> list[str]:
+    """`<stem>.json`, `<stem>.md` and the plots in `out`; returns the file names."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = [f"{stem}.json", f"{stem}.md", *plot(results, out, stem)]
+    results["meta"]["files"] = files
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown(results))
+    return files

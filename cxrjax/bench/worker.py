@@ -1,0 +1,39 @@
+"""One case in a fresh process: `python -m cxrjax.bench.worker SPEC_JSON RESULT_PATH`.
+
+A fresh process per case gives each case its own allocator peak, keeps JAX's GPU
+preallocation away from PyTorch, lets Keras choose its backend before it is imported,
+and confines an out-of-memory failure to its case.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from cxrjax.bench.spec import SCALING_DEVICES, CaseSpec
+
+
+def measure(spec: CaseSpec) -> dict:
+    if spec.framework == "cxrjax":
+        from cxrjax.bench import jax_case
+
+        return jax_case.measure_scaling(spec) if spec.scaling else jax_case.measure_case(spec)
+    from cxrjax.bench import peers
+
+    return peers.measure_keras(spec) if spec.framework == "keras" else peers.measure_torch(spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec_json, result_path = sys.argv[1:] if argv is None else argv
+    spec = CaseSpec(**json.loads(spec_json))
+    if spec.scaling:  # on a CPU backend, simulate the devices; GPUs are what they are
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", max(SCALING_DEVICES))
+    Path(result_path).write_text(json.dumps(measure(spec)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
