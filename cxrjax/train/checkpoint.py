@@ -3,12 +3,18 @@ in one step directory; the last k are kept, plus the best by validation mean AUC
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import grain.python as grain
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from cxrjax.models.weights import CONFIG_FILE, VARIABLES_DIR
 
 BEST_METRIC = "val_mean_auc"
 
@@ -29,11 +35,20 @@ def _best_metric(metrics) -> float:
 
 
 def make_manager(directory: str | Path, keep: int) -> ocp.CheckpointManager:
-    policy = policies.AnyPreservationPolicy(
-        [policies.LatestN(n=keep), policies.BestN(get_metric_fn=_best_metric, n=1)]
-    )
+    """Keeps the latest `keep` steps and the best epoch-end step.
+
+    `best_fn` must be set for orbax to store the metrics at all and for `best_step`
+    to rank by them; without it `best_step` is simply the latest step. Mid-epoch
+    checkpoints carry no metrics and age out through LatestN like the others.
+    """
+    policy = policies.AnyPreservationPolicy([
+        policies.LatestN(n=keep),
+        policies.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
+    ])
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, enable_async_checkpointing=True, create=True
+        preservation_policy=policy, best_fn=_best_metric, best_mode="max",
+        enable_async_checkpointing=True, create=True,
+        cleanup_tmp_directories=True,  # a save cut short by SIGKILL leaves one behind
     )
     return ocp.CheckpointManager(
         Path(directory).absolute(),
@@ -72,3 +87,21 @@ def restore_state(directory: str | Path, step: int, abstract_state):
     """Only the train state of one step (for evaluation from a checkpoint)."""
     with ocp.CheckpointManager(Path(directory).absolute(), item_names=("state",)) as manager:
         return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+
+
+def export_weights(path: str | Path, variables, model_cfg) -> None:
+    """Write a weights artifact (the `cxrjax.models.weights` layout) from this process alone.
+
+    `models.weights.save_weights` runs orbax with its default barriers over every
+    process, so calling it from process 0 of a multi-process run waits forever for
+    the others. Here orbax is told that only this process takes part. An earlier
+    export (a previous best, or one cut short) is replaced.
+    """
+    path = Path(path).absolute()
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    (path / CONFIG_FILE).write_text(json.dumps(model_cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as checkpointer:
+        checkpointer.save(path / VARIABLES_DIR, jax.tree.map(np.asarray, dict(variables)))

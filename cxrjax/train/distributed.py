@@ -13,7 +13,12 @@ import jax
 
 
 def maybe_initialize(cfg) -> bool:
-    """Join the cluster if one is described; True when running multi-process."""
+    """Join the cluster if one is described; True when running multi-process.
+
+    Joining happens once per process: ensemble members train one after another in it.
+    """
+    if jax.distributed.is_initialized():
+        return True
     coordinator = cfg.coordinator or os.environ.get("CXRJAX_COORDINATOR", "")
     num = cfg.num_processes or int(os.environ.get("CXRJAX_NUM_PROCESSES", "0") or 0)
     pid = cfg.process_id if cfg.process_id >= 0 else int(os.environ.get("CXRJAX_PROCESS_ID", "-1") or -1)

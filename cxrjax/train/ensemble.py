@@ -39,7 +39,11 @@ def train_members(config, workdir: str | Path) -> dict:
         return train(config, workdir)
     from cxrjax.eval.ensemble import ensemble_files
 
-    summaries = [train(m, workdir / f"member_{i}") for i, m in enumerate(member_configs(config))]
+    summaries = []
+    for i, member in enumerate(member_configs(config)):
+        summaries.append(train(member, workdir / f"member_{i}"))
+        if "stopped" in summaries[-1]:  # a signal: the rerun resumes this member, then the rest
+            return {"members": summaries, "stopped": summaries[-1]["stopped"]}
     preds = [workdir / f"member_{i}" / "test" / "predictions.csv" for i in range(len(summaries))]
     if all(p.exists() for p in preds):
         ensemble_files(preds, workdir / "ensemble_predictions.csv")

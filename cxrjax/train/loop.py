@@ -7,6 +7,7 @@ and then it reads the metrics of the step before, which are already computed.
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import time
@@ -25,7 +26,7 @@ from cxrjax.data.prepare import read_manifest
 from cxrjax.eval.metrics import roc_auc
 from cxrjax.findings import FINDINGS
 from cxrjax.models import build_model
-from cxrjax.models.weights import load_weights, merge_pretrained, save_weights
+from cxrjax.models.weights import load_weights, merge_pretrained
 from cxrjax.train import checkpoint, losses, optim
 from cxrjax.train.distributed import maybe_initialize
 from cxrjax.train.mesh import make_mesh, per_process_batch, replicated, to_global
@@ -42,14 +43,24 @@ class TrainingDiverged(RuntimeError):
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT ask for a checkpoint and a clean exit at the next step boundary."""
+    """SIGTERM/SIGINT ask for a checkpoint and a clean exit at a step boundary.
+
+    One process: a Python handler sets a flag, read after every step. Several processes:
+    jax.distributed's preemption service owns SIGTERM (its handler replaces any other)
+    and brings every process to the same step (`reached_preemption_sync_point`, asked
+    after every step); SIGINT sets the flag, which the processes compare at log steps
+    (a collective, so never in between, or one process would wait for the others).
+    Enter it after `jax.distributed.initialize`.
+    """
 
     def __init__(self):
         self.signal = None
+        self.reason = ""
+        self._multi = jax.process_count() > 1
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGINT,) if self._multi else (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -57,15 +68,23 @@ class _StopFlag:
         self.signal = signal.Signals(signum).name
 
     def __exit__(self, *exc):
+        self.release()
+
+    def release(self) -> None:
+        """Give the signals their previous handlers back (once training has no steps left)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
 
-    def requested(self) -> bool:
-        # Every process must agree, or one would block in the next collective.
-        flag = np.int32(self.signal is not None)
-        if jax.process_count() > 1:
-            flag = multihost_utils.process_allgather(flag).max()
-        return bool(flag)
+    def requested(self, step: int, log_step: bool) -> bool:
+        """Whether to stop after `step`; every process gets the same answer."""
+        if not self._multi:
+            self.reason = f"{self.signal} received" if self.signal else ""
+        elif multihost_utils.reached_preemption_sync_point(step):
+            self.reason = "SIGTERM (preemption notice) reached a process"
+        elif log_step and multihost_utils.process_allgather(np.int32(self.signal is not None)).max():
+            self.reason = f"{self.signal} received" if self.signal else "a signal reached another process"
+        return bool(self.reason)
 
 
 def _augment(cfg) -> AugmentConfig | None:
@@ -89,12 +108,22 @@ def _normalization(config, workdir: Path, train_src) -> tuple[tuple, tuple]:
     return stats_for("dataset", channels, stats["mean"], stats["std"])
 
 
-def _check_finite(value: float, step: int, workdir: Path) -> None:
-    if not np.isfinite(value):
-        raise TrainingDiverged(
-            f"loss is {value} at step {step}; stopping. The last good checkpoint in "
-            f"{workdir / 'checkpoints'} is kept (nothing after the divergence was saved)."
-        )
+def _check_finite(values: dict, step: int, workdir: Path) -> None:
+    """A checkpoint is written only after this passes for its step: the step's loss and
+    gradient norm (before its update) and every parameter and BatchNorm statistic after it."""
+    bad = [f"{k} = {values[k]}" for k in ("loss", "grad_norm") if not np.isfinite(values[k])]
+    if values["nonfinite_state"]:
+        bad.append(f"{int(values['nonfinite_state'])} non-finite parameters or BatchNorm statistics")
+    if bad:
+        raise TrainingDiverged(f"training diverged at step {step}: {', '.join(bad)}. {_kept(workdir)}")
+
+
+def _kept(workdir: Path) -> str:
+    return f"The last good checkpoint in {workdir / 'checkpoints'} is kept (nothing after the divergence was saved)."
+
+
+def _host(metrics) -> dict:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
 def predict(state, eval_step, source, config, mesh, image_size: int):
@@ -102,24 +131,23 @@ def predict(state, eval_step, source, config, mesh, image_size: int):
     global_batch = config.eval.batch_size or config.global_batch_size
     local = per_process_batch(global_batch, mesh)
     loader = make_loader(source, batch_size=local, image_size=image_size, seed=config.seed, train=False)
-    # Every process must run the same number of steps: pad with empty batches.
-    per_process = -(-len(source) // jax.process_count())
-    n_batches = -(-per_process // local)
+    # Every process must run the same number of steps: pad with empty batches. Each
+    # process reads a contiguous range of at most ceil(n / P) records.
+    n_batches = -(-(-(-len(source) // jax.process_count())) // local)
     it = iter(loader)
     keys, probs, logits = [], [], []
     for _ in range(n_batches):
         batch = next(it, None)
-        if batch is None:
-            batch = {"image": np.zeros((0, image_size, image_size, 1), np.uint8), "key": np.zeros(0, np.int64)}
-        n = len(batch["key"])
+        n = 0 if batch is None else len(batch["key"])
         images = np.zeros((local, image_size, image_size, 1), np.uint8)
-        images[:n] = batch["image"]
-        key = np.full(local, -1, np.int64)
-        key[:n] = batch["key"]
-        out = eval_step(state, to_global({"image": images}, mesh))
-        key_all = multihost_utils.process_allgather(key, tiled=True) if jax.process_count() > 1 else key
-        keys.append(key_all)
-        gathered = multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1 else jax.device_get(out)
+        key = np.full(local, -1, np.int32)
+        if n:
+            images[:n], key[:n] = batch["image"], batch["key"]
+        batch = to_global({"image": images, "key": key}, mesh)
+        out = eval_step(state, {"image": batch["image"]})
+        # Keys travel as a global array too, so they line up with the outputs by construction.
+        gathered = _to_host({"key": batch["key"], **out})
+        keys.append(gathered["key"])
         probs.append(np.asarray(gathered["probs"], np.float64))
         logits.append(np.asarray(gathered["logits"], np.float32))
     keys, probs, logits = np.concatenate(keys), np.concatenate(probs), np.concatenate(logits)
@@ -128,8 +156,19 @@ def predict(state, eval_step, source, config, mesh, image_size: int):
     return keys[valid][order], probs[valid][order], logits[valid][order]
 
 
-def validate(state, eval_step, source, labels, loss_fn, config, mesh) -> dict:
+def _to_host(tree):
+    """Full numpy values of (possibly multi-process) global arrays, on every process."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def validate(state, eval_step, source, labels, loss_fn, config, mesh, workdir: Path) -> dict:
     _, probs, logits = predict(state, eval_step, source, config, mesh, config.data.image_size)
+    if not np.isfinite(logits).all():
+        raise TrainingDiverged(
+            f"validation outputs are not finite at step {int(state.step)} although training was. {_kept(workdir)}"
+        )
     result = {"val_loss": float(loss_fn(jnp.asarray(logits), jnp.asarray(labels)))}
     aucs = {f: roc_auc(labels[:, j], probs[:, j]) for j, f in enumerate(FINDINGS)}
     defined = [v for v in aucs.values() if v is not None]
@@ -142,10 +181,47 @@ def _config_dict(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
+def _initial_state(config, model, tx, mesh):
+    """(state, sharding): a fresh train state made by one jit straight into its
+    replicated sharding. Every process computes the same values from the seed; a
+    device_put of host values onto a multi-process sharding would instead compare
+    them across processes leaf by leaf."""
+    size = config.data.image_size
+    dummy = jnp.zeros((1, size, size, config.model.in_channels), jnp.float32)
+    variables = jax.jit(lambda k: model.init(k, dummy, train=False))(jax.random.PRNGKey(config.seed))
+    if config.model.init_from:
+        loaded_cfg, loaded = load_weights(config.model.init_from)
+        variables, report = merge_pretrained(variables, loaded, loaded_cfg, config.model)
+        if jax.process_index() == 0:
+            print(f"init_from {config.model.init_from}: {len(report['loaded'])} tensors loaded, "
+                  f"fresh: {sorted({'/'.join(p.split('/')[:3]) for p in report['fresh']}) or 'none'}")
+    variables = jax.device_get(variables)  # numpy: the same on every process
+    create = functools.partial(TrainState.create, tx=tx, seed=config.seed)
+    sharding = jax.tree.map(lambda _: replicated(mesh), jax.eval_shape(create, variables))
+    return jax.jit(create, out_shardings=sharding)(variables), sharding
+
+
+def _abstract(state):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
 def train(config, workdir: str | Path) -> dict:
-    """Train (or resume) in `workdir`; returns the final summary also written to done.json."""
+    """Train (or resume) in `workdir`; returns the final summary also written to done.json.
+
+    A finished workdir (done.json present) returns its summary without training.
+    """
     maybe_initialize(config.distributed)
-    workdir = Path(workdir).absolute()
+    # From here on a SIGTERM during start-up (compiling, restoring) also ends cleanly;
+    # released before the final evaluation, which has no step boundary to stop at.
+    with _StopFlag() as stop:
+        return _train(config, Path(workdir).absolute(), stop)
+
+
+def _train(config, workdir: Path, stop: _StopFlag) -> dict:
+    if (workdir / DONE).exists():
+        if jax.process_index() == 0:
+            print(f"{workdir / DONE} exists: already trained (delete it to run the final evaluation again)")
+        return json.loads((workdir / DONE).read_text())
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(json.dumps(_config_dict(config), indent=1))
@@ -176,22 +252,11 @@ def train(config, workdir: str | Path) -> dict:
     mean, std = _normalization(config, workdir, train_src)
 
     model = build_model(config.model)
-    dummy = jnp.zeros((1, size, size, config.model.in_channels), jnp.float32)
-    variables = jax.jit(lambda k: model.init(k, dummy, train=False))(jax.random.PRNGKey(config.seed))
-    if config.model.init_from:
-        loaded_cfg, loaded = load_weights(config.model.init_from)
-        variables, report = merge_pretrained(variables, loaded, loaded_cfg, config.model)
-        if jax.process_index() == 0:
-            print(f"init_from {config.model.init_from}: {len(report['loaded'])} tensors loaded, "
-                  f"fresh: {sorted({'/'.join(p.split('/')[:3]) for p in report['fresh']}) or 'none'}")
-
     train_labels = train_table[list(FINDINGS)].to_numpy(np.float64)
     loss_fn = losses.make_loss(config.loss, train_labels.mean(0), train_labels.sum(0), len(train_labels))
     schedule = optim.make_schedule(config.optim, steps_per_epoch, total_steps)
     tx = optim.make_optimizer(config.optim, schedule)
-    state = TrainState.create(variables, tx, config.seed)
-    state_sharding = jax.tree.map(lambda _: replicated(mesh), state)
-    state = jax.device_put(state, state_sharding)
+    state, state_sharding = _initial_state(config, model, tx, mesh)
     train_step, eval_step = make_steps(model, loss_fn, mesh, state_sharding, mean=mean, std=std, l2=config.loss.l2)
 
     plateau = optim.Plateau(config.optim.plateau_factor, config.optim.plateau_patience,
@@ -200,8 +265,7 @@ def train(config, workdir: str | Path) -> dict:
     manager = checkpoint.make_manager(workdir / "checkpoints", config.checkpoint.keep)
     meta = {"plateau": {}, "early": {}}
     if manager.latest_step() is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state, meta = checkpoint.restore(manager, manager.latest_step(), abstract, data_iter)
+        state, meta = checkpoint.restore(manager, manager.latest_step(), _abstract(state), data_iter)
         if jax.process_index() == 0:
             print(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}")
     for key, value in meta["plateau"].items():
@@ -216,82 +280,85 @@ def train(config, workdir: str | Path) -> dict:
         checkpoint.save(manager, step, state, data_iter, meta, metrics)
 
     step = int(state.step)
-    stopped = None
+    # A signal during start-up: stop before the first step; the last checkpoint stands.
+    stopped = stop.requested(step, log_step=True)
     try:
-        with _StopFlag() as stop:
-            while step < total_steps and stopped is None:
-                epoch = step // steps_per_epoch
-                bar = tqdm(total=steps_per_epoch, initial=step % steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
-                           unit="step", disable=jax.process_index() != 0 or None)
-                previous, tick = None, time.perf_counter()
-                while True:
-                    batch = to_global(next(data_iter), mesh)
-                    state, metrics = train_step(state, batch)
-                    step += 1
-                    bar.update(1)
-                    if previous is not None and step % config.log_every_steps == 0:
-                        values = {k: float(v) for k, v in jax.device_get(previous).items()}
-                        _check_finite(values["loss"], step - 1, workdir)
-                        now = time.perf_counter()
-                        values["images_per_s"] = config.log_every_steps * global_batch / (now - tick)
-                        values["lr"] = float(schedule(step - 1)) * plateau.scale
-                        tick = now
-                        bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}")
-                        log.write(step - 1, "train", values)
-                    previous = metrics
-                    end_of_epoch = step % steps_per_epoch == 0
-                    # Across processes the check is a collective: do it at log steps only.
-                    check = jax.process_count() == 1 or step % config.log_every_steps == 0
-                    if check and stop.requested():
-                        _check_finite(float(metrics["loss"]), step, workdir)
-                        save(step)
-                        stopped = stop.signal or "signal"
-                        break
-                    if end_of_epoch:
-                        break
-                    if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
-                        _check_finite(float(metrics["loss"]), step, workdir)
-                        save(step)
-                bar.close()
-                if stopped:
+        while step < total_steps and not stopped and not early.stopped:
+            epoch = step // steps_per_epoch
+            bar = tqdm(total=steps_per_epoch, initial=step % steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+                       unit="step", disable=jax.process_index() != 0 or None)
+            previous, tick = None, time.perf_counter()
+            while True:
+                batch = to_global(next(data_iter), mesh)
+                state, metrics = train_step(state, batch)
+                step += 1
+                bar.update(1)
+                # Log the step before: its metrics are computed by now, so reading them
+                # does not stall the device queue.
+                if previous is not None and step % config.log_every_steps == 0:
+                    values = _host(previous)
+                    _check_finite(values, step - 1, workdir)
+                    now = time.perf_counter()
+                    values["images_per_s"] = config.log_every_steps * global_batch / (now - tick)
+                    values["lr"] = float(schedule((step - 1) // config.optim.grad_accum_steps)) * plateau.scale
+                    tick = now
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}")
+                    log.write(step - 1, "train", values)
+                previous = metrics
+                if stop.requested(step, log_step=step % config.log_every_steps == 0):
+                    _check_finite(_host(metrics), step, workdir)
+                    save(step)
+                    stopped = True
                     break
-                _check_finite(float(metrics["loss"]), step, workdir)
-                val = validate(state, eval_step, val_src, val_labels, loss_fn, config, mesh)
-                if config.optim.schedule == "plateau":
-                    state = state.replace(lr_scale=jax.device_put(jnp.float32(plateau.update(val["val_loss"])), replicated(mesh)))
-                should_stop = early.update(val["val_mean_auc"], step)
-                val.update(epoch=epoch + 1, lr_scale=plateau.scale)
-                log.write(step, "val", val)
-                if jax.process_index() == 0:
-                    print(f"epoch {epoch + 1}: val loss {val['val_loss']:.4f}, val mean AUC {val['val_mean_auc']:.4f}")
-                save(step, {"val_mean_auc": val["val_mean_auc"]})
-                if should_stop:
+                if step % steps_per_epoch == 0:
+                    break
+                if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
+                    _check_finite(_host(metrics), step, workdir)
+                    save(step)
+            bar.close()
+            if stopped:
+                break
+            _check_finite(_host(metrics), step, workdir)
+            val = validate(state, eval_step, val_src, val_labels, loss_fn, config, mesh, workdir)
+            if config.optim.schedule == "plateau":
+                scale = np.float32(plateau.update(val["val_loss"]))
+                state = state.replace(lr_scale=jax.device_put(scale, replicated(mesh)))
+            early.update(val["val_mean_auc"], step)
+            val.update(epoch=epoch + 1, lr_scale=plateau.scale)
+            log.write(step, "val", val)
+            save(step, {"val_mean_auc": val["val_mean_auc"]})
+            if jax.process_index() == 0:
+                print(f"epoch {epoch + 1}: val loss {val['val_loss']:.4f}, val mean AUC {val['val_mean_auc']:.4f}")
+                if early.stopped:
                     print(f"early stopping: no better val mean AUC for {early.patience} epochs")
-                    break
     finally:
         manager.wait_until_finished()
         log.close()
     if stopped:
-        print(f"{stopped} received: checkpoint saved at step {step}; rerun the same command to resume")
+        if manager.latest_step() != step:  # stopped during start-up: keep that state too
+            save(step)
+            manager.wait_until_finished()
+        if jax.process_index() == 0 or stop.signal:
+            print(f"{stop.reason}: checkpoint saved at step {step}; rerun the same command to resume")
         manager.close()
-        return {"stopped": stopped, "step": step}
+        return {"stopped": stop.reason, "step": step}
 
-    summary = _finish(config, workdir, manager, state, eval_step, mesh, model, prepared, manifest)
+    stop.release()  # no step boundary is left to stop at: signals act as usual again
+    summary = _finish(config, workdir, manager, state, eval_step, mesh, prepared, manifest)
     manager.close()
     return summary
 
 
-def _finish(config, workdir, manager, state, eval_step, mesh, model, prepared, manifest) -> dict:
-    """Restore the best checkpoint, export its weights, predict and score the test part."""
+def _finish(config, workdir, manager, state, eval_step, mesh, prepared, manifest) -> dict:
+    """Restore the best checkpoint (by val mean AUC), export its weights, predict and score the test part."""
     from cxrjax.eval.evaluate import evaluate_predictions
     from cxrjax.eval.predictions import write_predictions
 
-    best = manager.best_step() if manager.best_step() is not None else manager.latest_step()
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    state = checkpoint.restore_state(workdir / "checkpoints", best, abstract)
+    best = manager.best_step()
+    state = checkpoint.restore_state(workdir / "checkpoints", best, _abstract(state))
     weights_dir = workdir / BEST_WEIGHTS
-    if jax.process_index() == 0 and not weights_dir.exists():
-        save_weights(weights_dir, jax.device_get(state.variables), config.model)
+    if jax.process_index() == 0:
+        checkpoint.export_weights(weights_dir, jax.device_get(state.variables), config.model)
     summary = {"best_step": int(best), "weights": str(weights_dir), "split": manifest["split"],
                "image_size": config.data.image_size}
     if config.eval.test:
@@ -317,7 +384,10 @@ def _finish(config, workdir, manager, state, eval_step, mesh, model, prepared, m
 
 
 def _run_info(config, manifest, workdir: Path) -> dict:
-    family = "official" if manifest["split"] == "official" else "random"
+    if manifest.get("synthetic"):  # never ranked against published NIH results
+        family = "synthetic"
+    else:
+        family = "official" if manifest["split"] == "official" else "random"
     backbone = config.model.arch + (" + CBAM" if config.model.cbam else "")
     return {"name": workdir.name, "split_family": family, "split": manifest["split"],
             "px": config.data.image_size, "backbone": backbone}

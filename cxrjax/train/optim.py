@@ -17,14 +17,21 @@ SCHEDULES = ("constant", "exponential", "cosine", "plateau")
 
 
 def make_schedule(cfg, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """The learning rate as a function of the optimizer's update count.
+
+    With gradient accumulation an update happens every `grad_accum_steps` steps, and
+    optax.MultiSteps counts updates, so epochs are measured in updates here.
+    """
     lr = cfg.learning_rate
+    updates_per_epoch = max(steps_per_epoch // cfg.grad_accum_steps, 1)
+    total_updates = total_steps // cfg.grad_accum_steps
     if cfg.schedule in ("constant", "plateau"):
         return optax.constant_schedule(lr)
     if cfg.schedule == "exponential":  # per epoch, staircase, as in the Keras guides
-        return optax.exponential_decay(lr, steps_per_epoch, cfg.decay_rate, staircase=True)
+        return optax.exponential_decay(lr, updates_per_epoch, cfg.decay_rate, staircase=True)
     if cfg.schedule == "cosine":
-        warmup = int(cfg.warmup_epochs * steps_per_epoch)
-        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(total_steps, warmup + 1))
+        warmup = int(cfg.warmup_epochs * updates_per_epoch)
+        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(total_updates, warmup + 1))
     raise ValueError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
@@ -44,7 +51,8 @@ def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformatio
 
 @dataclasses.dataclass
 class Plateau:
-    """Keras ReduceLROnPlateau on a minimized metric (Fisher: 0.5, patience 3, min 1e-6)."""
+    """Keras ReduceLROnPlateau on a minimized metric (Fisher: 0.5, patience 3, min 1e-6):
+    an epoch improves when it beats the best by more than Keras's default min_delta."""
 
     factor: float
     patience: int
@@ -53,9 +61,11 @@ class Plateau:
     scale: float = 1.0
     best: float = float("inf")
     wait: int = 0
+    min_delta: float = 1e-4
 
     def update(self, value: float) -> float:
-        if value < self.best:
+        """Record an epoch's value; returns the learning-rate scale for the next epoch."""
+        if value < self.best - self.min_delta:
             self.best, self.wait = value, 0
         else:
             self.wait += 1
@@ -67,7 +77,10 @@ class Plateau:
 
 @dataclasses.dataclass
 class EarlyStopping:
-    """Stop after `patience` epochs without improvement of a maximized metric."""
+    """Stop after `patience` epochs without improvement of a maximized metric (0: never).
+
+    Its fields go into every checkpoint, so a resumed run stops where the first would have.
+    """
 
     patience: int
     best: float = float("-inf")
@@ -78,6 +91,10 @@ class EarlyStopping:
         """Record an epoch's value; True when training should stop."""
         if value > self.best:
             self.best, self.best_step, self.wait = value, step, 0
-            return False
-        self.wait += 1
+        else:
+            self.wait += 1
+        return self.stopped
+
+    @property
+    def stopped(self) -> bool:
         return self.patience > 0 and self.wait >= self.patience

@@ -29,7 +29,8 @@ def train_step(state: TrainState, batch: dict, *, model, loss_fn, mean, std, l2:
         )
         data_loss = loss_fn(logits, batch["labels"])
         penalty = l2 * l2_penalty(params) if l2 else jnp.zeros((), jnp.float32)
-        return data_loss + penalty, (data_loss, updates["batch_stats"])
+        # A model without BatchNorm has no batch statistics to update.
+        return data_loss + penalty, (data_loss, updates.get("batch_stats", state.batch_stats))
 
     (total, (data_loss, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
@@ -38,8 +39,18 @@ def train_step(state: TrainState, batch: dict, *, model, loss_fn, mean, std, l2:
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
-    metrics = {"loss": data_loss, "total_loss": total, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": data_loss, "total_loss": total, "grad_norm": _norm(grads), "param_norm": _norm(params),
+               "nonfinite_state": _count_nonfinite((params, batch_stats))}
     return new_state, metrics
+
+
+def _norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def _count_nonfinite(tree) -> jax.Array:
+    """NaN or infinite entries among the new parameters and BatchNorm statistics."""
+    return sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(tree)).astype(jnp.float32)
 
 
 def eval_step(state: TrainState, batch: dict, *, model, loss_fn, mean, std):
