@@ -1,0 +1,172 @@
+"""`cxrjax train` end to end on the smoke config: what it writes while monitoring,
+early stopping and the best checkpoint it keeps, divergence, and ensembles."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+from train_helpers import (  # noqa: F401 (fixtures)
+    NO_NETWORK, STEPS_PER_EPOCH, finalized_steps, flat, metrics_rows, prepared, read_state, run_train, train_env,
+)
+
+from cxrjax.data.normalize import stats_for, to_model_input
+from cxrjax.data.pipeline import DecodeAndAugment, ShardedRecords, read_index
+from cxrjax.findings import FINDINGS
+from cxrjax.models import build_model
+from cxrjax.models.weights import load_weights
+
+EPOCHS, PATIENCE = 6, 2
+
+
+@pytest.fixture(scope="module")
+def monitored(prepared, train_env, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("monitored") / "run"
+    # Offline wandb must not need the network: every HTTP(S) request goes to a dead proxy.
+    done = run_train(workdir, prepared, {**train_env, **NO_NETWORK}, f"--config.epochs={EPOCHS}",
+                     f"--config.early_stopping_patience={PATIENCE}", "--config.checkpoint.keep=1",
+                     "--config.wandb.mode=offline")
+    assert done.returncode == 0, done.stdout[-3000:]
+    return workdir, done.stdout
+
+
+def _expected_epochs(aucs: list[float]) -> int:
+    """Keras-style early stopping by hand: stop after PATIENCE epochs without a strictly
+    better value."""
+    best, wait = -math.inf, 0
+    for epoch, auc in enumerate(aucs, 1):
+        if auc > best:
+            best, wait = auc, 0
+        else:
+            wait += 1
+            if wait >= PATIENCE:
+                return epoch
+    return EPOCHS
+
+
+def test_metrics_log_validation_loss_and_per_finding_auc_every_epoch(monitored):
+    workdir, _ = monitored
+    val = metrics_rows(workdir, "val")
+    assert [row["epoch"] for row in val] == list(range(1, len(val) + 1))
+    assert [row["step"] for row in val] == [STEPS_PER_EPOCH * row["epoch"] for row in val]
+    for row in val:
+        assert np.isfinite(row["val_loss"]) and 0 <= row["val_mean_auc"] <= 1
+        aucs = [row[f"val_auc_{f}"] for f in FINDINGS]
+        defined = [a for a in aucs if not math.isnan(a)]
+        assert row["val_mean_auc"] == pytest.approx(np.mean(defined))
+    csv = pd.read_csv(workdir / "metrics_val.csv")
+    assert list(csv["step"]) == [row["step"] for row in val]
+    np.testing.assert_allclose(csv["val_loss"], [row["val_loss"] for row in val], rtol=1e-12)
+    for f in FINDINGS:
+        np.testing.assert_allclose(csv[f"val_auc_{f}"], [row[f"val_auc_{f}"] for row in val], rtol=1e-12)
+
+    train = metrics_rows(workdir, "train")
+    assert train, "no training rows"
+    for row in train:
+        assert {"loss", "grad_norm", "param_norm", "lr", "images_per_s"} <= row.keys()
+        # chexnet: Adam 1e-3 times the plateau scale set by the last validation before the step.
+        scale = ([1.0] + [v["lr_scale"] for v in val if v["step"] <= row["step"]])[-1]
+        assert row["lr"] == pytest.approx(1e-3 * scale)
+    assert (workdir / "metrics_train.csv").exists()
+
+
+def test_early_stopping_follows_the_logged_auc(monitored):
+    workdir, out = monitored
+    aucs = [row["val_mean_auc"] for row in metrics_rows(workdir, "val")]
+    expected = _expected_epochs(aucs)
+    assert len(aucs) == expected
+    assert ("early stopping: no better val mean AUC" in out) == (expected < EPOCHS)
+
+
+def test_best_checkpoint_by_auc_is_kept_and_exported(monitored):
+    workdir, _ = monitored
+    val = metrics_rows(workdir, "val")
+    top = max(row["val_mean_auc"] for row in val)
+    best = max(row["step"] for row in val if row["val_mean_auc"] == top)  # orbax keeps the latest of ties
+    last = val[-1]["step"]
+    assert best != last, "this seed no longer has a best epoch before the last; pick a config where it does"
+    assert json.loads((workdir / "done.json").read_text())["best_step"] == best
+    assert finalized_steps(workdir) == sorted({best, last})  # keep=1 plus the best
+
+    state = read_state(workdir, best)
+    _, exported = load_weights(workdir / "best_weights")
+    saved = flat({"params": state["params"], "batch_stats": state["batch_stats"]})
+    exported = flat(exported)
+    assert saved.keys() == exported.keys()
+    assert all(np.array_equal(saved[k], exported[k]) for k in saved)
+
+
+def test_logged_validation_metrics_match_sklearn_on_the_best_weights(monitored, prepared):
+    """Recompute the best epoch's validation loss and per-finding AUC outside the trainer."""
+    workdir, _ = monitored
+    cfg, variables = load_weights(workdir / "best_weights")
+    model = build_model(cfg)
+    source = ShardedRecords(prepared / "val")
+    decode = DecodeAndAugment(32)
+    images = np.stack([decode.random_map(source[i], np.random.default_rng(0))["image"] for i in range(len(source))])
+    mean, std = stats_for("imagenet", cfg.in_channels)
+    logits = np.asarray(jax.jit(lambda v, x: model.apply(v, to_model_input(x, mean, std), train=False))(
+        variables, jnp.asarray(images)), np.float64)
+    probs = 1 / (1 + np.exp(-logits))
+    labels = read_index(prepared / "val")[list(FINDINGS)].to_numpy(np.float64)
+
+    done = json.loads((workdir / "done.json").read_text())
+    row = next(r for r in metrics_rows(workdir, "val") if r["step"] == done["best_step"])
+    bce = -np.mean(labels * np.log(probs) + (1 - labels) * np.log1p(-probs))
+    assert row["val_loss"] == pytest.approx(bce, rel=1e-5)
+    for j, f in enumerate(FINDINGS):
+        if 0 < labels[:, j].sum() < len(labels):
+            assert row[f"val_auc_{f}"] == pytest.approx(roc_auc_score(labels[:, j], probs[:, j]), abs=1e-9), f
+        else:
+            assert math.isnan(row[f"val_auc_{f}"]), f
+
+
+def test_wandb_offline_run_is_written_in_the_workdir(monitored):
+    workdir, _ = monitored
+    runs = list((workdir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run_id = (workdir / "wandb_run_id").read_text().strip()
+    assert runs[0].name.endswith(f"-{run_id}")
+    assert list(runs[0].glob(f"run-{run_id}.wandb"))
+
+
+def test_divergence_stops_with_the_step_and_keeps_only_good_checkpoints(prepared, train_env, tmp_path):
+    """SGD at learning rate 1e6 blows up within a few steps; a checkpoint is attempted
+    after every step and must only exist for steps before the divergence."""
+    workdir = tmp_path / "diverging"
+    done = run_train(workdir, prepared, train_env, "--config.optim.name=sgd", "--config.optim.learning_rate=1e6",
+                     "--config.checkpoint.every_steps=1", "--config.log_every_steps=1", "--config.eval.test=False")
+    assert done.returncode != 0
+    found = re.search(r"TrainingDiverged: training diverged at step (\d+): (.*)\. The last good checkpoint in "
+                      r"(\S+) is kept \(nothing after the divergence was saved\)\.", done.stdout)
+    assert found, done.stdout[-3000:]
+    step = int(found.group(1))
+    assert found.group(3) == str(workdir / "checkpoints")
+    kept = finalized_steps(workdir)
+    assert kept and max(kept) < step
+    for s in kept:
+        state = read_state(workdir, s)
+        assert all(np.isfinite(v).all() for v in flat({"p": state["params"], "b": state["batch_stats"]}).values())
+    assert not (workdir / "done.json").exists() and not (workdir / "best_weights").exists()
+
+
+def test_ensemble_members_get_their_own_seeds_and_workdirs(prepared, train_env, tmp_path):
+    workdir = tmp_path / "ensemble"
+    done = run_train(workdir, prepared, train_env, "--config.ensemble.members=2", "--config.epochs=1")
+    assert done.returncode == 0, done.stdout[-3000:]
+    members = [workdir / f"member_{i}" for i in range(2)]
+    seeds = [json.loads((m / "config.json").read_text())["seed"] for m in members]
+    assert seeds == [0, 1]
+    preds = [pd.read_csv(m / "test" / "predictions.csv", index_col=0) for m in members]
+    assert not np.allclose(preds[0].to_numpy(), preds[1].to_numpy())
+    ensemble = pd.read_csv(workdir / "ensemble_predictions.csv", index_col=0)
+    expected = (preds[0] + preds[1].loc[preds[0].index]) / 2
+    pd.testing.assert_frame_equal(ensemble.loc[expected.index], expected, rtol=1e-6)
+    assert len(ensemble) == len(read_index(prepared / "test"))
