@@ -16,7 +16,7 @@ import pytest
 from cxrjax.bench import report
 from cxrjax.bench.jax_case import build_steps, flops, synthetic_host_batch, training_config
 from cxrjax.bench.memory import compiled_memory, largest_batch
-from cxrjax.bench.run import derive
+from cxrjax.bench.run import BenchOptions, derive, plan
 from cxrjax.cli import main as cli_main
 from cxrjax.models.densenet import arch_spec
 from cxrjax.train.mesh import make_mesh
@@ -105,13 +105,17 @@ def test_ratios_come_from_the_measured_rows(bench):
     for ratio in results["ratios"]:
         mine, theirs = measured[("cxrjax", ratio["task"])], measured[(ratio["peer"], ratio["task"])]
         assert ratio["speedup"] == mine["images_per_s_per_device"] / theirs["images_per_s_per_device"]
+        assert ratio["speedup_median_step"] == pytest.approx(
+            (theirs["step_s_median"] / theirs["global_batch"]) / (mine["step_s_median"] / mine["global_batch"]))
     # The same arithmetic on a copy of a measured row relabelled as a peer at half the rate.
     rows = [dict(r) for r in results["measurements"] if r["framework"] == "cxrjax"]
     half = dict(rows_of(results, "cxrjax", "train")[0], framework="torch")
     half["images_per_s_per_device"] /= 2
+    half["step_s_median"] *= 4
     derived = derive({"measurements": rows + [half], "max_batch": [], "scaling": []})
     (ratio,) = derived["ratios"]
     assert ratio["peer"] == "torch" and ratio["speedup"] == pytest.approx(2.0)
+    assert ratio["speedup_median_step"] == pytest.approx(4.0)
     assert all(t["status"] == "not measured" for t in derived["targets"])  # CPU rows judge no GPU target
 
 
@@ -119,7 +123,8 @@ def test_targets_judged_on_gpu_rows():
     def row(framework, ips, size=224, remat=False, bytes_per_image=None):
         return {"framework": framework, "task": "train", "arch": "densenet121", "size": size, "dtype": "bfloat16",
                 "remat": remat, "status": "ok", "platform": "gpu", "device_kind": "NVIDIA H100 80GB HBM3",
-                "images_per_s_per_device": ips, "model_flops_per_image": 1e10, "bytes_per_image": bytes_per_image}
+                "images_per_s_per_device": ips, "global_batch": 1, "step_s_median": 1 / ips,
+                "model_flops_per_image": 1e10, "bytes_per_image": bytes_per_image}
 
     rows = [row("cxrjax", 140.0), row("torch", 100.0), row("torch_compile", 130.0),
             row("cxrjax", 10.0, 1024, True, 0.4 * 2**30)]
@@ -239,12 +244,24 @@ def test_markdown_report(bench):
     assert "| 2.00 |" in report.ratios_table([{"task": "train", "size": 224, "dtype": "bfloat16", "remat": False,
                                               "peer": "torch", "cxrjax_images_per_s_per_device": 2.0,
                                               "peer_images_per_s_per_device": 1.0, "speedup": 2.0,
+                                              "speedup_median_step": 1.5,
                                               "cxrjax_bytes_per_image": None, "peer_bytes_per_image": None}])
+
+
+def test_plan_pairs_batches_with_sizes(tmp_path):
+    o = BenchOptions(out=tmp_path, arch="tiny", sizes=(32, 64), batch=(4, 2), remat=(False, True), peers=("torch",),
+                     scaling=True)
+    specs = plan(o)
+    assert len(specs) == 2 * 2 * 3  # sizes x remat x (cxrjax, torch, scaling)
+    assert {(s.size, s.batch) for s in specs} == {(32, 4), (64, 2)}
+    assert [s.framework for s in specs[:3]] == ["cxrjax", "torch", "cxrjax"] and specs[2].scaling
 
 
 def test_bad_options_are_refused(tmp_path, capsys):
     assert cli_main(["bench", "--out", str(tmp_path), "--sizes", "16"]) == 2
     assert "at least 32 px" in capsys.readouterr().err
+    assert cli_main(["bench", "--out", str(tmp_path), "--sizes", "224,512", "--batch", "8,4,2"]) == 2
+    assert "one per image size" in capsys.readouterr().err
     assert cli_main(["bench", "--out", str(tmp_path), "--arch", "resnet50"]) == 2
     with pytest.raises(SystemExit):
         cli_main(["bench", "--out", str(tmp_path), "--dtypes", "float16"])

@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", type=_ints, default=(224,), help="image sizes, e.g. 224,320,512,1024")
     p.add_argument("--dtypes", type=_choices(DTYPES), default=("bfloat16",), help="float32,bfloat16")
     p.add_argument("--remat", type=_choices(tuple(REMAT)), default=("off",), help="off,on")
-    p.add_argument("--batch", type=int, default=32, help="batch per device")
+    p.add_argument("--batch", type=_ints, default=(32,),
+                   help="batch per device: one value, or one per size (e.g. 64,32,16,4)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--peers", type=_choices(PEERS), default=(), help="torch,torch_compile,keras")
     p.add_argument("--memory-budget-gb", type=float, default=0.0,
@@ -56,7 +57,8 @@ def command_line(args: argparse.Namespace, prog: str) -> str:
     """The parsed arguments written back as one complete command, to reproduce the run."""
     words = [*shlex.split(prog), "--out", str(args.out), "--arch", args.arch,
              "--sizes", ",".join(map(str, args.sizes)), "--dtypes", ",".join(args.dtypes),
-             "--remat", ",".join(args.remat), "--batch", str(args.batch), "--steps", str(args.steps)]
+             "--remat", ",".join(args.remat), "--batch", ",".join(map(str, args.batch)),
+             "--steps", str(args.steps)]
     if args.peers:
         words += ["--peers", ",".join(args.peers)]
     if args.memory_budget_gb:

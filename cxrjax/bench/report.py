@@ -22,6 +22,16 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
     return NA if value is None else format(value * scale, spec)
 
 
+def _bytes(value) -> str:
+    """Bytes in the largest binary unit that keeps at least one whole unit."""
+    if value is None:
+        return NA
+    for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", 1024)):
+        if value >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{value} B"
+
+
 def _remat(row: dict) -> str:
     return "on" if row["remat"] else "off"
 
@@ -53,21 +63,22 @@ def measurements_table(rows: list[dict]) -> str:
 
 def ratios_table(ratios: list[dict]) -> str:
     header = ["task", "px", "dtype", "remat", "peer", "cxrjax images/s/device", "peer images/s/device",
-              "cxrjax ÷ peer", "cxrjax MiB/image", "peer MiB/image"]
+              "cxrjax ÷ peer (images/s)", "cxrjax ÷ peer (median step)", "cxrjax MiB/image", "peer MiB/image"]
     return table(header, [[
         r["task"], str(r["size"]), r["dtype"], _remat(r), r["peer"],
         _fmt(r["cxrjax_images_per_s_per_device"], ".1f"), _fmt(r["peer_images_per_s_per_device"], ".1f"),
-        _fmt(r["speedup"], ".2f"), _fmt(r["cxrjax_bytes_per_image"], ".1f", 1 / MIB),
+        _fmt(r["speedup"], ".2f"), _fmt(r["speedup_median_step"], ".2f"),
+        _fmt(r["cxrjax_bytes_per_image"], ".1f", 1 / MIB),
         _fmt(r["peer_bytes_per_image"], ".1f", 1 / MIB),
     ] for r in ratios])
 
 
 def max_batch_table(rows: list[dict]) -> str:
-    header = ["px", "dtype", "remat", "budget GiB", "largest batch/device", "GiB at batch", "GiB at batch + 1",
-              "compiles"]
+    header = ["px", "dtype", "remat", "budget", "largest batch/device", "step memory at batch",
+              "at batch + 1", "compiles"]
     return table(header, [[
-        str(r["size"]), r["dtype"], _remat(r), _fmt(r["budget_bytes"], ".1f", 1 / GIB), str(r["batch"]),
-        _fmt(r["bytes_at_batch"], ".2f", 1 / GIB), _fmt(r["bytes_at_next"], ".2f", 1 / GIB), str(len(r["probes"])),
+        str(r["size"]), r["dtype"], _remat(r), _bytes(r["budget_bytes"]), str(r["batch"]),
+        _bytes(r["bytes_at_batch"]), _bytes(r["bytes_at_next"]), str(len(r["probes"])),
     ] for r in rows])
 
 
@@ -143,32 +154,33 @@ def plot(results: dict, out: Path, stem: str) -> list[str]:
     ok = [r for r in results["measurements"] if r["status"] == "ok" and r["task"] in ("train", "inference")]
     written = []
 
-    def series(rows, value):
-        lines = {}
-        for r in rows:
-            if r.get(value) is not None:
-                label = f"{r['framework']} {r['dtype']}" + (" remat" if r["remat"] else "")
-                lines.setdefault(label, []).append((r["size"], r[value]))
-        return {k: sorted(v) for k, v in lines.items()}
-
+    colors = {"cxrjax": "tab:blue", "torch": "tab:orange", "torch_compile": "tab:green", "keras": "tab:red"}
+    series_keys = sorted({(r["framework"], r["dtype"], r["remat"]) for r in ok},
+                         key=lambda k: (list(colors).index(k[0]), k[1], k[2]))
+    sizes = sorted({r["size"] for r in ok})
+    width = 0.8 / max(len(series_keys), 1)
     figures = ((f"{stem}-throughput.png", "images_per_s_per_device", "images/s per device", 1.0),
                (f"{stem}-memory.png", "bytes_per_image", "MiB per image (peak, else compiled)", 1 / MIB))
-    sizes = sorted({r["size"] for r in ok})
     for name, value, ylabel, scale in figures:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), squeeze=False)
         for ax, task in zip(axes[0], ("train", "inference"), strict=True):
-            lines = series([r for r in ok if r["task"] == task], value)
-            width = 0.8 / max(len(lines), 1)
-            for i, (label, points) in enumerate(lines.items()):
-                xs = [sizes.index(p[0]) + (i - (len(lines) - 1) / 2) * width for p in points]
-                ax.bar(xs, [p[1] * scale for p in points], width, label=label)
+            for i, (framework, dtype, remat) in enumerate(series_keys):
+                points = [(sizes.index(r["size"]), r[value]) for r in ok
+                          if r["task"] == task and (r["framework"], r["dtype"], r["remat"]) == (framework, dtype, remat)
+                          and r.get(value) is not None]
+                offset = (i - (len(series_keys) - 1) / 2) * width
+                ax.bar([x + offset for x, _ in points], [v * scale for _, v in points], width,
+                       color=colors[framework], alpha=1.0 if dtype == "float32" else 0.5,
+                       hatch="//" if remat else None, edgecolor="black", linewidth=0.3,
+                       label=f"{framework} {dtype}" + (" remat" if remat else ""))
             ax.set_xticks(range(len(sizes)), [f"{s} px" for s in sizes])
             ax.set(title=task, ylabel=ylabel)
             ax.grid(alpha=0.3, axis="y")
-            if lines:
-                ax.legend(fontsize=7)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
         fig.suptitle(f"{results['meta']['options']['arch']} on {results['meta']['device'].get('device_kind')}")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.16, 1, 1))
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         written.append(name)

@@ -33,7 +33,7 @@ class BenchOptions:
     sizes: tuple[int, ...] = (224,)
     dtypes: tuple[str, ...] = ("bfloat16",)
     remat: tuple[bool, ...] = (False,)
-    batch: int = 32  # per device
+    batch: tuple[int, ...] = (32,)  # per device: one value, or one per size
     steps: int = 20
     peers: tuple[str, ...] = ()
     memory_budget_gb: float = 0.0  # GiB per device; 0: no search
@@ -50,7 +50,9 @@ class BenchOptions:
             raise ValueError(f"unknown peers {unknown}; choose from {', '.join(PEERS)}")
         if not self.sizes or min(self.sizes) < 32:
             raise ValueError(f"image sizes must be at least 32 px (five halvings), got {self.sizes}")
-        if self.batch < 1 or self.steps < 1 or self.memory_budget_gb < 0 or self.workers < 0:
+        if len(self.batch) not in (1, len(self.sizes)):
+            raise ValueError(f"give one batch size or one per image size ({len(self.sizes)}), got {self.batch}")
+        if min(self.batch) < 1 or self.steps < 1 or self.memory_budget_gb < 0 or self.workers < 0:
             raise ValueError("batch and steps must be positive; memory budget and workers not negative")
         if self.prepared and not (Path(self.prepared) / "train").is_dir():
             raise ValueError(f"--prepared {self.prepared}: no train/ folder; give a `cxrjax prepare` output")
@@ -59,11 +61,12 @@ class BenchOptions:
 def plan(o: BenchOptions) -> list[CaseSpec]:
     """Every case of the run, cxrjax first at each setting so its rows lead the tables."""
     specs = []
-    for size in o.sizes:
+    batches = o.batch * len(o.sizes) if len(o.batch) == 1 else o.batch
+    for size, batch in zip(o.sizes, batches, strict=True):
         for dtype in o.dtypes:
             for remat in o.remat:
                 same = {"arch": o.arch, "size": size, "dtype": dtype, "remat": remat,
-                        "batch": o.batch, "steps": o.steps}
+                        "batch": batch, "steps": o.steps}
                 specs.append(CaseSpec("cxrjax", **same, memory_budget_bytes=int(o.memory_budget_gb * GIB),
                                       prepared=o.prepared, workers=o.workers))
                 specs.extend(CaseSpec(peer, **same) for peer in o.peers)
@@ -142,6 +145,9 @@ def derive(results: dict) -> dict:
             "cxrjax_images_per_s_per_device": mine["images_per_s_per_device"],
             "peer_images_per_s_per_device": row["images_per_s_per_device"],
             "speedup": mine["images_per_s_per_device"] / row["images_per_s_per_device"],
+            # Per-image time of steps waited for one by one: robust to stalls on a shared host.
+            "speedup_median_step": ((row["step_s_median"] / row["global_batch"])
+                                    / (mine["step_s_median"] / mine["global_batch"])),
             "cxrjax_bytes_per_image": mine.get("bytes_per_image"),
             "peer_bytes_per_image": row.get("bytes_per_image"),
         })
