@@ -201,13 +201,15 @@ def load_config(path: str, overrides: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", default=None, flag_values=values)
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         raise SystemExit(f"cxrjax: unrecognized arguments: {' '.join(bad)}")
+    argv = ["cxrjax", f"--config={path}", *overrides]
+    values = flags.FlagValues()
+    # sys_argv: the overrides are read from here, not from the process's own sys.argv.
+    config_flags.DEFINE_config_file("config", default=None, flag_values=values, sys_argv=argv)
     try:
-        values(["cxrjax", f"--config={path}", *overrides])
+        values(argv)
     except flags.Error as e:
         raise SystemExit(f"cxrjax: {e}") from None
     return values.config
@@ -225,8 +227,14 @@ def _add_train(sub) -> None:
     def run(args):
         from cxrjax.train.ensemble import train_members
 
+        from cxrjax.train.loop import TrainingDiverged
+
         config = load_config(args.config, args.overrides)
-        summary = train_members(config, args.workdir)
+        try:
+            summary = train_members(config, args.workdir)
+        except TrainingDiverged as e:
+            print(f"cxrjax train: error: {e}", file=sys.stderr)
+            return 1
         print(summary)
         return 0
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from cxrjax.data.augment import AugmentConfig
 from cxrjax.data.normalize import measure_mean_std, stats_for
 from cxrjax.data.pipeline import Balance, ShardedRecords, make_loader, read_index, training_table
-from cxrjax.data.prepare import read_manifest
+from cxrjax.data.prepare import PreparedDataError, read_manifest
 from cxrjax.eval.metrics import roc_auc
 from cxrjax.findings import FINDINGS
 from cxrjax.models import build_model
@@ -234,6 +234,13 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
     train_table = training_table(prepared / "train", balance, config.seed)
     train_src = ShardedRecords(prepared / "train", train_table)
     val_src = ShardedRecords(prepared / "val")
+    if len(val_src) == 0:
+        raise PreparedDataError(
+            f"{prepared / 'val'} holds no images, but validation picks the best checkpoint and "
+            "the thresholds; prepare again with another --seed or --val-fraction, or more images"
+        )
+    if config.epochs < 1:
+        raise ValueError(f"epochs is {config.epochs}; train at least one epoch")
     val_labels = read_index(prepared / "val")[list(FINDINGS)].to_numpy(np.float32)
     global_batch = config.global_batch_size
     local_batch = per_process_batch(global_batch, mesh)
