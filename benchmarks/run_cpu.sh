@@ -25,4 +25,4 @@ python -m cxrjax.bench --out "$out" --arch tiny --sizes 64 --dtypes float32,bflo
 
 # The real model at 224 px, float32, with all three peers.
 python -m cxrjax.bench --out "$out" --arch densenet121 --sizes 224 --dtypes float32 --remat off \
-    --batch 8 --steps 5 --peers torch,torch_compile,keras
+    --batch 8 --steps 8 --peers torch,torch_compile,keras
