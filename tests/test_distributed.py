@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from train_helpers import (  # noqa: F401 (fixtures)
-    ROOT, finalized_steps, flat, prepared, train_command, train_env, wait_for,
+    ROOT, best_weights_logits, finalized_steps, flat, prepared, train_command, train_env, wait_for,
 )
 
 from cxrjax.train import distributed
@@ -203,22 +203,9 @@ def test_two_process_training_stops_resumes_and_predicts_like_one_process(prepar
 
 
 def _predict_test(workdir, prepared) -> pd.DataFrame:
-    import jax.numpy as jnp
-
-    from cxrjax.data.normalize import stats_for, to_model_input
-    from cxrjax.data.pipeline import DecodeAndAugment, ShardedRecords, read_index
+    from cxrjax.data.pipeline import read_index
     from cxrjax.findings import FINDINGS
-    from cxrjax.models import build_model
-    from cxrjax.models.weights import load_weights
 
-    cfg, variables = load_weights(workdir / "best_weights")
-    model = build_model(cfg)
-    source = ShardedRecords(prepared / "test")
-    decode = DecodeAndAugment(32)
-    images = np.stack([decode.random_map(source[i], np.random.default_rng(0))["image"] for i in range(len(source))])
-    mean, std = stats_for("imagenet", cfg.in_channels)
-    probs = jax.jit(lambda v, x: jax.nn.sigmoid(model.apply(v, to_model_input(x, mean, std), train=False)))(
-        variables, jnp.asarray(images))
+    probs = 1 / (1 + np.exp(-best_weights_logits(workdir, prepared, "test")))
     ids = read_index(prepared / "test")["image_id"].to_numpy()
-    return pd.DataFrame(np.asarray(probs), index=pd.Index(ids, name="Image Index"),
-                        columns=[f"prob_{f}" for f in FINDINGS])
+    return pd.DataFrame(probs, index=pd.Index(ids, name="Image Index"), columns=[f"prob_{f}" for f in FINDINGS])

@@ -7,20 +7,17 @@ import json
 import math
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 from train_helpers import (  # noqa: F401 (fixtures)
-    NO_NETWORK, STEPS_PER_EPOCH, finalized_steps, flat, metrics_rows, prepared, read_state, run_train, train_env,
+    NO_NETWORK, STEPS_PER_EPOCH, best_weights_logits, finalized_steps, flat, metrics_rows, prepared, read_state,
+    run_train, train_env,
 )
 
-from cxrjax.data.normalize import stats_for, to_model_input
-from cxrjax.data.pipeline import DecodeAndAugment, ShardedRecords, read_index
+from cxrjax.data.pipeline import read_index
 from cxrjax.findings import FINDINGS
-from cxrjax.models import build_model
 from cxrjax.models.weights import load_weights
 
 EPOCHS, PATIENCE = 6, 2
@@ -106,14 +103,7 @@ def test_best_checkpoint_by_auc_is_kept_and_exported(monitored):
 def test_logged_validation_metrics_match_sklearn_on_the_best_weights(monitored, prepared):
     """Recompute the best epoch's validation loss and per-finding AUC outside the trainer."""
     workdir, _ = monitored
-    cfg, variables = load_weights(workdir / "best_weights")
-    model = build_model(cfg)
-    source = ShardedRecords(prepared / "val")
-    decode = DecodeAndAugment(32)
-    images = np.stack([decode.random_map(source[i], np.random.default_rng(0))["image"] for i in range(len(source))])
-    mean, std = stats_for("imagenet", cfg.in_channels)
-    logits = np.asarray(jax.jit(lambda v, x: model.apply(v, to_model_input(x, mean, std), train=False))(
-        variables, jnp.asarray(images)), np.float64)
+    logits = best_weights_logits(workdir, prepared, "val")
     probs = 1 / (1 + np.exp(-logits))
     labels = read_index(prepared / "val")[list(FINDINGS)].to_numpy(np.float64)
 

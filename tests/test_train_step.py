@@ -18,6 +18,7 @@ from cxrjax.train import losses, optim
 from cxrjax.train.mesh import make_mesh, replicated, to_global
 from cxrjax.train.state import TrainState
 from cxrjax.train.step import make_steps
+from distributed_worker import SmallNet
 
 SIZE = 32
 MEAN, STD = stats_for("imagenet", 3)
@@ -127,22 +128,11 @@ def test_first_accumulated_step_does_not_move_the_parameters():
     _assert_trees_close(after_one.params, fresh, atol=0)
 
 
-class _SmallNet(nn.Module):
-    """BatchNorm and dropout in a few ops: compiles in a fraction of the DenseNet's time."""
-
-    dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.Conv(4, (3, 3), strides=(4, 4))(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
-        x = nn.Dropout(0.5, deterministic=not train)(x.reshape(x.shape[0], -1))
-        return nn.Dense(14)(x)
 
 
 @pytest.fixture(scope="module")
 def small_steps():
-    model = _SmallNet()
+    model = SmallNet()
     mesh = make_mesh()
     state, train_step = _place(model, optax.sgd(0.1), mesh)
     return model, mesh, jax.device_get(state), train_step

@@ -118,3 +118,24 @@ def flat(tree) -> dict[str, np.ndarray]:
 def metrics_rows(workdir: Path, kind: str) -> list[dict]:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["kind"] == kind]
+
+
+def best_weights_logits(workdir: Path, prepared: Path, part: str) -> np.ndarray:
+    """float64 logits of WORKDIR/best_weights on every record of a prepared part, in
+    record order, computed outside the trainer (its own decode, normalization, apply)."""
+    import jax
+    import jax.numpy as jnp
+
+    from cxrjax.data.normalize import stats_for, to_model_input
+    from cxrjax.data.pipeline import DecodeAndAugment, ShardedRecords
+    from cxrjax.models import build_model
+    from cxrjax.models.weights import load_weights
+
+    cfg, variables = load_weights(workdir / "best_weights")
+    model = build_model(cfg)
+    source = ShardedRecords(prepared / part)
+    decode = DecodeAndAugment(32)
+    images = np.stack([decode.random_map(source[i], np.random.default_rng(0))["image"] for i in range(len(source))])
+    mean, std = stats_for("imagenet", cfg.in_channels)
+    logits = jax.jit(lambda v, x: model.apply(v, to_model_input(x, mean, std), train=False))(variables, jnp.asarray(images))
+    return np.asarray(logits, np.float64)
