@@ -38,7 +38,7 @@ def _fractions(text: str) -> tuple[float, float, float]:
 
 
 def _add_prepare(sub) -> None:
-    from cxrjax.data.prepare import PrepareOptions
+    from cxrjax.data.options import PrepareOptions
 
     d = PrepareOptions(image_size=0)
     p = sub.add_parser("prepare", help="convert an NIH download into sharded TFRecords")

@@ -19,7 +19,7 @@ import hashlib
 import json
 import multiprocessing
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from tqdm import tqdm
 from cxrjax import __version__
 from cxrjax.data import examples, images, synth, tfrecord
 from cxrjax.data.metadata import MetadataError, find_metadata, label_matrix, read_metadata
+from cxrjax.data.options import PrepareOptions
 from cxrjax.data.splits import PARTS, make_split
 from cxrjax.findings import FINDINGS
 
@@ -38,20 +39,6 @@ PLAN = "plan.json"
 
 class PreparedDataError(ValueError):
     """An output folder that is not (or not the same) prepared dataset."""
-
-
-@dataclass(frozen=True)
-class PrepareOptions:
-    image_size: int
-    split: str = "official"  # official | chexnet | random
-    val_fraction: float = 0.1
-    fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)
-    seed: int = 0
-    source_size: int = 1024  # every NIH PNG is 1024x1024; 0 accepts any square size
-    records_per_shard: int = 1024
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    skip_bad: bool = False
-    labels: str | None = None  # a Data_Entry CSV; default: the one in nih_dir
 
 
 def locate_images(nih_dir: Path) -> dict[str, Path]:
