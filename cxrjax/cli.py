@@ -301,19 +301,24 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=_input_errors_to_exit(run))
 
 
-def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="probabilities CSV for PNG files or folders (optional Grad-CAM heatmaps)")
+def _image_model_arguments(p, out_help: str) -> None:
+    """The inputs predict and gradcam share: PNGs, the model, the output, and batching."""
     p.add_argument("paths", type=Path, nargs="+", help="PNG files, or folders searched for *.png")
     p.add_argument("--weights", type=Path, required=True, help="weights directory or training workdir")
-    p.add_argument("--out", type=Path, required=True, help="CSV to write: Image Index (file name), prob_<finding>")
+    p.add_argument("--out", type=Path, required=True, help=out_help)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="model input size for weights without a training run (default 224)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per jitted call")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="probabilities CSV for PNG files or folders (optional Grad-CAM heatmaps)")
+    _image_model_arguments(p, "CSV to write: Image Index (file name), prob_<finding>")
     p.add_argument("--heatmaps", type=Path, default=None,
                    help="also write Grad-CAM overlays of each image's --top-k findings in this folder")
     p.add_argument("--top-k", type=int, default=1, metavar="K")
     p.add_argument("--tta", type=int, default=1, metavar="N",
                    help="average N views (the image and N-1 fixed small affine warps); heatmaps use the image")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="model input size for weights without a training run (default 224)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per jitted call")
 
     def run(args):
         from cxrjax.eval.inference import run_predict
@@ -328,15 +333,10 @@ def _add_predict(sub) -> None:
 
 def _add_gradcam(sub) -> None:
     p = sub.add_parser("gradcam", help="Grad-CAM heatmaps overlaid on PNG images, at their original size")
-    p.add_argument("paths", type=Path, nargs="+", help="PNG files, or folders searched for *.png")
-    p.add_argument("--weights", type=Path, required=True, help="weights directory or training workdir")
-    p.add_argument("--out", type=Path, required=True, help="folder for <image>_<finding>.png and gradcam.csv")
+    _image_model_arguments(p, "folder for <image>_<finding>.png and gradcam.csv")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--findings", default=None, help="comma-separated findings, e.g. Effusion,Mass")
     which.add_argument("--top-k", type=int, default=1, metavar="K", help="each image's K most probable findings")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="model input size for weights without a training run (default 224)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per jitted call")
 
     def run(args):
         from cxrjax.eval.inference import run_gradcam
