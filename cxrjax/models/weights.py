@@ -36,7 +36,11 @@ def save_weights(path: str | Path, variables: Mapping[str, Any], model_cfg) -> P
     cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
     (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     host = jax.tree.map(np.asarray, dict(variables))
-    with ocp.StandardCheckpointer() as checkpointer:
+    # Host values written by the calling process alone: orbax's default barriers would
+    # wait forever for the other processes of a multi-process run.
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as checkpointer:
         checkpointer.save(path / VARIABLES_DIR, host)
     return path
 

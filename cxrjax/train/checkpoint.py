@@ -3,18 +3,15 @@ in one step directory; the last k are kept, plus the best by validation mean AUC
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
 
 import grain.python as grain
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from cxrjax.models.weights import CONFIG_FILE, VARIABLES_DIR
+from cxrjax.models.weights import save_weights
 
 BEST_METRIC = "val_mean_auc"
 
@@ -90,18 +87,7 @@ def restore_state(directory: str | Path, step: int, abstract_state):
 
 
 def export_weights(path: str | Path, variables, model_cfg) -> None:
-    """Write a weights artifact (the `cxrjax.models.weights` layout) from this process alone.
-
-    `models.weights.save_weights` runs orbax with its default barriers over every
-    process, so calling it from process 0 of a multi-process run waits forever for
-    the others. Here orbax is told that only this process takes part. An earlier
-    export (a previous best, or one cut short) is replaced.
-    """
-    path = Path(path).absolute()
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    (path / CONFIG_FILE).write_text(json.dumps(model_cfg.to_dict(), indent=2, sort_keys=True) + "\n")
-    me = jax.process_index()
-    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-    with ocp.StandardCheckpointer(multiprocessing_options=alone) as checkpointer:
-        checkpointer.save(path / VARIABLES_DIR, jax.tree.map(np.asarray, dict(variables)))
+    """The weights artifact of the best checkpoint; an earlier export (a previous best,
+    or one cut short) is replaced."""
+    shutil.rmtree(Path(path).absolute(), ignore_errors=True)
+    save_weights(path, variables, model_cfg)
