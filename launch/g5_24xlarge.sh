@@ -3,6 +3,7 @@
 #
 #   g5_24xlarge.sh up [--config FILE] [--KEY value ...] [--dry-run]   launch the run's instance(s)
 #   g5_24xlarge.sh status|logs|down [--config FILE] [--KEY value ...]  watch or end the run
+#   g5_24xlarge.sh cost [--config FILE] [--KEY value ...]             $/hour and $/epoch, measured
 #   g5_24xlarge.sh iam-policy|iam-setup [--config FILE] [--dry-run]    the instance's IAM role
 #   g5_24xlarge.sh run --config /etc/cxrjax/run.env                    on the instance (systemd)
 #   g5_24xlarge.sh watch-spot --pid PID                                the interruption watcher
@@ -19,15 +20,17 @@ REPO_DIR=$(dirname "$SCRIPT_DIR")
 readonly SCRIPT_DIR REPO_DIR
 readonly IMDS="${CXRJAX_IMDS_ENDPOINT:-http://169.254.169.254}"
 readonly SPOT_POLL_SECONDS="${CXRJAX_SPOT_POLL_SECONDS:-5}"
-readonly COORDINATOR_PORT=1234
 # The trainer config field that names the prepared dataset directory.
 readonly DATA_FIELD=data.prepared
 readonly RUN_TAG=cxrjax-run
 readonly ENV_FILE=/etc/cxrjax/run.env
+# Where a cluster's instances mount the run's EFS file system: the one workdir all see.
+readonly CLUSTER_SHARED_DIR=/opt/cxrjax/shared
 
 # Every key a config file or flag may set. Anything else, credentials above all, is refused.
 readonly KEYS="AMI KEY_NAME SUBNET SECURITY_GROUP SSH_CIDR EBS_GB MAX_PRICE REGION S3_PREFIX \
-RUN_CONFIG NODES INSTANCE_TYPE HOP_LIMIT WANDB_PARAMETER SYNC_INTERVAL PROCESS_ID COORDINATOR"
+RUN_CONFIG NODES INSTANCE_TYPE HOP_LIMIT WANDB_PARAMETER SYNC_INTERVAL PROCESS_ID COORDINATOR \
+COORDINATOR_PORT SHARED_DIR"
 
 AMI="resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
 KEY_NAME=""
@@ -46,13 +49,15 @@ WANDB_PARAMETER=/cxrjax/wandb-api-key
 SYNC_INTERVAL=600
 PROCESS_ID=0
 COORDINATOR=""
+COORDINATOR_PORT=1234
+SHARED_DIR=""
 DRY_RUN=0
 PID=""
 CONSOLE=0
 
 log() { printf '[cxrjax %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { printf 'g5_24xlarge.sh: error: %s\n' "$*" >&2; exit 2; }
-usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "${BASH_SOURCE[0]}"; exit "${1:-0}"; }
 
 # ---------------------------------------------------------------- settings
 
@@ -112,8 +117,10 @@ need() {  # KEY...: each must be set
   for key; do [[ -n ${!key} ]] || die "$key is required (config file line $key=... or flag --$(printf '%s' "$key" | tr 'A-Z_' 'a-z-'))"; done
 }
 
-check_int() {  # KEY MIN
-  if [[ ! ${!1} =~ ^[0-9]+$ ]] || ((${!1} < $2)); then die "$1 must be an integer >= $2, got '${!1}'"; fi
+check_int() {  # KEY MIN [MAX]
+  if [[ ! ${!1} =~ ^[0-9]+$ ]] || ((${!1} < $2 || ${!1} > ${3:-${!1}})); then
+    die "$1 must be an integer >= $2${3:+ and <= $3}, got '${!1}'"
+  fi
 }
 
 check_s3_prefix() {
@@ -151,6 +158,7 @@ validate_up() {
   [[ $RUN_CONFIG =~ ^[A-Za-z0-9_-]+(:[A-Za-z0-9_-]+)?$ ]] || die "RUN_CONFIG must be a config name such as chexnet or chexnet:smoke, got '$RUN_CONFIG'"
   check_int EBS_GB 50
   check_int NODES 1
+  check_int COORDINATOR_PORT 1024 65535
   check_int SYNC_INTERVAL 10
   check_ssh_cidr
   git -C "$REPO_DIR" cat-file -e "HEAD:configs/${RUN_CONFIG%%:*}.py" 2>/dev/null \
@@ -235,6 +243,68 @@ cluster_security_group() {  # the run's own group: SSH only from SSH_CIDR, membe
   printf '%s\n' "$sg"
 }
 
+# ---------------------------------------------------------------- the cluster's shared workdir
+
+# orbax writes one checkpoint from all processes into one directory, so a cluster's
+# workdir lives on an EFS file system that every member mounts. It is found again by its
+# creation token, so `up` after an interruption reuses it, checkpoints and all.
+efs_token() { printf 'cxrjax-%s' "$(run_name)"; }
+
+run_file_system() {  # DRY-RUN-PLACEHOLDER: the run's EFS file system id, or None
+  aws_text "$1" efs describe-file-systems --creation-token "$(efs_token)" --query 'FileSystems[0].FileSystemId'
+}
+
+wait_file_system() {  # FS: until it is available, as a mount target needs
+  local fs=$1 state _try
+  ((DRY_RUN)) && return 0
+  for _try in $(seq 60); do
+    state=$(aws_text - efs describe-file-systems --file-system-id "$fs" --query 'FileSystems[0].LifeCycleState')
+    [[ $state == available ]] && return 0
+    sleep 5
+  done
+  die "EFS file system $fs is still '$state' after 5 minutes"
+}
+
+shared_file_system() {  # SG: the run's encrypted EFS with a mount target in SUBNET; prints the target's address
+  local sg=$1 fs out target ip groups
+  fs=$(run_file_system None)
+  if [[ $fs == None || -z $fs ]]; then
+    fs=$(aws_text '<new-efs-id>' efs create-file-system --creation-token "$(efs_token)" --encrypted \
+      --performance-mode generalPurpose --throughput-mode elastic \
+      --tags "Key=$RUN_TAG,Value=$(run_name)" "Key=Name,Value=cxrjax-$(run_name)" --query FileSystemId)
+    log "created EFS file system $fs for the cluster's shared workdir"
+  else
+    log "reusing EFS file system $fs: it holds the run's workdir"
+  fi
+  wait_file_system "$fs"
+  out=$(aws_text None efs describe-mount-targets --file-system-id "$fs" \
+    --query "MountTargets[?SubnetId=='$SUBNET'] | [0].[MountTargetId,IpAddress]")
+  read -r target ip <<<"$out"
+  if [[ $target == None || -z $target ]]; then
+    # Its address is fixed for its life; members mount it by address, so no VPC DNS is needed.
+    ip=$(aws_text '<efs-mount-ip>' efs create-mount-target --file-system-id "$fs" --subnet-id "$SUBNET" \
+      --security-groups "$sg" --query IpAddress)
+  else
+    groups=$(aws_text - efs describe-mount-target-security-groups --mount-target-id "$target" --query SecurityGroups)
+    [[ " $groups " == *[[:space:]]"$sg"[[:space:]]* ]] \
+      || die "EFS mount target $target of $fs is in security group(s) $groups, not the run's $sg; the members could not reach it"
+  fi
+  printf '%s\n' "$ip"
+}
+
+delete_file_system() {  # FS: its mount targets, then itself
+  local fs=$1 targets target _try
+  targets=$(aws_text '<mount-target-id>' efs describe-mount-targets --file-system-id "$fs" --query 'MountTargets[].MountTargetId')
+  for target in $targets; do aws_do efs delete-mount-target --mount-target-id "$target"; done
+  if ((!DRY_RUN)); then  # a file system with mount targets cannot be deleted
+    for _try in $(seq 60); do
+      [[ -z $(aws_text - efs describe-mount-targets --file-system-id "$fs" --query 'MountTargets[].MountTargetId') ]] && break
+      sleep 5
+    done
+  fi
+  aws_do efs delete-file-system --file-system-id "$fs"
+}
+
 # ---------------------------------------------------------------- up
 
 ship_source() {  # upload the committed tree; prints its S3 address
@@ -250,9 +320,12 @@ ship_source() {  # upload the committed tree; prints its S3 address
   printf '%s\n' "$url"
 }
 
-write_user_data() {  # FILE SOURCE-URL PROCESS-ID COORDINATOR: the instance bootstrap
-  local file=$1 src=$2 pid=$3 coordinator=$4 key when_done
+write_user_data() {  # FILE SOURCE-URL PROCESS-ID COORDINATOR NFS-ADDRESS: the instance bootstrap
+  local file=$1 src=$2 pid=$3 coordinator=$4 nfs=$5 key when_done mounts="" shared=""
   if ((NODES > 1)); then
+    shared=$CLUSTER_SHARED_DIR
+    mounts="RequiresMountsFor=$shared"
+
     # A cluster ends together: a run that finished or checkpointed on a notice (the trainer
     # stops every process at once) powers off, which terminates; "up" again resumes.
     when_done="# finished or checkpointed: power off (= terminate); \"up\" again resumes
@@ -272,11 +345,22 @@ command -v aws >/dev/null || { echo "cxrjax: this AMI has no aws CLI; use one th
 mkdir -p /opt/cxrjax/src /etc/cxrjax
 cat >/etc/cxrjax/run.env <<'CXRJAX_ENV'
 HEAD
-    for key in S3_PREFIX REGION RUN_CONFIG NODES WANDB_PARAMETER SYNC_INTERVAL; do
+    for key in S3_PREFIX REGION RUN_CONFIG NODES WANDB_PARAMETER SYNC_INTERVAL COORDINATOR_PORT; do
       printf '%s=%s\n' "$key" "${!key}"
     done
-    printf 'PROCESS_ID=%s\nCOORDINATOR=%s\nCXRJAX_ENV\n' "$pid" "$coordinator"
+    printf 'PROCESS_ID=%s\nCOORDINATOR=%s\nSHARED_DIR=%s\nCXRJAX_ENV\n' "$pid" "$coordinator" "$shared"
     printf 'aws s3 cp --only-show-errors --region %q %q - | tar -xz -C /opt/cxrjax/src\n' "$REGION" "$src"
+    if ((NODES > 1)); then
+      # NFS options as AWS recommends for EFS. The mount target that up just created takes
+      # a minute or two to answer; an instance that cannot mount it powers off (terminates).
+      cat <<MOUNT
+command -v mount.nfs4 >/dev/null || { apt-get update -q && apt-get install -y -q nfs-common; }
+mkdir -p $shared
+grep -q ' $shared ' /etc/fstab || echo '$nfs:/ $shared nfs4 nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport,_netdev 0 0' >>/etc/fstab
+for try in \$(seq 60); do mountpoint -q $shared && break; mount $shared || sleep 10; done
+mountpoint -q $shared || { echo "cxrjax: cannot mount the run's EFS at $nfs:/ on $shared" >&2; poweroff; exit 1; }
+MOUNT
+    fi
     cat <<UNIT
 python3 -c 'import ensurepip' 2>/dev/null || { apt-get update -q && apt-get install -y -q python3-venv; }
 cat >/etc/systemd/system/cxrjax-run.service <<'CXRJAX_UNIT'
@@ -284,6 +368,7 @@ cat >/etc/systemd/system/cxrjax-run.service <<'CXRJAX_UNIT'
 Description=cxrjax training run (starts again on every boot, so a spot stop/start resumes)
 Wants=network-online.target
 After=network-online.target
+$mounts
 StartLimitIntervalSec=6h
 StartLimitBurst=5
 
@@ -308,10 +393,10 @@ UNIT
   } >"$file"
 }
 
-launch_node() {  # PROCESS-ID COORDINATOR SG ROOT-DEVICE IMAGE SOURCE-URL: prints "id private-ip"
-  local pid=$1 coordinator=$2 sg=$3 root=$4 image=$5 src=$6 user_data spot args=()
+launch_node() {  # PROCESS-ID COORDINATOR SG ROOT-DEVICE IMAGE SOURCE-URL NFS-ADDRESS: prints "id private-ip"
+  local pid=$1 coordinator=$2 sg=$3 root=$4 image=$5 src=$6 nfs=$7 user_data spot args=()
   user_data=$(mktemp)
-  write_user_data "$user_data" "$src" "$pid" "$coordinator"
+  write_user_data "$user_data" "$src" "$pid" "$coordinator" "$nfs"
   if ((DRY_RUN)); then
     printf '[dry-run] user-data of process %s:\n' "$pid" >&3
     sed 's/^/  | /' "$user_data" >&3
@@ -340,7 +425,7 @@ launch_node() {  # PROCESS-ID COORDINATOR SG ROOT-DEVICE IMAGE SOURCE-URL: print
 
 cmd_up() {
   validate_up
-  local image=$AMI root vpc sg src node coordinator="" out id ip
+  local image=$AMI root vpc sg src node coordinator="" out id ip nfs=""
   if ((!DRY_RUN)); then
     out=$(aws_text - ec2 describe-instances --filters "Name=tag:$RUN_TAG,Values=$(run_name)" \
       "Name=instance-state-name,Values=pending,running,stopping,stopped" --query 'Reservations[].Instances[].InstanceId')
@@ -361,10 +446,11 @@ cmd_up() {
     vpc=$(aws_text '<vpc-of-subnet>' ec2 describe-subnets --subnet-ids "$SUBNET" --query 'Subnets[0].VpcId')
     sg=$(cluster_security_group "$vpc")
   fi
+  ((NODES == 1)) || nfs=$(shared_file_system "$sg")
   src=$(ship_source)
   for ((node = 0; node < NODES; node++)); do
     # Process 0 learns its own address from IMDS; the others get it from its launch.
-    out=$(launch_node "$node" "$coordinator" "$sg" "$root" "$image" "$src") \
+    out=$(launch_node "$node" "$coordinator" "$sg" "$root" "$image" "$src" "$nfs") \
       || die "launching process $node failed; end what is up with: $0 down --s3-prefix $S3_PREFIX"
     read -r id ip <<<"$out"
     ((node == 0)) && coordinator="$ip:$COORDINATOR_PORT"
@@ -392,7 +478,9 @@ cmd_status() {
   # shellcheck disable=SC2086  # one word per request id
   [[ -z $requests ]] || aws_do ec2 describe-spot-instance-requests --spot-instance-request-ids $requests \
     --output table --query 'SpotInstanceRequests[].{request:SpotInstanceRequestId,state:State,status:Status.Code,instance:InstanceId}'
-  if ((!DRY_RUN)) && aws --region "$REGION" s3 ls "$S3_PREFIX/workdir/done.json" >/dev/null 2>&1; then
+  aws_do efs describe-file-systems --creation-token "$(efs_token)" --output table \
+    --query 'FileSystems[].{shared_workdir:FileSystemId,state:LifeCycleState,bytes:SizeInBytes.Value}'
+  if finished && ((!DRY_RUN)); then
     echo "training finished: $S3_PREFIX/workdir/done.json exists; end the run with: $0 down --s3-prefix $S3_PREFIX"
   fi
 }
@@ -435,10 +523,70 @@ cmd_down() {  # cancel the persistent spot requests first, or AWS would relaunch
   else
     log "run $(run_name) has no live instances"
   fi
+  # A cluster's EFS goes once the run has finished (its last upload is then in S3); an
+  # unfinished run keeps it, and the group its mount target sits in, for "up" to resume from.
+  local fs kept=0
+  fs=$(run_file_system '<run-efs-id>')
+  if [[ $fs != None && -n $fs ]]; then
+    if finished; then
+      delete_file_system "$fs"
+      ((DRY_RUN)) || log "deleted EFS file system $fs"
+    else
+      kept=1
+      log "kept EFS file system $fs and the security group of its mount target: the run has not finished," \
+        "and \"up\" again resumes from the workdir there (its last upload is in $S3_PREFIX/workdir/)." \
+        "To drop them anyway: delete its mount targets (aws efs describe-mount-targets --file-system-id $fs)," \
+        "then aws efs delete-file-system --file-system-id $fs"
+    fi
+  fi
   sg=$(aws_text '<run-security-group-or-None>' ec2 describe-security-groups \
     --filters "Name=tag:$RUN_TAG,Values=$(run_name)" --query 'SecurityGroups[0].GroupId')
-  [[ $sg == None || -z $sg ]] || aws_do ec2 delete-security-group --group-id "$sg"
+  if ((!kept)) && [[ $sg != None && -n $sg ]]; then delete_security_group "$sg"; fi
   log "checkpoints and results stay in $S3_PREFIX/workdir/"
+}
+
+finished() {  # whether the run's done.json is in S3 (under --dry-run: the call, and yes)
+  ((DRY_RUN)) && { aws_do s3 ls "$S3_PREFIX/workdir/done.json"; return 0; }
+  aws --region "$REGION" s3 ls "$S3_PREFIX/workdir/done.json" >/dev/null 2>&1
+}
+
+delete_security_group() {  # SG: retried while a deleted mount target's interface lets go of it
+  local sg=$1 _try
+  ((DRY_RUN)) && { aws_do ec2 delete-security-group --group-id "$sg"; return 0; }
+  for _try in $(seq 24); do
+    aws --region "$REGION" ec2 delete-security-group --group-id "$sg" 2>/dev/null && return 0
+    sleep 5
+  done
+  aws --region "$REGION" ec2 delete-security-group --group-id "$sg"
+}
+
+# ---------------------------------------------------------------- cost
+
+cmd_cost() {  # the current spot price times what the run measured (launch/run_cost.py)
+  validate_common
+  check_int NODES 1
+  local zone="" filters=() out price when tmp
+  if [[ -n $SUBNET ]]; then
+    zone=$(aws_text '<zone-of-subnet>' ec2 describe-subnets --subnet-ids "$SUBNET" --query 'Subnets[0].AvailabilityZone')
+    filters=(--filters "Name=availability-zone,Values=$zone")
+  fi
+  # The newest price per zone; without a subnet, the cheapest zone's.
+  out=$(aws_text '<spot-price> <zone> <time>' ec2 describe-spot-price-history --instance-types "$INSTANCE_TYPE" \
+    --product-descriptions Linux/UNIX --start-time "$(date -u +%FT%TZ)" "${filters[@]}" \
+    --query 'sort_by(SpotPriceHistory, &to_number(SpotPrice))[0].[SpotPrice,AvailabilityZone,Timestamp]')
+  read -r price zone when <<<"$out"
+  ((DRY_RUN)) || [[ $price =~ ^[0-9.]+$ ]] || die "no spot price for $INSTANCE_TYPE in $REGION${zone:+ ($zone)}: got '$out'"
+  ((DRY_RUN)) || echo "spot price of $INSTANCE_TYPE in $zone at $when: \$$price per hour"
+  tmp=$(mktemp -d)
+  for name in metrics.jsonl config.json; do
+    aws_do s3 cp --only-show-errors "$S3_PREFIX/workdir/$name" "$tmp/$name" \
+      || { rm -rf "$tmp"; die "no $S3_PREFIX/workdir/$name yet: the run uploads it every SYNC_INTERVAL seconds once training logs"; }
+  done
+  if ((!DRY_RUN)); then
+    python3 "$SCRIPT_DIR/run_cost.py" --price "$price" --instances "$NODES" "$tmp/metrics.jsonl" "$tmp/config.json" \
+      || { rm -rf "$tmp"; exit 2; }
+  fi
+  rm -rf "$tmp"
 }
 
 # ---------------------------------------------------------------- IAM
@@ -516,20 +664,37 @@ cmd_watch_spot() {
 
 s3_sync() { aws --region "$REGION" s3 sync --only-show-errors "$@"; }
 
+wait_for_pull() {  # WORKDIR: until process 0 has pulled it (an hour at most)
+  local work=$1 _try
+  [[ -e $work.pulled ]] && return 0
+  log "waiting for process 0 to pull $S3_PREFIX/workdir/ into the shared $work"
+  for _try in $(seq 1800); do
+    [[ -e $work.pulled ]] && return 0
+    sleep 2
+  done
+  die "process 0 did not pull the workdir into $work within an hour"
+}
+
 cmd_run() {
   validate_common
   need RUN_CONFIG
+  check_int NODES 1
+  check_int PROCESS_ID 0 $((NODES - 1))
+  check_int COORDINATOR_PORT 1024 65535
+  ((NODES == 1)) || [[ -n $SHARED_DIR ]] \
+    || die "NODES=$NODES needs SHARED_DIR, one directory that every process sees, for the workdir (up mounts the run's EFS at $CLUSTER_SHARED_DIR)"
   local home=${CXRJAX_HOME:-/opt/cxrjax} config=${RUN_CONFIG%%:*} work nih cache logs venv
   local config_arg size prepared wandb_key="" ip syncer trainer watcher status online=()
-  work="$home/work/$(run_name)"
+  # Local volume: data, venv, cache, logs. The workdir: there too, or on the shared mount.
+  work="${SHARED_DIR:-$home}/work/$(run_name)"
   nih="$home/data/nih"
   cache="$home/jax-cache"
   logs="$home/logs"
   venv="$home/venv"
   config_arg="configs/$config.py${RUN_CONFIG#"$config"}"  # configs/NAME.py[:variant]
-  mkdir -p "$work" "$nih" "$cache" "$logs"
+  mkdir -p "$nih" "$cache" "$logs"
   exec > >(tee -a "$logs/run.log") 2>&1
-  log "run $(run_name): config $RUN_CONFIG, process $PROCESS_ID of $NODES, home $home"
+  log "run $(run_name): config $RUN_CONFIG, process $PROCESS_ID of $NODES, home $home, workdir $work"
   cd "$REPO_DIR"
   [[ -f configs/$config.py ]] || die "configs/$config.py not found in $REPO_DIR"
 
@@ -564,10 +729,18 @@ print(load_config(sys.argv[1], []).data.image_size)' "$config_arg")
     aws --region "$REGION" s3 cp --only-show-errors "$prepared/manifest.json" "$S3_PREFIX/prepared-$size/manifest.json"
   fi
 
-  # A fresh volume starts from the run's uploaded workdir, so the trainer resumes there.
-  if [[ -z $(ls -A "$work") ]]; then
-    log "pulling $S3_PREFIX/workdir/ (empty on a first launch)"
-    s3_sync "$S3_PREFIX/workdir/" "$work/"
+  # A workdir that was never pulled (a fresh volume or file system) starts from the run's
+  # upload, so the trainer resumes there. Process 0 pulls; the marker beside the workdir
+  # (never uploaded) tells the others that the pull is whole.
+  if ((PROCESS_ID == 0)); then
+    if [[ ! -e $work.pulled ]]; then
+      log "pulling $S3_PREFIX/workdir/ into $work (empty on a first launch)"
+      mkdir -p "$work"
+      s3_sync "$S3_PREFIX/workdir/" "$work/"
+      touch "$work.pulled"
+    fi
+  else
+    wait_for_pull "$work"
   fi
 
   if ((NODES > 1)) && [[ -z $COORDINATOR ]]; then  # process 0 hosts the coordinator
@@ -583,8 +756,8 @@ print(load_config(sys.argv[1], []).data.image_size)' "$config_arg")
     log "no readable SSM parameter $WANDB_PARAMETER: wandb stays as the config says (offline by default)"
   fi
 
-  sync_up() {
-    s3_sync "$work/" "$S3_PREFIX/workdir/" --exclude '*.orbax-checkpoint-tmp*'
+  sync_up() {  # every process its log; process 0 the workdir, which all of them share
+    ((PROCESS_ID > 0)) || s3_sync "$work/" "$S3_PREFIX/workdir/" --exclude '*.orbax-checkpoint-tmp*'
     s3_sync "$logs/" "$S3_PREFIX/logs/process-$PROCESS_ID/"
   }
   sync_loop() {  # its sleep dies with it, so nothing lingers on the log pipe after the run
@@ -620,12 +793,14 @@ print(load_config(sys.argv[1], []).data.image_size)' "$config_arg")
   done
   trap - TERM INT
   kill "$syncer" "$watcher" 2>/dev/null || true
+  local upload="uploading $work to $S3_PREFIX/workdir/"
+  ((PROCESS_ID == 0)) || upload="process 0 uploads the shared $work"
   if [[ -f $work/done.json ]]; then
-    log "training finished; uploading $work to $S3_PREFIX/workdir/"
+    log "training finished; $upload"
   elif ((status == 0)); then
-    log "trainer checkpointed and stopped early; uploading $work so the next start resumes from it"
+    log "trainer checkpointed and stopped early; $upload, so the next start resumes from it"
   else
-    log "trainer failed with status $status; uploading $work"
+    log "trainer failed with status $status; $upload"
   fi
   sync_up
   return "$status"
@@ -643,6 +818,7 @@ main() {
     status) cmd_status ;;
     logs) cmd_logs ;;
     down) cmd_down ;;
+    cost) cmd_cost ;;
     iam-policy) cmd_iam_policy ;;
     iam-setup) cmd_iam_setup ;;
     run) cmd_run ;;

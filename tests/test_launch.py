@@ -10,12 +10,10 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
-import logging
 import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,64 +22,9 @@ from pathlib import Path
 import pytest
 
 from fake_imds import NOTICE_PATH, TOKEN_PATH, FakeImds
-
-REPO = Path(__file__).resolve().parents[1]
-LAUNCH = REPO / "launch"
-
-# Recognizable fake secrets: none of them may show up in any output, user-data or S3 object.
-SECRETS = {
-    "AWS_SECRET_ACCESS_KEY": "fakeSECRETkey0do0not0print0ZZZ",
-    "AWS_SESSION_TOKEN": "fakeSESSIONtoken0do0not0print0YYY",
-    "WANDB_API_KEY": "fakeWANDBkey0from0env0XXX",
-}
-WANDB_IN_SSM = "fakeWANDBkey0in0ssm0WWW"
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test process's environment without any real AWS or wandb setting."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WANDB_"))}
-    env.update(AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-    env.update(extra)
-    return env
-
-
-STUB_CONFIG = '''"""Stub recipe for the launch tests: only the resolution matters to `run`."""
-import ml_collections
-
-
-def get_config(variant=""):
-    return ml_collections.ConfigDict({"data": {"image_size": 48 if variant else 40}})
-'''
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A committed copy of launch/ with a stub configs/demo.py, for `up` to ship."""
-    root = tmp_path_factory.mktemp("repo")
-    shutil.copytree(LAUNCH, root / "launch")
-    (root / "configs").mkdir()
-    (root / "configs" / "demo.py").write_text(STUB_CONFIG)
-    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@example.com"]
-    subprocess.run([*git, "init", "-q"], check=True)
-    subprocess.run([*git, "add", "."], check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "stub"], check=True)
-    return root
-
-
-def script(repo: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120):
-    return subprocess.run(
-        [str(repo / "launch" / "g5_24xlarge.sh"), *args],
-        env=env if env is not None else clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def assert_no_secret(text: str, where: str) -> None:
-    for name, value in {**SECRETS, "ssm wandb key": WANDB_IN_SSM}.items():
-        assert value not in text, f"{name} leaked into {where}"
-
+from launch_helpers import (  # noqa: F401  (repo and aws are fixtures)
+    LAUNCH, REPO, SECRETS, WANDB_IN_SSM, assert_no_secret, aws, clean_env, repo, s3_objects, script, wait_until,
+)
 
 BASE = ["--s3-prefix", "s3://cxrjax-bucket/runs/demo", "--run-config", "demo"]
 DRY = [*BASE, "--subnet", "subnet-0abc", "--ami", "ami-0abc", "--dry-run"]
@@ -248,6 +191,20 @@ def test_dry_run_request_is_locked_down_and_prints_no_credential(repo):
     assert all("SuccessAction=poweroff" in u for u in user_data)
     assert "dry run: no AWS call was made" in result.stderr
 
+    # The cluster's one workdir: the run's own encrypted EFS, reachable from the run's group,
+    # mounted by every member before its unit may start.
+    (efs,) = _calls(result.stdout, "create-file-system")
+    assert efs["--creation-token"] == "cxrjax-demo" and "--encrypted" in efs
+    (target,) = _calls(result.stdout, "create-mount-target")
+    assert target == {"--file-system-id": "<new-efs-id>", "--subnet-id": "subnet-0abc",
+                      "--security-groups": "<new-security-group-id>", "--query": "IpAddress", "--output": "text"}
+    for text in user_data:
+        text = text.replace("  | ", "")
+        assert "SHARED_DIR=/opt/cxrjax/shared\n" in text
+        assert "'<efs-mount-ip>:/ /opt/cxrjax/shared nfs4 nfsvers=4.1," in text
+        assert "RequiresMountsFor=/opt/cxrjax/shared\n" in text
+        assert text.index("mountpoint -q /opt/cxrjax/shared ||") < text.index("systemctl enable --now")
+
 
 def test_single_node_without_ssh_opens_no_port_and_resumes_in_place(repo):
     result = script(repo, "up", *DRY)
@@ -260,6 +217,9 @@ def test_single_node_without_ssh_opens_no_port_and_resumes_in_place(repo):
         "SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"}
     assert "SuccessAction" not in result.stdout
     assert "ExecStopPost=/bin/sh -c 'test -e /opt/cxrjax/work/demo/done.json && systemctl" in result.stdout
+    # one node keeps its workdir on its own volume: no shared file system
+    assert " efs " not in result.stdout and "RequiresMountsFor" not in result.stdout
+    assert "  | SHARED_DIR=\n" in result.stdout
 
 
 def test_logs_and_down_dry_run(repo):
@@ -275,18 +235,12 @@ def test_logs_and_down_dry_run(repo):
     actions = [line.split()[5] for line in down.stdout.splitlines() if line.startswith("[dry-run] aws")]
     # the persistent spot requests go before the instances, or AWS would relaunch them
     assert actions.index("cancel-spot-instance-requests") < actions.index("terminate-instances")
+    # a finished cluster's EFS: its mount targets, itself, then the group they sat in
+    assert (actions.index("terminate-instances") < actions.index("delete-mount-target")
+            < actions.index("delete-file-system") < actions.index("delete-security-group"))
 
 
 # ---------------------------------------------------------------- the spot watcher
-
-
-def _wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def watch(repo: Path, pid: int, imds: FakeImds, interval: float) -> subprocess.Popen:
@@ -303,11 +257,11 @@ def test_watcher_sigterms_the_trainer_on_a_spot_notice(repo):
         trainer = subprocess.Popen(["sleep", "120"])
         watcher = watch(repo, trainer.pid, imds, interval)
         try:
-            _wait_for(lambda: imds.count("GET", NOTICE_PATH, 404) >= 2, 30, "two polls")
+            wait_until(lambda: imds.count("GET", NOTICE_PATH, 404) >= 2, 30, "two polls")
             assert trainer.poll() is None and watcher.poll() is None
             imds.expire_token()  # a stale token gets 401; the watcher must take a new one
-            _wait_for(lambda: imds.count("GET", NOTICE_PATH, 401) >= 1, 10, "a 401")
-            _wait_for(lambda: imds.count("GET", NOTICE_PATH, 404) >= 3, 10, "a poll after 401")
+            wait_until(lambda: imds.count("GET", NOTICE_PATH, 401) >= 1, 10, "a 401")
+            wait_until(lambda: imds.count("GET", NOTICE_PATH, 404) >= 3, 10, "a poll after 401")
             assert trainer.poll() is None
 
             imds.notice()
@@ -403,7 +357,7 @@ def test_spot_notice_during_training_resumes(repo, tmp_path):
             # Mid-training: at the first training metrics (epoch 1 of 4) the trainer is
             # paused until the watcher has seen the notice and sent SIGTERM, so the signal
             # lands mid-run however fast the warm compilation cache makes the rest.
-            _wait_for(lambda: (interrupted / "metrics.jsonl").exists() or trainer.poll() is not None,
+            wait_until(lambda: (interrupted / "metrics.jsonl").exists() or trainer.poll() is not None,
                       max(60.0, 2 * whole_seconds), "the first training metrics", poll=0.01)
             os.kill(trainer.pid, signal.SIGSTOP)
             try:
@@ -441,48 +395,6 @@ def test_spot_notice_during_training_resumes(repo, tmp_path):
 # ---------------------------------------------------------------- against moto on loopback
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def aws(tmp_path_factory):
-    """moto's server mode on 127.0.0.1 with a VPC, subnet, bucket and the SSM wandb key."""
-    pytest.importorskip("flask", reason="moto's server mode needs moto[server] (dev extras)")
-    if shutil.which("aws") is None:
-        pytest.fail("the aws CLI is not installed: install the dev extras (awscli)")
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = clean_env(
-        AWS_ACCESS_KEY_ID="AKIAFAKEFAKEFAKE", AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=endpoint, **SECRETS,
-    )
-    session = boto3.Session(aws_access_key_id="AKIAFAKEFAKEFAKE",
-                            aws_secret_access_key=SECRETS["AWS_SECRET_ACCESS_KEY"],
-                            region_name="us-east-1")
-    clients = {name: session.client(name, endpoint_url=endpoint) for name in ("ec2", "s3", "iam", "ssm")}
-    vpc = clients["ec2"].create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
-    subnet = clients["ec2"].create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24")["Subnet"]["SubnetId"]
-    ami = clients["ec2"].describe_images()["Images"][0]["ImageId"]
-    clients["s3"].create_bucket(Bucket="cxrjax-bucket")
-    clients["ssm"].put_parameter(Name="/cxrjax/wandb-api-key", Value=WANDB_IN_SSM, Type="SecureString")
-    yield {"env": env, "vpc": vpc, "subnet": subnet, "ami": ami, **clients}
-    server.stop()
-
-
-def _objects(s3, prefix: str) -> dict[str, bytes]:
-    listing = s3.list_objects_v2(Bucket="cxrjax-bucket", Prefix=prefix).get("Contents", [])
-    return {o["Key"]: s3.get_object(Bucket="cxrjax-bucket", Key=o["Key"])["Body"].read() for o in listing}
-
-
 def test_up_status_down_against_moto(repo, aws):
     ec2 = aws["ec2"]
     prefix = ["--s3-prefix", "s3://cxrjax-bucket/runs/moto", "--run-config", "demo"]
@@ -504,6 +416,13 @@ def test_up_status_down_against_moto(repo, aws):
                        key=lambda i: {t["Key"]: t["Value"] for t in i["Tags"]}["cxrjax-process"])
     assert len(instances) == 2
     (group,) = {g["GroupId"] for i in instances for g in i["SecurityGroups"]}
+    # The cluster's shared workdir: the run's encrypted EFS, its mount target in the run's group.
+    efs = aws["efs"]
+    (fs,) = efs.describe_file_systems(CreationToken="cxrjax-moto")["FileSystems"]
+    assert fs["Encrypted"] is True and {"Key": "cxrjax-run", "Value": "moto"} in fs["Tags"]
+    (target,) = efs.describe_mount_targets(FileSystemId=fs["FileSystemId"])["MountTargets"]
+    assert target["SubnetId"] == aws["subnet"]
+    assert efs.describe_mount_target_security_groups(MountTargetId=target["MountTargetId"])["SecurityGroups"] == [group]
     for process, instance in enumerate(instances):
         assert instance["InstanceLifecycle"] == "spot"
         assert instance["InstanceType"] == "g5.24xlarge"
@@ -519,6 +438,7 @@ def test_up_status_down_against_moto(repo, aws):
         assert_no_secret(user_data, "user-data")
         assert "AKIAFAKEFAKEFAKE" not in user_data
         assert f"PROCESS_ID={process}\n" in user_data
+        assert f"'{target['IpAddress']}:/ /opt/cxrjax/shared nfs4 " in user_data
     user_data_1 = base64.b64decode(ec2.describe_instance_attribute(
         InstanceId=instances[1]["InstanceId"], Attribute="userData")["UserData"]["Value"]).decode()
     assert f"COORDINATOR={instances[0]['PrivateIpAddress']}:1234\n" in user_data_1
@@ -533,7 +453,7 @@ def test_up_status_down_against_moto(repo, aws):
     assert len(members) == 1 and members[0]["IpRanges"] == [] and members[0]["Ipv6Ranges"] == []
     assert [p["GroupId"] for p in members[0]["UserIdGroupPairs"]] == [group]
 
-    shipped = _objects(aws["s3"], "runs/moto/src/")
+    shipped = s3_objects(aws["s3"], "runs/moto/src/")
     assert len(shipped) == 1 and next(iter(shipped)).endswith(".tar.gz")
 
     again = script(repo, "up", *prefix, "--subnet", aws["subnet"], "--ami", aws["ami"], env=aws["env"])
@@ -543,12 +463,33 @@ def test_up_status_down_against_moto(repo, aws):
     assert status.returncode == 0, status.stderr
     assert all(i["InstanceId"] in status.stdout for i in instances)
 
+    assert fs["FileSystemId"] in status.stdout
+
+    def groups_left():
+        return ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": ["cxrjax-moto"]}])["SecurityGroups"]
+
+    # An unfinished run keeps its EFS (and the group of its mount target) for "up" to resume from.
     down = script(repo, "down", *prefix, env=aws["env"])
     assert down.returncode == 0, down.stderr
     states = ec2.describe_instances(InstanceIds=[i["InstanceId"] for i in instances])
     assert {i["State"]["Name"] for r in states["Reservations"] for i in r["Instances"]} == {"terminated"}
-    left = ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": ["cxrjax-moto"]}])
-    assert left["SecurityGroups"] == []
+    assert f"kept EFS file system {fs['FileSystemId']}" in down.stderr
+    assert [g["GroupId"] for g in groups_left()] == [group]
+
+    relaunch = script(repo, "up", *prefix, "--subnet", aws["subnet"], "--ami", aws["ami"], "--nodes", "2",
+                      env=aws["env"])
+    assert relaunch.returncode == 0, relaunch.stderr
+    assert f"reusing EFS file system {fs['FileSystemId']}" in relaunch.stderr
+    assert len(efs.describe_file_systems(CreationToken="cxrjax-moto")["FileSystems"]) == 1
+    assert [t["MountTargetId"] for t in efs.describe_mount_targets(FileSystemId=fs["FileSystemId"])["MountTargets"]] \
+        == [target["MountTargetId"]]
+
+    # A finished run (done.json uploaded) leaves nothing behind but its S3 prefix.
+    aws["s3"].put_object(Bucket="cxrjax-bucket", Key="runs/moto/workdir/done.json", Body=b"{}")
+    down = script(repo, "down", *prefix, env=aws["env"])
+    assert down.returncode == 0, down.stderr
+    assert efs.describe_file_systems(CreationToken="cxrjax-moto")["FileSystems"] == []
+    assert groups_left() == []
 
 
 def test_up_refuses_a_given_security_group_open_to_the_world(repo, aws):
@@ -610,8 +551,12 @@ def test_run_on_the_instance_against_moto(repo, aws, tmp_path):
             (home / "venv" / "bin" / name).chmod(0o755)
 
     config = tmp_path / "run.env"
+    shared = tmp_path / "shared"  # the cluster's EFS mount
     config.write_text("S3_PREFIX=s3://cxrjax-bucket/runs/flow\nREGION=us-east-1\nRUN_CONFIG=demo:small\n"
                       "NODES=2\nPROCESS_ID=0\nCOORDINATOR=\nSYNC_INTERVAL=3600\n")
+    refused = script(repo, "run", "--config", str(config), env=dict(aws["env"], CXRJAX_HOME=str(home)))
+    assert refused.returncode == 2 and "NODES=2 needs SHARED_DIR" in refused.stderr
+    config.write_text(config.read_text() + f"SHARED_DIR={shared}\n")
     fresh_volume()
     with FakeImds(local_ipv4="10.0.1.23") as imds:
         env = dict(aws["env"], CXRJAX_HOME=str(home), CXRJAX_IMDS_ENDPOINT=imds.endpoint,
@@ -619,7 +564,7 @@ def test_run_on_the_instance_against_moto(repo, aws, tmp_path):
         run = subprocess.Popen([str(repo / "launch" / "g5_24xlarge.sh"), "run", "--config", str(config)],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            _wait_for(lambda: (record / "training").exists() or run.poll() is not None, 90, "training")
+            wait_until(lambda: (record / "training").exists() or run.poll() is not None, 90, "training")
             assert run.poll() is None, run.stdout.read()
             imds.notice()
             output, _ = run.communicate(timeout=60)
@@ -630,14 +575,14 @@ def test_run_on_the_instance_against_moto(repo, aws, tmp_path):
 
     calls = (record / "calls").read_text().splitlines()
     assert calls[0] == f"prepare --nih-dir {home}/data/nih --out {home}/data/prepared-48 --image-size 48"
-    assert calls[1] == (f"train --config configs/demo.py:small --workdir {home}/work/flow "
+    assert calls[1] == (f"train --config configs/demo.py:small --workdir {shared}/work/flow "
                         f"--config.data.prepared={home}/data/prepared-48 --config.wandb.mode=online")
     assert (home / "data" / "nih" / "images_001" / "images" / "a.png").exists()
     assert (record / "env").read_text().splitlines() == [
         "CXRJAX_COORDINATOR=10.0.1.23:1234", "CXRJAX_NUM_PROCESSES=2", "CXRJAX_PROCESS_ID=0",
         f"JAX_COMPILATION_CACHE_DIR={home}/jax-cache", f"WANDB_API_KEY={WANDB_IN_SSM}",
     ]
-    uploaded = _objects(s3, "runs/flow/")
+    uploaded = s3_objects(s3, "runs/flow/")
     assert uploaded["runs/flow/workdir/checkpoints/step"] == b"1\n"
     assert "runs/flow/workdir/done.json" not in uploaded
     assert not any("orbax-checkpoint-tmp" in key for key in uploaded)  # half-written saves stay home
@@ -649,7 +594,7 @@ def test_run_on_the_instance_against_moto(repo, aws, tmp_path):
 
     # A new instance: empty volume, single node, and this time the trainer finishes.
     fresh_volume()
-    config.write_text(config.read_text().replace("NODES=2", "NODES=1"))
+    config.write_text(config.read_text().replace("NODES=2", "NODES=1").replace(f"SHARED_DIR={shared}", "SHARED_DIR="))
     env = dict(aws["env"], CXRJAX_HOME=str(home), CXRJAX_IMDS_ENDPOINT="http://127.0.0.1:9",
                CXRJAX_SPOT_POLL_SECONDS="0.3", FAKE_RECORD=str(record), FAKE_FINISH="1")
     rerun = script(repo, "run", "--config", str(config), env=env)
@@ -658,6 +603,6 @@ def test_run_on_the_instance_against_moto(repo, aws, tmp_path):
     assert not (home / "data" / "nih" / "images_001").exists()  # prepared data came from S3 instead
     assert (home / "data" / "prepared-48" / "manifest.json").exists()
     assert "CXRJAX_COORDINATOR" not in (record / "env").read_text()
-    uploaded = _objects(s3, "runs/flow/workdir/")
+    uploaded = s3_objects(s3, "runs/flow/workdir/")
     assert uploaded["runs/flow/workdir/done.json"] == b"{}\n"
     assert uploaded["runs/flow/workdir/checkpoints/step"] == b"2\n"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from pathlib import Path
 
 import jax
@@ -35,7 +36,8 @@ class MetricsLog:
     def write(self, step: int, kind: str, values: dict) -> None:
         if not self.active:
             return
-        row = {"step": step, "kind": kind, **values}
+        # Wall-clock time last: launch/run_cost.py measures epoch durations from it.
+        row = {"step": step, "kind": kind, **values, "time": round(time.time(), 3)}
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float, str)) or v is None}
