@@ -734,7 +734,7 @@ print(load_config(sys.argv[1], []).data.image_size)' "$config_arg")
   # (never uploaded) tells the others that the pull is whole.
   if ((PROCESS_ID == 0)); then
     if [[ ! -e $work.pulled ]]; then
-      log "pulling $S3_PREFIX/workdir/ into $work (empty on a first launch)"
+      log "pulling $S3_PREFIX/workdir/ into $work (nothing there on a first launch)"
       mkdir -p "$work"
       s3_sync "$S3_PREFIX/workdir/" "$work/"
       touch "$work.pulled"

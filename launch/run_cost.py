@@ -80,9 +80,15 @@ def cost(metrics: Path, config: Path, price: float, instances: int) -> dict:
     return result
 
 
+def dollars(x: float, places: int = 2) -> str:
+    """Cents for real prices; significant digits for tiny ones (a test's emulator)."""
+    return f"${x:,.{places}f}" if x >= 10**-places else f"${x:.2g}"
+
+
 def report(r: dict) -> str:
     lines = [
-        f"price: ${r['price_per_instance_hour']:.4f} per instance-hour x {r['instances']} = ${r['dollars_per_hour']:.4f} per hour",
+        f"price: {dollars(r['price_per_instance_hour'], 4)} per instance-hour x {r['instances']} "
+        f"= {dollars(r['dollars_per_hour'], 4)} per hour",
         f"training throughput: {r['images_per_s']:.1f} images/s (median of {r['logged_intervals']} logged intervals)",
     ]
     if "images_per_epoch" not in r:
@@ -90,11 +96,11 @@ def report(r: dict) -> str:
         return "\n".join(lines)
     lines += [
         f"an epoch: {r['steps_per_epoch']} steps x {r['global_batch_size']} images = {r['images_per_epoch']} images",
-        f"  training steps alone: {r['training_hours_per_epoch']:.3f} h = ${r['training_dollars_per_epoch']:.2f} per epoch",
+        f"  training steps alone: {r['training_hours_per_epoch']:.3f} h = {dollars(r['training_dollars_per_epoch'])} per epoch",
     ]
     if "wall_hours_per_epoch" in r:
         lines.append(f"  end to end (validation, checkpoints and any restart included; median of {r['epochs_timed']}): "
-                     f"{r['wall_hours_per_epoch']:.3f} h = ${r['wall_dollars_per_epoch']:.2f} per epoch")
+                     f"{r['wall_hours_per_epoch']:.3f} h = {dollars(r['wall_dollars_per_epoch'])} per epoch")
     else:
         lines.append("  end to end: known once two consecutive epochs have ended")
     return "\n".join(lines)

@@ -3,17 +3,19 @@ early stopping and the best checkpoint it keeps, divergence, and ensembles."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
+import statistics
 
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 from train_helpers import (  # noqa: F401 (fixtures)
-    NO_NETWORK, STEPS_PER_EPOCH, best_weights_logits, finalized_steps, flat, metrics_rows, prepared, read_state,
-    run_train, train_env,
+    NO_NETWORK, ROOT, STEPS_PER_EPOCH, best_weights_logits, finalized_steps, flat, metrics_rows, prepared,
+    read_state, run_train, train_env,
 )
 
 from cxrjax.data.pipeline import read_index
@@ -72,6 +74,27 @@ def test_metrics_log_validation_loss_and_per_finding_auc_every_epoch(monitored):
         scale = ([1.0] + [v["lr_scale"] for v in val if v["step"] <= row["step"]])[-1]
         assert row["lr"] == pytest.approx(1e-3 * scale)
     assert (workdir / "metrics_train.csv").exists()
+
+
+def test_rows_carry_the_wall_time_that_launch_cost_prices(monitored):
+    """launch/run_cost.py reads these rows: whole epochs of STEPS_PER_EPOCH steps, timed
+    from one validation to the next."""
+    workdir, _ = monitored
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    times = [row["time"] for row in rows]
+    assert times == sorted(times) and times[0] > 1.7e9  # Unix seconds, in logging order
+    spec = importlib.util.spec_from_file_location("run_cost", ROOT / "launch" / "run_cost.py")
+    run_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_cost)
+    priced = run_cost.cost(workdir / "metrics.jsonl", workdir / "config.json", price=1.0, instances=1)
+    val = metrics_rows(workdir, "val")
+    batch = json.loads((workdir / "config.json").read_text())["global_batch_size"]
+    assert priced["steps_per_epoch"] == STEPS_PER_EPOCH and priced["images_per_epoch"] == STEPS_PER_EPOCH * batch
+    assert priced["epochs_timed"] == len(val) - 1
+    spans = [after["time"] - before["time"] for before, after in zip(val, val[1:])]
+    assert priced["wall_hours_per_epoch"] == pytest.approx(statistics.median(spans) / 3600)
+    speeds = [row["images_per_s"] for row in metrics_rows(workdir, "train")]
+    assert priced["images_per_s"] == pytest.approx(statistics.median(speeds))
 
 
 def test_early_stopping_follows_the_logged_auc(monitored):
