@@ -1,4 +1,5 @@
-"""Shared test setup: eight simulated CPU devices and the real NIH sample when present."""
+"""Shared test setup: eight simulated CPU devices, the real NIH sample when present, and the
+launch tests' fixtures."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ from pathlib import Path
 
 import jax
 import pytest
+
+# The launch tests' fixtures, here so that a session-scoped one (moto's server, which keeps
+# its state in this process) is made once, not once per module that uses it.
+from launch_helpers import aws, repo  # noqa: F401
 
 # Before any test touches a backend: data-parallel code is exercised on 8 CPU devices.
 jax.config.update("jax_num_cpu_devices", 8)

@@ -45,7 +45,7 @@ def get_config(variant=""):
 '''
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def repo(tmp_path_factory) -> Path:
     """A committed copy of launch/ with a stub configs/demo.py, for `up` to ship."""
     root = tmp_path_factory.mktemp("repo")
@@ -89,9 +89,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def aws(tmp_path_factory):
-    """moto's server mode on 127.0.0.1 with a VPC, subnet, bucket and the SSM wandb key."""
+    """moto's server mode on 127.0.0.1 with a VPC, subnet, bucket and the SSM wandb key.
+
+    One per test process: moto keeps its accounts in the process, so a second server would
+    see the first one's. Tests keep apart by run name (their S3 prefix and tags)."""
     pytest.importorskip("flask", reason="moto's server mode needs moto[server] (dev extras)")
     if shutil.which("aws") is None:
         pytest.fail("the aws CLI is not installed: install the dev extras (awscli)")

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from train_helpers import (  # noqa: F401 (fixtures)
-    ROOT, best_weights_logits, finalized_steps, flat, prepared, train_command, train_env, wait_for,
+    ROOT, best_weights_logits, finalized_steps, flat, prepared, train_command, train_env, wait_all, wait_for,
 )
 
 from cxrjax.train import distributed
@@ -57,15 +57,6 @@ def _cluster_envs(base: dict, processes: int = 2, devices_each: int = 2) -> list
 def _start_all(commands, envs, logs):
     return [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
             for cmd, env, log in zip(commands, envs, logs)]
-
-
-def _wait_all(procs, timeout: float = 400) -> list[int]:
-    try:
-        return [p.wait(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
 
 
 # --- reading the cluster description -------------------------------------------
@@ -143,7 +134,7 @@ def test_two_process_step_equals_one_process_step(train_env, tmp_path):
     envs = _cluster_envs(train_env)
     logs = [tmp_path / f"worker_{i}.log" for i in range(2)]
     procs = _start_all([[sys.executable, str(WORKER), str(out)]] * 2, envs, logs)
-    codes = _wait_all(procs, timeout=300)
+    codes = wait_all(procs, timeout=300)
     assert codes == [0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
 
     sys.path.insert(0, str(WORKER.parent))
@@ -173,7 +164,7 @@ def test_two_process_training_stops_resumes_and_predicts_like_one_process(prepar
     procs = _start_all([command] * 2, _cluster_envs(train_env), logs)
     wait_for(lambda: finalized_steps(workdir), 300, "the first checkpoint", procs[0])
     procs[1].send_signal(signal.SIGTERM)
-    codes = _wait_all(procs)
+    codes = wait_all(procs)
     text = [log.read_text() for log in logs]
     assert codes == [0, 0], "\n".join(t[-2000:] for t in text)
     assert not (workdir / "done.json").exists(), "the run ended before the signal arrived"
@@ -187,7 +178,7 @@ def test_two_process_training_stops_resumes_and_predicts_like_one_process(prepar
         "process_0-of-2.json", "process_1-of-2.json"]
 
     logs = [tmp_path / f"second_{i}.log" for i in range(2)]
-    codes = _wait_all(_start_all([command] * 2, _cluster_envs(train_env), logs))
+    codes = wait_all(_start_all([command] * 2, _cluster_envs(train_env), logs))
     text = [log.read_text() for log in logs]
     assert codes == [0, 0], "\n".join(t[-2000:] for t in text)
     assert f"resumed from step {stopped_at}" in text[0]

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from fake_imds import NOTICE_PATH, TOKEN_PATH, FakeImds
-from launch_helpers import (  # noqa: F401  (repo and aws are fixtures)
-    LAUNCH, REPO, SECRETS, WANDB_IN_SSM, assert_no_secret, aws, clean_env, repo, s3_objects, script, wait_until,
+from launch_helpers import (
+    LAUNCH, REPO, SECRETS, WANDB_IN_SSM, assert_no_secret, clean_env, s3_objects, script, wait_until,
 )
 
 BASE = ["--s3-prefix", "s3://cxrjax-bucket/runs/demo", "--run-config", "demo"]

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from fake_imds import NOTICE_PATH, FakeImds
-from launch_helpers import aws, free_port, repo, s3_objects, wait_until  # noqa: F401  (fixtures)
-from train_helpers import prepared, train_env  # noqa: F401  (fixtures)
+from launch_helpers import free_port, s3_objects, wait_until
+from train_helpers import prepared, train_env, wait_all  # noqa: F401  (fixtures)
 
 RUN = "cluster"
 PREFIX = f"runs/{RUN}"
@@ -92,14 +92,6 @@ def test_two_instances_share_a_workdir_stop_together_on_a_notice_and_resume_from
     def output(pid: int) -> str:
         return (homes[pid].parent / f"{homes[pid].name}.out").read_text()
 
-    def finish(procs, timeout: float) -> list[int]:
-        try:
-            return [p.wait(timeout=timeout) for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-
     work = shared / "work" / RUN
     with FakeImds(local_ipv4="127.0.0.1") as imds0, FakeImds() as imds1:
         procs = launch([imds0, imds1])
@@ -121,7 +113,7 @@ def test_two_instances_share_a_workdir_stop_together_on_a_notice_and_resume_from
             finally:
                 for pid in trainers:
                     os.kill(pid, signal.SIGCONT)
-            codes = finish(procs, 60)
+            codes = wait_all(procs, 60)
             seconds = time.monotonic() - noticed
         finally:
             for p in procs:
@@ -151,7 +143,7 @@ def test_two_instances_share_a_workdir_stop_together_on_a_notice_and_resume_from
     # S3 while process 1 waits for the pull, and both finish from the checkpoint.
     shutil.rmtree(shared)
     with FakeImds(local_ipv4="127.0.0.1") as imds0, FakeImds() as imds1:
-        codes = finish(launch([imds0, imds1]), 300)
+        codes = wait_all(launch([imds0, imds1]), 300)
     assert codes == [0, 0], output(0)[-3000:] + output(1)[-3000:]
     assert f"resumed from step {stopped_at} in {work / 'checkpoints'}" in output(0)
     done = json.loads((work / "done.json").read_text())

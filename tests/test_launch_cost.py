@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from launch_helpers import LAUNCH, aws, clean_env, repo, script  # noqa: F401  (fixtures)
+from launch_helpers import LAUNCH, clean_env, script
 
 _spec = importlib.util.spec_from_file_location("run_cost", LAUNCH / "run_cost.py")
 run_cost = importlib.util.module_from_spec(_spec)

@@ -95,6 +95,16 @@ def wait_for(condition, timeout: float, what: str, proc=None, poll: float = 0.01
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def wait_all(procs, timeout: float = 400) -> list[int]:
+    """Each process's exit code; any still running at the timeout is killed."""
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
 def read_state(workdir: Path, step: int) -> dict:
     """The saved train state of one step as numpy arrays."""
     with ocp.StandardCheckpointer() as checkpointer:
