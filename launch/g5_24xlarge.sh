@@ -251,7 +251,9 @@ cluster_security_group() {  # the run's own group: SSH only from SSH_CIDR, membe
 efs_token() { printf 'cxrjax-%s' "$(run_name)"; }
 
 run_file_system() {  # DRY-RUN-PLACEHOLDER: the run's EFS file system id, or None
-  aws_text "$1" efs describe-file-systems --creation-token "$(efs_token)" --query 'FileSystems[0].FileSystemId'
+  # A single-node user may have no EFS permissions: then say so, and carry on without.
+  aws_text "$1" efs describe-file-systems --creation-token "$(efs_token)" --query 'FileSystems[0].FileSystemId' \
+    || { log "warning: cannot list EFS file systems in $REGION; a cluster's file system $(efs_token) was not looked for"; echo None; }
 }
 
 wait_file_system() {  # FS: until it is available, as a mount target needs
@@ -479,7 +481,8 @@ cmd_status() {
   [[ -z $requests ]] || aws_do ec2 describe-spot-instance-requests --spot-instance-request-ids $requests \
     --output table --query 'SpotInstanceRequests[].{request:SpotInstanceRequestId,state:State,status:Status.Code,instance:InstanceId}'
   aws_do efs describe-file-systems --creation-token "$(efs_token)" --output table \
-    --query 'FileSystems[].{shared_workdir:FileSystemId,state:LifeCycleState,bytes:SizeInBytes.Value}'
+    --query 'FileSystems[].{shared_workdir:FileSystemId,state:LifeCycleState,bytes:SizeInBytes.Value}' \
+    || log "warning: cannot list EFS file systems in $REGION; a cluster's file system $(efs_token) is not shown"
   if finished && ((!DRY_RUN)); then
     echo "training finished: $S3_PREFIX/workdir/done.json exists; end the run with: $0 down --s3-prefix $S3_PREFIX"
   fi

@@ -492,6 +492,23 @@ def test_up_status_down_against_moto(repo, aws):
     assert groups_left() == []
 
 
+def test_single_node_needs_no_efs_access(repo, aws):
+    """One node never touches EFS; status and down only warn when they cannot look for it."""
+    env = dict(aws["env"], AWS_ENDPOINT_URL_EFS="http://127.0.0.1:9", AWS_MAX_ATTEMPTS="1")
+    prefix = ["--s3-prefix", "s3://cxrjax-bucket/runs/solo", "--run-config", "demo"]
+    aws["iam"].create_instance_profile(InstanceProfileName="cxrjax-solo")
+    up = script(repo, "up", *prefix, "--subnet", aws["subnet"], "--ami", aws["ami"], env=env)
+    assert up.returncode == 0, up.stderr
+    status = script(repo, "status", *prefix, env=env)
+    assert status.returncode == 0, status.stderr
+    assert "cannot list EFS file systems in us-east-1" in status.stderr
+    down = script(repo, "down", *prefix, env=env)
+    assert down.returncode == 0, down.stderr
+    assert "cannot list EFS file systems in us-east-1" in down.stderr and "terminated i-" in down.stderr
+    found = aws["ec2"].describe_instances(Filters=[{"Name": "tag:cxrjax-run", "Values": ["solo"]}])
+    assert {i["State"]["Name"] for r in found["Reservations"] for i in r["Instances"]} == {"terminated"}
+
+
 def test_up_refuses_a_given_security_group_open_to_the_world(repo, aws):
     ec2 = aws["ec2"]
     sg = ec2.create_security_group(GroupName="wide-open", Description="x", VpcId=aws["vpc"])["GroupId"]
