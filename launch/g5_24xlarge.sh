@@ -258,9 +258,8 @@ run_file_system() {  # DRY-RUN-PLACEHOLDER: the run's EFS file system id, or Non
 
 wait_file_system() {  # FS: until it is available, as a mount target needs
   local fs=$1 state _try
-  ((DRY_RUN)) && return 0
   for _try in $(seq 60); do
-    state=$(aws_text - efs describe-file-systems --file-system-id "$fs" --query 'FileSystems[0].LifeCycleState')
+    state=$(aws_text available efs describe-file-systems --file-system-id "$fs" --query 'FileSystems[0].LifeCycleState')
     [[ $state == available ]] && return 0
     sleep 5
   done
@@ -428,11 +427,9 @@ launch_node() {  # PROCESS-ID COORDINATOR SG ROOT-DEVICE IMAGE SOURCE-URL NFS-AD
 cmd_up() {
   validate_up
   local image=$AMI root vpc sg src node coordinator="" out id ip nfs=""
-  if ((!DRY_RUN)); then
-    out=$(aws_text - ec2 describe-instances --filters "Name=tag:$RUN_TAG,Values=$(run_name)" \
-      "Name=instance-state-name,Values=pending,running,stopping,stopped" --query 'Reservations[].Instances[].InstanceId')
-    [[ -z $out ]] || die "run $(run_name) already has instances ($out); use status, or down first"
-  fi
+  out=$(aws_text '' ec2 describe-instances --filters "Name=tag:$RUN_TAG,Values=$(run_name)" \
+    "Name=instance-state-name,Values=pending,running,stopping,stopped" --query 'Reservations[].Instances[].InstanceId')
+  [[ -z $out ]] || die "run $(run_name) already has instances ($out); use status, or down first"
   aws_do iam get-instance-profile --instance-profile-name "cxrjax-$(run_name)" >/dev/null \
     || die "no instance profile cxrjax-$(run_name); create it first with: $0 iam-setup --s3-prefix $S3_PREFIX"
   if [[ $AMI == resolve:ssm:* ]]; then
@@ -568,7 +565,7 @@ delete_security_group() {  # SG: retried while a deleted mount target's interfac
 cmd_cost() {  # the current spot price times what the run measured (launch/run_cost.py)
   validate_common
   check_int NODES 1
-  local zone="" filters=() out price when tmp
+  local zone="" filters=() out price priced_zone when tmp
   if [[ -n $SUBNET ]]; then
     zone=$(aws_text '<zone-of-subnet>' ec2 describe-subnets --subnet-ids "$SUBNET" --query 'Subnets[0].AvailabilityZone')
     filters=(--filters "Name=availability-zone,Values=$zone")
@@ -577,9 +574,10 @@ cmd_cost() {  # the current spot price times what the run measured (launch/run_c
   out=$(aws_text '<spot-price> <zone> <time>' ec2 describe-spot-price-history --instance-types "$INSTANCE_TYPE" \
     --product-descriptions Linux/UNIX --start-time "$(date -u +%FT%TZ)" "${filters[@]}" \
     --query 'sort_by(SpotPriceHistory, &to_number(SpotPrice))[0].[SpotPrice,AvailabilityZone,Timestamp]')
-  read -r price zone when <<<"$out"
-  ((DRY_RUN)) || [[ $price =~ ^[0-9.]+$ ]] || die "no spot price for $INSTANCE_TYPE in $REGION${zone:+ ($zone)}: got '$out'"
-  ((DRY_RUN)) || echo "spot price of $INSTANCE_TYPE in $zone at $when: \$$price per hour"
+  read -r price priced_zone when <<<"$out"
+  ((DRY_RUN)) || [[ $price =~ ^[0-9.]+$ ]] \
+    || die "no spot price for $INSTANCE_TYPE in ${zone:-$REGION} (is it offered there?): AWS answered '$out'"
+  ((DRY_RUN)) || echo "spot price of $INSTANCE_TYPE in $priced_zone at $when: \$$price per hour"
   tmp=$(mktemp -d)
   for name in metrics.jsonl config.json; do
     aws_do s3 cp --only-show-errors "$S3_PREFIX/workdir/$name" "$tmp/$name" \

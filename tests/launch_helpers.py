@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -115,7 +116,8 @@ def aws(tmp_path_factory):
                             region_name="us-east-1")
     clients = {name: session.client(name, endpoint_url=endpoint) for name in ("ec2", "s3", "iam", "ssm", "efs")}
     vpc = clients["ec2"].create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
-    subnet = clients["ec2"].create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24")["Subnet"]["SubnetId"]
+    # A zone with g5 instances (moto, like AWS, offers none in us-east-1e).
+    subnet = clients["ec2"].create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24", AvailabilityZone="us-east-1a")["Subnet"]["SubnetId"]
     ami = clients["ec2"].describe_images()["Images"][0]["ImageId"]
     clients["s3"].create_bucket(Bucket="cxrjax-bucket")
     clients["ssm"].put_parameter(Name="/cxrjax/wandb-api-key", Value=WANDB_IN_SSM, Type="SecureString")
@@ -128,3 +130,21 @@ def s3_objects(s3, prefix: str) -> dict[str, bytes]:
     return {o["Key"]: s3.get_object(Bucket="cxrjax-bucket", Key=o["Key"])["Body"].read() for o in listing}
 
 
+
+
+def recording_aws(directory: Path) -> tuple[dict[str, str], Path]:
+    """A PATH whose `aws` writes each call's service and action to a log, then runs the
+    real CLI. The script always calls `aws --region R SERVICE ACTION ...`."""
+    real = shutil.which("aws")
+    assert real, "the aws CLI is not installed: install the dev extras (awscli)"
+    bin_dir, log = directory / "recording-bin", directory / "aws-calls"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "aws").write_text(
+        f'#!/bin/bash\nprintf "%s %s\\n" "$3" "$4" >>{shlex.quote(str(log))}\nexec {shlex.quote(real)} "$@"\n')
+    (bin_dir / "aws").chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, log
+
+
+def dry_run_calls(stdout: str) -> list[str]:
+    """'SERVICE ACTION' of each call a --dry-run printed."""
+    return [" ".join(line.split()[4:6]) for line in stdout.splitlines() if line.startswith("[dry-run] aws ")]

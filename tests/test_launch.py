@@ -23,7 +23,8 @@ import pytest
 
 from fake_imds import NOTICE_PATH, TOKEN_PATH, FakeImds
 from launch_helpers import (
-    LAUNCH, REPO, SECRETS, WANDB_IN_SSM, assert_no_secret, clean_env, s3_objects, script, wait_until,
+    LAUNCH, REPO, SECRETS, WANDB_IN_SSM, assert_no_secret, clean_env, dry_run_calls, recording_aws, s3_objects,
+    script, wait_until,
 )
 
 BASE = ["--s3-prefix", "s3://cxrjax-bucket/runs/demo", "--run-config", "demo"]
@@ -395,7 +396,7 @@ def test_spot_notice_during_training_resumes(repo, tmp_path):
 # ---------------------------------------------------------------- against moto on loopback
 
 
-def test_up_status_down_against_moto(repo, aws):
+def test_up_status_down_against_moto(repo, aws, tmp_path):
     ec2 = aws["ec2"]
     prefix = ["--s3-prefix", "s3://cxrjax-bucket/runs/moto", "--run-config", "demo"]
     setup = script(repo, "iam-setup", *prefix, env=aws["env"])
@@ -406,10 +407,18 @@ def test_up_status_down_against_moto(repo, aws):
     assert role_policy["PolicyDocument"] == json.loads(rendered)
     assert "arn:aws:s3:::cxrjax-bucket/runs/moto/*" in rendered
 
-    up = script(repo, "up", *prefix, "--subnet", aws["subnet"], "--ami", aws["ami"], "--nodes", "2",
-                "--ssh-cidr", "198.51.100.7/32", "--hop-limit", "1", env=aws["env"])
+    cluster = ["--subnet", aws["subnet"], "--ami", aws["ami"], "--nodes", "2",
+               "--ssh-cidr", "198.51.100.7/32", "--hop-limit", "1"]
+    recording, calls = recording_aws(tmp_path)
+    dry = script(repo, "up", *prefix, *cluster, "--dry-run", env=dict(aws["env"], **recording))
+    assert dry.returncode == 0, dry.stderr
+    assert not calls.exists()  # --dry-run made no AWS call...
+    up = script(repo, "up", *prefix, *cluster, env=dict(aws["env"], **recording))
     assert up.returncode == 0, up.stderr
     assert_no_secret(up.stdout + up.stderr, "up output")
+    # ...and printed every call that the real run then made, in the same order.
+    assert dry_run_calls(dry.stdout) == calls.read_text().splitlines()
+    assert "efs create-mount-target" in dry_run_calls(dry.stdout)
 
     found = ec2.describe_instances(Filters=[{"Name": "tag:cxrjax-run", "Values": ["moto"]}])
     instances = sorted((i for r in found["Reservations"] for i in r["Instances"]),
@@ -486,8 +495,13 @@ def test_up_status_down_against_moto(repo, aws):
 
     # A finished run (done.json uploaded) leaves nothing behind but its S3 prefix.
     aws["s3"].put_object(Bucket="cxrjax-bucket", Key="runs/moto/workdir/done.json", Body=b"{}")
-    down = script(repo, "down", *prefix, env=aws["env"])
+    calls.unlink()
+    dry = script(repo, "down", *prefix, "--dry-run", env=dict(aws["env"], **recording))
+    down = script(repo, "down", *prefix, env=dict(aws["env"], **recording))
     assert down.returncode == 0, down.stderr
+    # The same kinds of call: the real one polls the mount targets' deletion once more, and
+    # has no spot request to cancel (moto's spot instances come without one).
+    assert set(calls.read_text().splitlines()) | {"ec2 cancel-spot-instance-requests"} == set(dry_run_calls(dry.stdout))
     assert efs.describe_file_systems(CreationToken="cxrjax-moto")["FileSystems"] == []
     assert groups_left() == []
 

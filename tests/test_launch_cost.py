@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from launch_helpers import LAUNCH, clean_env, script
+from launch_helpers import LAUNCH, clean_env, dry_run_calls, recording_aws, script
 
 _spec = importlib.util.spec_from_file_location("run_cost", LAUNCH / "run_cost.py")
 run_cost = importlib.util.module_from_spec(_spec)
@@ -88,13 +88,21 @@ def test_cost_against_moto(repo, aws, tmp_path):
     for path in (metrics, config):
         aws["s3"].put_object(Bucket="cxrjax-bucket", Key=f"runs/priced/workdir/{path.name}", Body=path.read_bytes())
     args = ["cost", "--s3-prefix", "s3://cxrjax-bucket/runs/priced", "--subnet", aws["subnet"], "--nodes", "2"]
-    result = script(repo, *args, env=aws["env"])
+    recording, calls = recording_aws(tmp_path)
+    result = script(repo, *args, env=dict(aws["env"], **recording))
     assert result.returncode == 0, result.stderr
+    assert calls.read_text().splitlines() == dry_run_calls(script(repo, *args, "--dry-run").stdout) == [
+        "ec2 describe-subnets", "ec2 describe-spot-price-history", "s3 cp", "s3 cp"]
     zone = aws["ec2"].describe_subnets(SubnetIds=[aws["subnet"]])["Subnets"][0]["AvailabilityZone"]
     assert f"spot price of g5.24xlarge in {zone} at " in result.stdout
     expected = run_cost.report(run_cost.cost(metrics, config, price=0.00001, instances=2))
     assert result.stdout.splitlines()[1:] == expected.splitlines()
     assert "$1e-05 per instance-hour x 2 = $2e-05 per hour" in result.stdout
+
+    elsewhere = aws["ec2"].create_subnet(VpcId=aws["vpc"], CidrBlock="10.0.9.0/24", AvailabilityZone="us-east-1e")
+    unoffered = script(repo, *args[:3], "--subnet", elsewhere["Subnet"]["SubnetId"], env=aws["env"])
+    assert unoffered.returncode == 2
+    assert "no spot price for g5.24xlarge in us-east-1e (is it offered there?)" in unoffered.stderr
 
     missing = script(repo, "cost", "--s3-prefix", "s3://cxrjax-bucket/runs/unstarted", env=aws["env"])
     assert missing.returncode == 2
