@@ -97,6 +97,23 @@ def test_rows_carry_the_wall_time_that_launch_cost_prices(monitored):
     assert priced["images_per_s"] == pytest.approx(statistics.median(speeds))
 
 
+def test_a_resumed_csv_keeps_its_own_columns(tmp_path):
+    """A workdir from before the time column: new rows go under the file's own header,
+    never shifted under the wrong names."""
+    import ml_collections
+
+    from cxrjax.train.monitor import MetricsLog
+
+    (tmp_path / "metrics_train.csv").write_text("step,kind,loss\n1,train,0.5\n")
+    log = MetricsLog(tmp_path, ml_collections.ConfigDict({"mode": "disabled"}), {}, "run")
+    log.write(3, "train", {"loss": 0.25, "images_per_s": 9.0})
+    log.close()
+    table = pd.read_csv(tmp_path / "metrics_train.csv")
+    assert table.to_dict("records") == [{"step": 1, "kind": "train", "loss": 0.5},
+                                        {"step": 3, "kind": "train", "loss": 0.25}]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["images_per_s"] == 9.0  # all of it here
+
+
 def test_early_stopping_follows_the_logged_auc(monitored):
     workdir, out = monitored
     aucs = [row["val_mean_auc"] for row in metrics_rows(workdir, "val")]

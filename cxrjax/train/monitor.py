@@ -43,8 +43,11 @@ class MetricsLog:
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float, str)) or v is None}
         path = self.workdir / f"metrics_{kind}.csv"  # one file per kind: fixed columns
         new = not path.exists()
+        # A resumed run keeps the file's own header, so a column added by a newer cxrjax
+        # (or one a row lacks) can never shift the values under the wrong names.
+        fields = list(scalars) if new else _header(path)
         with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(scalars), extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(scalars)
@@ -54,6 +57,11 @@ class MetricsLog:
     def close(self) -> None:
         if self._run is not None:
             self._run.finish()
+
+
+def _header(path: Path) -> list[str]:
+    with open(path, newline="") as f:
+        return next(csv.reader(f))
 
 
 def _wandb_id(workdir: Path) -> str:
