@@ -191,6 +191,16 @@ aws_text() {  # PLACEHOLDER ARGS...: the call's text output (PLACEHOLDER under -
   aws --region "$REGION" "$@" --output text
 }
 
+retry() {  # TRIES SECONDS COMMAND...: until COMMAND succeeds, at most TRIES times, SECONDS apart
+  local tries=$1 seconds=$2 try
+  shift 2
+  for ((try = 1; try <= tries; try++)); do
+    "$@" && return 0
+    ((try == tries)) || sleep "$seconds"
+  done
+  return 1
+}
+
 tag_spec() {  # RESOURCE-TYPE EXTRA-TAGS...
   local type=$1 tags t
   tags="{Key=$RUN_TAG,Value=$(run_name)}"
@@ -256,14 +266,12 @@ run_file_system() {  # DRY-RUN-PLACEHOLDER: the run's EFS file system id, or Non
     || { log "warning: cannot list EFS file systems in $REGION; a cluster's file system $(efs_token) was not looked for"; echo None; }
 }
 
-wait_file_system() {  # FS: until it is available, as a mount target needs
-  local fs=$1 state _try
-  for _try in $(seq 60); do
-    state=$(aws_text available efs describe-file-systems --file-system-id "$fs" --query 'FileSystems[0].LifeCycleState')
-    [[ $state == available ]] && return 0
-    sleep 5
-  done
-  die "EFS file system $fs is still '$state' after 5 minutes"
+file_system_available() {  # FS: as a mount target needs
+  [[ $(aws_text available efs describe-file-systems --file-system-id "$1" --query 'FileSystems[0].LifeCycleState') == available ]]
+}
+
+no_mount_targets() {  # FS: as its deletion needs
+  [[ -z $(aws_text '' efs describe-mount-targets --file-system-id "$1" --query 'MountTargets[].MountTargetId') ]]
 }
 
 shared_file_system() {  # SG: the run's encrypted EFS with a mount target in SUBNET; prints the target's address
@@ -277,7 +285,7 @@ shared_file_system() {  # SG: the run's encrypted EFS with a mount target in SUB
   else
     log "reusing EFS file system $fs: it holds the run's workdir"
   fi
-  wait_file_system "$fs"
+  retry 60 5 file_system_available "$fs" || die "EFS file system $fs is not available after 5 minutes"
   out=$(aws_text None efs describe-mount-targets --file-system-id "$fs" \
     --query "MountTargets[?SubnetId=='$SUBNET'] | [0].[MountTargetId,IpAddress]")
   read -r target ip <<<"$out"
@@ -294,15 +302,11 @@ shared_file_system() {  # SG: the run's encrypted EFS with a mount target in SUB
 }
 
 delete_file_system() {  # FS: its mount targets, then itself
-  local fs=$1 targets target _try
+  local fs=$1 targets target
   targets=$(aws_text '<mount-target-id>' efs describe-mount-targets --file-system-id "$fs" --query 'MountTargets[].MountTargetId')
   for target in $targets; do aws_do efs delete-mount-target --mount-target-id "$target"; done
-  if ((!DRY_RUN)); then  # a file system with mount targets cannot be deleted
-    for _try in $(seq 60); do
-      [[ -z $(aws_text - efs describe-mount-targets --file-system-id "$fs" --query 'MountTargets[].MountTargetId') ]] && break
-      sleep 5
-    done
-  fi
+  # A file system with mount targets cannot be deleted; the deletion below says so if they linger.
+  ((DRY_RUN)) || retry 60 5 no_mount_targets "$fs" || true
   aws_do efs delete-file-system --file-system-id "$fs"
 }
 
@@ -551,13 +555,10 @@ finished() {  # whether the run's done.json is in S3 (under --dry-run: the call,
 }
 
 delete_security_group() {  # SG: retried while a deleted mount target's interface lets go of it
-  local sg=$1 _try
+  local sg=$1
   ((DRY_RUN)) && { aws_do ec2 delete-security-group --group-id "$sg"; return 0; }
-  for _try in $(seq 24); do
-    aws --region "$REGION" ec2 delete-security-group --group-id "$sg" 2>/dev/null && return 0
-    sleep 5
-  done
-  aws --region "$REGION" ec2 delete-security-group --group-id "$sg"
+  retry 24 5 aws --region "$REGION" ec2 delete-security-group --group-id "$sg" 2>/dev/null \
+    || aws --region "$REGION" ec2 delete-security-group --group-id "$sg"  # once more, to show why
 }
 
 # ---------------------------------------------------------------- cost
@@ -579,15 +580,14 @@ cmd_cost() {  # the current spot price times what the run measured (launch/run_c
     || die "no spot price for $INSTANCE_TYPE in ${zone:-$REGION} (is it offered there?): AWS answered '$out'"
   ((DRY_RUN)) || echo "spot price of $INSTANCE_TYPE in $priced_zone at $when: \$$price per hour"
   tmp=$(mktemp -d)
+  # shellcheck disable=SC2064  # the path is fixed now
+  trap "rm -rf '$tmp'" EXIT
   for name in metrics.jsonl config.json; do
     aws_do s3 cp --only-show-errors "$S3_PREFIX/workdir/$name" "$tmp/$name" \
-      || { rm -rf "$tmp"; die "no $S3_PREFIX/workdir/$name yet: the run uploads it every SYNC_INTERVAL seconds once training logs"; }
+      || die "no $S3_PREFIX/workdir/$name yet: the run uploads it every SYNC_INTERVAL seconds once training logs"
   done
-  if ((!DRY_RUN)); then
-    python3 "$SCRIPT_DIR/run_cost.py" --price "$price" --instances "$NODES" "$tmp/metrics.jsonl" "$tmp/config.json" \
-      || { rm -rf "$tmp"; exit 2; }
-  fi
-  rm -rf "$tmp"
+  ((DRY_RUN)) || python3 "$SCRIPT_DIR/run_cost.py" --price "$price" --instances "$NODES" "$tmp/metrics.jsonl" "$tmp/config.json" \
+    || exit 2
 }
 
 # ---------------------------------------------------------------- IAM
@@ -666,14 +666,10 @@ cmd_watch_spot() {
 s3_sync() { aws --region "$REGION" s3 sync --only-show-errors "$@"; }
 
 wait_for_pull() {  # WORKDIR: until process 0 has pulled it (an hour at most)
-  local work=$1 _try
+  local work=$1
   [[ -e $work.pulled ]] && return 0
   log "waiting for process 0 to pull $S3_PREFIX/workdir/ into the shared $work"
-  for _try in $(seq 1800); do
-    [[ -e $work.pulled ]] && return 0
-    sleep 2
-  done
-  die "process 0 did not pull the workdir into $work within an hour"
+  retry 1800 2 test -e "$work.pulled" || die "process 0 did not pull the workdir into $work within an hour"
 }
 
 cmd_run() {

@@ -6,13 +6,13 @@ Nothing here reaches a network beyond 127.0.0.1.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shlex
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -75,15 +75,6 @@ def assert_no_secret(text: str, where: str) -> None:
         assert value not in text, f"{name} leaked into {where}"
 
 
-def wait_until(predicate, timeout: float, what: str, poll: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -130,6 +121,14 @@ def s3_objects(s3, prefix: str) -> dict[str, bytes]:
     return {o["Key"]: s3.get_object(Bucket="cxrjax-bucket", Key=o["Key"])["Body"].read() for o in listing}
 
 
+
+
+def load_run_cost():
+    """launch/run_cost.py as a module: it lives beside the script, outside the package."""
+    spec = importlib.util.spec_from_file_location("run_cost", LAUNCH / "run_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def recording_aws(directory: Path) -> tuple[dict[str, str], Path]:

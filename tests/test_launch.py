@@ -24,8 +24,9 @@ import pytest
 from fake_imds import NOTICE_PATH, TOKEN_PATH, FakeImds
 from launch_helpers import (
     LAUNCH, REPO, SECRETS, WANDB_IN_SSM, assert_no_secret, clean_env, dry_run_calls, recording_aws, s3_objects,
-    script, wait_until,
+    script,
 )
+from train_helpers import wait_for
 
 BASE = ["--s3-prefix", "s3://cxrjax-bucket/runs/demo", "--run-config", "demo"]
 DRY = [*BASE, "--subnet", "subnet-0abc", "--ami", "ami-0abc", "--dry-run"]
@@ -258,11 +259,11 @@ def test_watcher_sigterms_the_trainer_on_a_spot_notice(repo):
         trainer = subprocess.Popen(["sleep", "120"])
         watcher = watch(repo, trainer.pid, imds, interval)
         try:
-            wait_until(lambda: imds.count("GET", NOTICE_PATH, 404) >= 2, 30, "two polls")
+            wait_for(lambda: imds.count("GET", NOTICE_PATH, 404) >= 2, 30, "two polls")
             assert trainer.poll() is None and watcher.poll() is None
             imds.expire_token()  # a stale token gets 401; the watcher must take a new one
-            wait_until(lambda: imds.count("GET", NOTICE_PATH, 401) >= 1, 10, "a 401")
-            wait_until(lambda: imds.count("GET", NOTICE_PATH, 404) >= 3, 10, "a poll after 401")
+            wait_for(lambda: imds.count("GET", NOTICE_PATH, 401) >= 1, 10, "a 401")
+            wait_for(lambda: imds.count("GET", NOTICE_PATH, 404) >= 3, 10, "a poll after 401")
             assert trainer.poll() is None
 
             imds.notice()
@@ -358,7 +359,7 @@ def test_spot_notice_during_training_resumes(repo, tmp_path):
             # Mid-training: at the first training metrics (epoch 1 of 4) the trainer is
             # paused until the watcher has seen the notice and sent SIGTERM, so the signal
             # lands mid-run however fast the warm compilation cache makes the rest.
-            wait_until(lambda: (interrupted / "metrics.jsonl").exists() or trainer.poll() is not None,
+            wait_for(lambda: (interrupted / "metrics.jsonl").exists() or trainer.poll() is not None,
                       max(60.0, 2 * whole_seconds), "the first training metrics", poll=0.01)
             os.kill(trainer.pid, signal.SIGSTOP)
             try:
@@ -595,7 +596,7 @@ def test_run_on_the_instance_against_moto(repo, aws, tmp_path):
         run = subprocess.Popen([str(repo / "launch" / "g5_24xlarge.sh"), "run", "--config", str(config)],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            wait_until(lambda: (record / "training").exists() or run.poll() is not None, 90, "training")
+            wait_for(lambda: (record / "training").exists() or run.poll() is not None, 90, "training")
             assert run.poll() is None, run.stdout.read()
             imds.notice()
             output, _ = run.communicate(timeout=60)

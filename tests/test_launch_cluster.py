@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from fake_imds import NOTICE_PATH, FakeImds
-from launch_helpers import free_port, s3_objects, wait_until
-from train_helpers import prepared, train_env, wait_all  # noqa: F401  (fixtures)
+from launch_helpers import free_port, s3_objects
+from train_helpers import prepared, train_env, wait_all, wait_for  # noqa: F401  (fixtures)
 
 RUN = "cluster"
 PREFIX = f"runs/{RUN}"
@@ -99,7 +99,7 @@ def test_two_instances_share_a_workdir_stop_together_on_a_notice_and_resume_from
             # Mid-training (the first logged steps), both trainers are held still until the
             # watcher on instance 1 has seen the notice and sent SIGTERM, so the signal lands
             # mid-run however fast the warm compilation cache makes the rest.
-            wait_until(lambda: (work / "metrics.jsonl").exists() or any(p.poll() is not None for p in procs),
+            wait_for(lambda: (work / "metrics.jsonl").exists() or any(p.poll() is not None for p in procs),
                        300, "the first training metrics", poll=0.01)
             assert all(p.poll() is None for p in procs), output(0)[-3000:] + output(1)[-3000:]
             trainers = [int((home / "trainer.pid").read_text()) for home in homes]
@@ -108,8 +108,8 @@ def test_two_instances_share_a_workdir_stop_together_on_a_notice_and_resume_from
             try:
                 imds1.notice()
                 noticed = time.monotonic()
-                wait_until(lambda: imds1.count("GET", NOTICE_PATH, 200) >= 1, 10, "the watcher's poll")
-                wait_until(lambda: "sending SIGTERM to the trainer" in output(1), 10, "the watcher's SIGTERM")
+                wait_for(lambda: imds1.count("GET", NOTICE_PATH, 200) >= 1, 10, "the watcher's poll")
+                wait_for(lambda: "sending SIGTERM to the trainer" in output(1), 10, "the watcher's SIGTERM")
             finally:
                 for pid in trainers:
                     os.kill(pid, signal.SIGCONT)

@@ -4,7 +4,6 @@ AWS calls against moto's server on loopback."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,11 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from launch_helpers import LAUNCH, clean_env, dry_run_calls, recording_aws, script
+from launch_helpers import LAUNCH, clean_env, dry_run_calls, load_run_cost, recording_aws, script
 
-_spec = importlib.util.spec_from_file_location("run_cost", LAUNCH / "run_cost.py")
-run_cost = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(run_cost)
+run_cost = load_run_cost()
 
 # Three epochs of 100 steps at a global batch of 16. The first logged interval holds the
 # compilation (10 images/s); the others are steady. Validation ends epochs at t = 1000,

@@ -3,7 +3,6 @@ early stopping and the best checkpoint it keeps, divergence, and ensembles."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -12,10 +11,11 @@ import statistics
 import numpy as np
 import pandas as pd
 import pytest
+from launch_helpers import load_run_cost
 from sklearn.metrics import roc_auc_score
 from train_helpers import (  # noqa: F401 (fixtures)
-    NO_NETWORK, ROOT, STEPS_PER_EPOCH, best_weights_logits, finalized_steps, flat, metrics_rows, prepared,
-    read_state, run_train, train_env,
+    NO_NETWORK, STEPS_PER_EPOCH, best_weights_logits, finalized_steps, flat, metrics_rows, prepared, read_state,
+    run_train, train_env,
 )
 
 from cxrjax.data.pipeline import read_index
@@ -83,10 +83,7 @@ def test_rows_carry_the_wall_time_that_launch_cost_prices(monitored):
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     times = [row["time"] for row in rows]
     assert times == sorted(times) and times[0] > 1.7e9  # Unix seconds, in logging order
-    spec = importlib.util.spec_from_file_location("run_cost", ROOT / "launch" / "run_cost.py")
-    run_cost = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_cost)
-    priced = run_cost.cost(workdir / "metrics.jsonl", workdir / "config.json", price=1.0, instances=1)
+    priced = load_run_cost().cost(workdir / "metrics.jsonl", workdir / "config.json", price=1.0, instances=1)
     val = metrics_rows(workdir, "val")
     batch = json.loads((workdir / "config.json").read_text())["global_batch_size"]
     assert priced["steps_per_epoch"] == STEPS_PER_EPOCH and priced["images_per_epoch"] == STEPS_PER_EPOCH * batch

@@ -17,6 +17,7 @@ class MetricsLog:
         self.active = jax.process_index() == 0
         self.jsonl = workdir / "metrics.jsonl"
         self.workdir = workdir
+        self._columns: dict[str, list[str]] = {}  # per kind: the CSV's header, read or written once
         self._run = None
         if self.active and wandb_cfg.mode != "disabled":
             import wandb
@@ -43,11 +44,12 @@ class MetricsLog:
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float, str)) or v is None}
         path = self.workdir / f"metrics_{kind}.csv"  # one file per kind: fixed columns
         new = not path.exists()
-        # A resumed run keeps the file's own header, so a column added by a newer cxrjax
-        # (or one a row lacks) can never shift the values under the wrong names.
-        fields = list(scalars) if new else _header(path)
+        if kind not in self._columns:
+            # A resumed run keeps the file's own header, so a column added by a newer cxrjax
+            # (or one a row lacks) can never shift the values under the wrong names.
+            self._columns[kind] = list(scalars) if new else _header(path)
         with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=self._columns[kind], extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(scalars)
