@@ -14,6 +14,8 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from cxrjax.models import build_model, default_model_config, head_kernel_paths, l2_penalty
 from cxrjax.models.cbam import CBAM
+from cxrjax.models.densenet import REMAT_MODES, arch_spec, remat_mode, saved_activation_floor
+from cxrjax.models.memory import saved_activation_bytes_per_image
 
 
 def tiny_cfg(**overrides):
@@ -65,7 +67,7 @@ def _eval(cbam: bool, head: str):
     return apply(model, variables, x, method="features_and_logits")
 
 
-def train_loss(remat: bool = False):
+def train_loss(remat: str = "none"):
     """A training loss of the CBAM + Fisher model (dropout active) and its variables."""
     model, variables, x = init(tiny_cfg(cbam=True, head="fisher", remat=remat))
 
@@ -80,7 +82,7 @@ def train_loss(remat: bool = False):
 
 
 @functools.cache
-def _grads(remat: bool):
+def _grads(remat: str):
     loss, variables = train_loss(remat)
     return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
 
@@ -93,7 +95,7 @@ def test_default_config_fields():
     cfg = default_model_config()
     assert cfg.to_dict() == {
         "arch": "densenet121", "cbam": False, "head": "chexnet", "num_classes": 14,
-        "dropout": 0.3, "dtype": "float32", "remat": False, "remat_policy": "nothing_saveable",
+        "dropout": 0.3, "dtype": "float32", "remat": "none", "remat_policy": "nothing_saveable",
         "in_channels": 3, "init_from": "",
     }
 
@@ -226,29 +228,69 @@ def _saved_residual_bytes(fn, arg, capsys) -> tuple[int, str]:
 
 def test_remat_cuts_saved_activations_with_identical_gradients(capsys):
     reports = {}
-    for remat in (False, True):
+    for remat in REMAT_MODES:
         loss, variables = train_loss(remat)
         reports[remat] = _saved_residual_bytes(lambda p, loss=loss: loss(p)[0], variables["params"], capsys)
-    (plain_bytes, plain_report), (remat_bytes, remat_report) = reports[False], reports[True]
+    (plain_bytes, plain_report), (layer_bytes, layer_report) = reports["none"], reports["dense_layers"]
+    all_bytes, all_report = reports["all"]
     # Without remat the dense layers' BN/ReLU/conv outputs are kept for the backward
-    # pass; with it none are (only their thin inputs), and the total drops (measured
+    # pass; per layer none are (only their thin inputs), and the total drops (measured
     # 755 kB -> 464 kB at this size, the rest being stem, transitions, CBAM and head).
     assert plain_report.count("DenseLayer") >= 16  # 8 layers x 2 ReLU outputs (at least)
-    assert "DenseLayer" not in remat_report
-    assert remat_bytes < 0.65 * plain_bytes, (remat_bytes, plain_bytes)
+    assert "DenseLayer" not in layer_report
+    assert layer_bytes < 0.65 * plain_bytes, (layer_bytes, plain_bytes)
+    # "all" also recomputes the stem, transitions, final norm and CBAM: no BatchNorm or
+    # ReLU output and no float32 feature map is kept anywhere in the backbone.
+    for kept in ("Transition", "CBAM", "batch_norm", "relu", "max_pool"):
+        assert kept not in all_report, (kept, all_report)
+    assert all_bytes < 0.5 * layer_bytes, (all_bytes, layer_bytes)
 
     # Same math, different XLA fusion: equal up to float32 round-off. Gradients of biases
     # feeding a train-mode BatchNorm nearly cancel, so round-off is judged against the
     # largest gradient (measured differences: <= 3e-6 against a largest gradient of ~11).
-    (plain_grads, _), (remat_grads, _) = _grads(False), _grads(True)
+    plain_grads, (plain_logits, plain_updates) = _grads("none")
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(plain_grads))
-    for (path, a), (_, b) in zip(leaves_with_paths(plain_grads), leaves_with_paths(remat_grads), strict=True):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * scale, err_msg=path)
+    for remat in ("dense_layers", "all"):
+        grads, (logits, updates) = _grads(remat)
+        np.testing.assert_allclose(logits, plain_logits, rtol=1e-6, atol=1e-6, err_msg=remat)
+        for (path, a), (_, b) in zip(leaves_with_paths(plain_grads), leaves_with_paths(grads), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * scale, err_msg=f"{remat} {path}")
+        plain_stats, stats = leaves_with_paths(plain_updates), leaves_with_paths(updates)
+        assert [p for p, _ in plain_stats] == [p for p, _ in stats]
+        for (path, a), (_, b) in zip(plain_stats, stats, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=f"{remat} {path}")
+
+
+def test_remat_all_reaches_the_memory_efficient_floor_on_densenet121():
+    """Saved activations per image at 128 px, bfloat16, CBAM: "all" stays within 1.5x of
+    the analytic floor (measured: exactly the floor, and 66.0 MiB at 1024 px), while
+    per-layer remat is ~10x over it, so a regression in any part shows here."""
+    spec = arch_spec("densenet121")
+    floor = saved_activation_floor(spec, 128, 3, itemsize=2)
+    measured = {}
+    for remat in ("dense_layers", "all"):
+        model = build_model(tiny_cfg(arch="densenet121", cbam=True, dtype="bfloat16", remat=remat))
+        measured[remat] = saved_activation_bytes_per_image(model, 128)
+    assert measured["all"] <= 1.5 * floor, (measured, floor)
+    assert measured["dense_layers"] > 5 * floor, (measured, floor)
+
+
+def test_saved_activation_floor_by_hand():
+    # DenseNet121 at 1024 px: image 1024*1024*3; blocks at 256, 128, 64, 32 px with
+    # 64+6*32, 128+12*32, 256+24*32, 512+16*32 channels; final map 1024 channels at 32 px.
+    elements = 1024 * 1024 * 3 + 256**2 * 256 + 128**2 * 512 + 64**2 * 1024 + 32**2 * 1024 + 32**2 * 1024
+    assert saved_activation_floor(arch_spec("densenet121"), 1024, 3, itemsize=2) == 2 * elements == 66 * 2**20
+
+
+def test_remat_modes_and_legacy_bools():
+    assert [remat_mode(v) for v in (*REMAT_MODES, True, False)] == [*REMAT_MODES, "dense_layers", "none"]
+    with pytest.raises(ValueError, match="remat 'some'; expected one of none, dense_layers, all"):
+        build_model(tiny_cfg(remat="some"))
 
 
 def test_unknown_remat_policy_and_arch_are_named():
     with pytest.raises(ValueError, match="remat_policy 'everything_forgotten'"):
-        build_model(tiny_cfg(remat=True, remat_policy="everything_forgotten"))
+        build_model(tiny_cfg(remat="all", remat_policy="everything_forgotten"))
     with pytest.raises(ValueError, match="arch 'densenet122'"):
         build_model(tiny_cfg(arch="densenet122"))
 

@@ -29,7 +29,7 @@ import ml_collections
 
 from cxrjax.findings import NUM_FINDINGS
 from cxrjax.models.cbam import CBAM
-from cxrjax.models.densenet import DenseNet, arch_spec, remat_policy
+from cxrjax.models.densenet import DenseNet, arch_spec, maybe_remat, remat_mode, remat_policy
 from cxrjax.models.heads import ChexnetHead, FisherHead
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -45,7 +45,7 @@ def default_model_config() -> ml_collections.ConfigDict:
             "num_classes": NUM_FINDINGS,
             "dropout": 0.3,
             "dtype": "float32",
-            "remat": False,
+            "remat": "none",  # none | dense_layers | all (see models/densenet.py)
             "remat_policy": "nothing_saveable",
             "in_channels": 3,
             "init_from": "",
@@ -60,7 +60,7 @@ class ChestXrayClassifier(nn.Module):
     num_classes: int = NUM_FINDINGS
     dropout: float = 0.3
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: str = "none"
     remat_policy: str = "nothing_saveable"
     in_channels: int = 3
 
@@ -75,7 +75,8 @@ class ChestXrayClassifier(nn.Module):
             remat_policy=self.remat_policy,
         )
         if self.cbam:
-            self.attention = CBAM(dtype=self.dtype)
+            attention_cls = maybe_remat(CBAM, remat_mode(self.remat) == "all", self.remat_policy)
+            self.attention = attention_cls(dtype=self.dtype)
         if self.head == "chexnet":
             self.classifier = ChexnetHead(self.num_classes)
         elif self.head == "fisher":
@@ -110,7 +111,8 @@ def build_model(cfg) -> ChestXrayClassifier:
     if cfg.in_channels not in (1, 3):
         raise ValueError(f"in_channels must be 1 or 3, got {cfg.in_channels!r}")
     arch_spec(cfg.arch)
-    if cfg.remat:
+    remat = remat_mode(cfg.remat)
+    if remat != "none":
         remat_policy(cfg.remat_policy)
     if cfg.head not in HEADS:
         raise ValueError(f"unknown head {cfg.head!r}; expected one of {', '.join(HEADS)}")
@@ -121,7 +123,7 @@ def build_model(cfg) -> ChestXrayClassifier:
         num_classes=int(cfg.num_classes),
         dropout=float(cfg.dropout),
         dtype=DTYPES[cfg.dtype],
-        remat=bool(cfg.remat),
+        remat=remat,
         remat_policy=cfg.remat_policy,
         in_channels=int(cfg.in_channels),
     )

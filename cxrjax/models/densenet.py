@@ -10,9 +10,17 @@ stem conv and 1 before the 3x3 stride-2 max pool): flax "SAME" pads asymmetrical
 stride 2 and would shift every feature map by one pixel relative to Keras.
 
 A dense layer takes the *list* of feature maps produced so far and concatenates them
-itself. Under `remat` this makes the layer a memory-efficient DenseNet layer (Pleiss et
+itself. Under remat this makes the layer a memory-efficient DenseNet layer (Pleiss et
 al. 2017): only the thin per-layer outputs are kept for the backward pass and the
 concat + BN + ReLU + convs are recomputed, instead of one growing concat per layer.
+
+`remat` (one of REMAT_MODES) says which parts are recomputed in the backward pass:
+- "none": nothing; every BatchNorm keeps two float32 tensors, every ReLU its output.
+- "dense_layers": each dense layer, as above.
+- "all": also the stem, each transition and the final norm, each taking the block's
+  list of maps and concatenating inside, so the backward pass keeps only the input
+  image, each block's input and each layer's `growth_rate`-channel output, all in the
+  compute dtype: the memory-efficient DenseNet's floor (`saved_activation_floor`).
 """
 
 from __future__ import annotations
@@ -50,6 +58,25 @@ def arch_spec(arch: str) -> DenseNetSpec:
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
     return ARCHS[arch]
+
+
+REMAT_MODES = ("none", "dense_layers", "all")
+
+
+def remat_mode(value: str | bool) -> str:
+    """`model.remat` as one of REMAT_MODES. Run configs written before the modes existed
+    hold a bool: True meant per-layer remat, False none."""
+    if isinstance(value, bool):
+        return "dense_layers" if value else "none"
+    if value not in REMAT_MODES:
+        raise ValueError(f"unknown remat {value!r}; expected one of {', '.join(REMAT_MODES)}")
+    return value
+
+
+def maybe_remat(target, enabled: bool, policy_name: str):
+    """`target` (a Module class, or a function taking a module first) rematerialized when
+    `enabled`. A lifted function keeps the names of the layers it creates."""
+    return nn.remat(target, policy=remat_policy(policy_name)) if enabled else target
 
 
 def remat_policy(name: str) -> Callable[..., bool]:
@@ -103,13 +130,17 @@ class DenseLayer(nn.Module):
 
 
 class Transition(nn.Module):
-    """Keras `transition_block`: BN-ReLU-1x1 conv halving channels, 2x2 average pool."""
+    """Keras `transition_block`: BN-ReLU-1x1 conv halving channels, 2x2 average pool.
+
+    Takes the block's list of maps, so that under remat the concatenation is recomputed
+    rather than kept."""
 
     train: bool
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, features: Sequence[jax.Array]) -> jax.Array:
+        x = jnp.concatenate(features, axis=-1)
         x = nn.relu(_batch_norm(self.train, self.dtype, "bn")(x))
         x = _conv(int(x.shape[-1] * 0.5), 1, self.dtype, "conv")(x)
         return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
@@ -122,20 +153,29 @@ class DenseNet(nn.Module):
     growth_rate: int
     init_features: int
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: str = "none"  # one of REMAT_MODES
     remat_policy: str = "nothing_saveable"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        layer_cls = DenseLayer
-        if self.remat:
-            layer_cls = nn.remat(DenseLayer, policy=remat_policy(self.remat_policy))
-        x = x.astype(self.dtype)
-        x = jnp.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)))
-        x = _conv(self.init_features, 7, self.dtype, "conv1_conv", strides=2)(x)
-        x = nn.relu(_batch_norm(train, self.dtype, "conv1_bn")(x))
-        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        mode = remat_mode(self.remat)
+        everything = mode == "all"
+        layer_cls = maybe_remat(DenseLayer, mode != "none", self.remat_policy)
+        transition_cls = maybe_remat(Transition, everything, self.remat_policy)
+
+        def stem(module, x):
+            x = jnp.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)))
+            x = _conv(self.init_features, 7, self.dtype, "conv1_conv", strides=2)(x)
+            x = nn.relu(_batch_norm(train, self.dtype, "conv1_bn")(x))
+            x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+            return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+
+        def final_norm(module, features):
+            x = jnp.concatenate(features, axis=-1)
+            return nn.relu(_batch_norm(train, self.dtype, "bn")(x))
+
+        # Cast before the stem so that remat keeps the image in the compute dtype.
+        x = maybe_remat(stem, everything, self.remat_policy)(self, x.astype(self.dtype))
         last = len(self.block_config) - 1
         for b, num_layers in enumerate(self.block_config):
             features = [x]
@@ -143,10 +183,27 @@ class DenseNet(nn.Module):
                 name = f"conv{b + 2}_block{i + 1}"
                 layer = layer_cls(self.growth_rate, train, dtype=self.dtype, name=name)
                 features.append(layer(features))
-            x = jnp.concatenate(features, axis=-1)
             if b != last:
-                x = Transition(train, dtype=self.dtype, name=f"pool{b + 2}")(x)
-        return nn.relu(_batch_norm(train, self.dtype, "bn")(x))
+                x = transition_cls(train, dtype=self.dtype, name=f"pool{b + 2}")(features)
+        return maybe_remat(final_norm, everything, self.remat_policy)(self, features)
+
+
+def saved_activation_floor(spec: DenseNetSpec, image_size: int, in_channels: int, itemsize: int) -> int:
+    """Bytes per image that a memory-efficient DenseNet must keep for the backward pass
+    (Pleiss et al. 2017): the input image, each block's input and each layer's output,
+    and the final feature map the head and attention start from, at `itemsize` bytes.
+    What `remat="all"` should reach; everything else can be recomputed."""
+    side = -(-(image_size + 6 - 7 + 1) // 2)  # stem conv: pad 3, 7x7 stride 2
+    side = (side + 2 - 3) // 2 + 1  # max pool: pad 1, 3x3 stride 2
+    channels, elements = spec.init_features, image_size * image_size * in_channels
+    last = len(spec.block_config) - 1
+    for b, num_layers in enumerate(spec.block_config):
+        channels += num_layers * spec.growth_rate
+        elements += side * side * channels
+        if b != last:
+            channels, side = channels // 2, side // 2
+    elements += side * side * channels  # the final feature map
+    return elements * itemsize
 
 
 def keras_layer_names(block_config: Sequence[int]) -> list[str]:
