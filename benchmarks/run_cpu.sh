@@ -16,13 +16,16 @@ prepared=${PREPARED:-/tmp/cxrjax-bench-nih64}
 [ -d "$prepared/train" ] || python -m cxrjax.cli prepare --nih-dir "$nih" --out "$prepared" --image-size 64 \
     --split official --skip-bad
 
-# Every harness feature at tiny size: both dtypes, remat off/on, all peers (Keras has no tiny
+# Every harness feature at tiny size: both dtypes, every remat mode, all peers (Keras has no tiny
 # DenseNet and is reported as skipped), a 0.05 GiB budget search, 1/2/4/8 simulated devices,
 # and the step fed by grain.
-python -m cxrjax.bench --out "$out" --arch tiny --sizes 64 --dtypes float32,bfloat16 --remat off,on \
+python -m cxrjax.bench --out "$out" --arch tiny --sizes 64 --dtypes float32,bfloat16 --remat none,dense_layers,all \
     --batch 8 --steps 20 --peers torch,torch_compile,keras --memory-budget-gb 0.05 --scaling \
     --prepared "$prepared" --workers 1
 
 # The real model at 224 px, float32, with all three peers.
-python -m cxrjax.bench --out "$out" --arch densenet121 --sizes 224 --dtypes float32 --remat off \
+python -m cxrjax.bench --out "$out" --arch densenet121 --sizes 224 --dtypes float32 --remat none \
     --batch 8 --steps 8 --peers torch,torch_compile,keras
+
+# Saved activations per image for every remat mode (from shapes; the same on any backend).
+python benchmarks/saved_activations.py --out "$out"

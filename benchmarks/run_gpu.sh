@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The GPU benchmark set (H100, H200, A100, A10G); run from the repository root on the GPU machine:
+# The long, complete GPU benchmark set (H100, H200, A100, A10G). benchmarks/gpu_quick.sh is the
+# short one (the targets' cases in a few minutes); both run the same cases through the same
+# worker (cxrjax/bench). Run from the repository root on the GPU machine:
 #
 #   benchmarks/run_gpu.sh h100 [PREPARED_DIR]
 #
@@ -39,7 +41,7 @@ if [ -n "$prepared" ]; then
     fed=(--prepared "$prepared" --workers "${WORKERS:-8}")
 fi
 python -m cxrjax.bench --out "$out" --arch densenet121 --sizes 224,320,512,1024 --batch "$batches" \
-    --dtypes float32,bfloat16 --remat off,on --steps 30 --peers torch,torch_compile,keras \
+    --dtypes float32,bfloat16 --remat none,dense_layers,all --steps 30 --peers torch,torch_compile,keras \
     --memory-budget-gb 24 --scaling ${fed[@]+"${fed[@]}"}
 
 if [ -n "$prepared" ]; then

@@ -284,6 +284,13 @@ def test_saved_activation_floor_by_hand():
 
 def test_remat_modes_and_legacy_bools():
     assert [remat_mode(v) for v in (*REMAT_MODES, True, False)] == [*REMAT_MODES, "dense_layers", "none"]
+    # Remat changes no variable name or shape: Keras weights and checkpoints load in every mode.
+    layouts = set()
+    for remat in REMAT_MODES:
+        model = build_model(tiny_cfg(cbam=True, remat=remat))
+        shapes = jax.eval_shape(lambda model=model: model.init(jax.random.key(0), X))
+        layouts.add(tuple((jax.tree_util.keystr(p), s.shape) for p, s in jax.tree_util.tree_flatten_with_path(shapes)[0]))
+    assert len(layouts) == 1
     with pytest.raises(ValueError, match="remat 'some'; expected one of none, dense_layers, all"):
         build_model(tiny_cfg(remat="some"))
 

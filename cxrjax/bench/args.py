@@ -14,8 +14,6 @@ from pathlib import Path
 
 from cxrjax.bench.spec import DTYPES, PEERS
 
-REMAT = {"off": False, "on": True}
-
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
@@ -35,12 +33,19 @@ def _choices(allowed):
     return parse
 
 
+def _remat_modes(text: str) -> tuple[str, ...]:
+    from cxrjax.models.densenet import REMAT_MODES  # lazily: `cxrjax --help` imports no flax
+
+    return _choices(REMAT_MODES)(text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="e.g. benchmarks/results/<device>")
     p.add_argument("--arch", default="densenet121", help="densenet121|densenet169|densenet201|tiny")
     p.add_argument("--sizes", type=_ints, default=(224,), help="image sizes, e.g. 224,320,512,1024")
     p.add_argument("--dtypes", type=_choices(DTYPES), default=("bfloat16",), help="float32,bfloat16")
-    p.add_argument("--remat", type=_choices(tuple(REMAT)), default=("off",), help="off,on")
+    p.add_argument("--remat", type=_remat_modes, default=("none",),
+                   help="model.remat values to measure: none,dense_layers,all")
     p.add_argument("--batch", type=_ints, default=(32,),
                    help="batch per device: one value, or one per size (e.g. 64,32,16,4)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (after 2 warm-up steps)")
@@ -51,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepared", type=Path, default=None,
                    help="a `cxrjax prepare` output: also time the step fed by the grain pipeline")
     p.add_argument("--workers", type=int, default=0, help="grain decode processes for --prepared")
+    p.add_argument("--deadline-s", type=float, default=0.0,
+                   help="stop starting cases after this many seconds; later cases are recorded as skipped: time")
 
 
 def command_line(args: argparse.Namespace, prog: str) -> str:
@@ -67,6 +74,8 @@ def command_line(args: argparse.Namespace, prog: str) -> str:
         words.append("--scaling")
     if args.prepared:
         words += ["--prepared", str(args.prepared), "--workers", str(args.workers)]
+    if args.deadline_s:
+        words += ["--deadline-s", f"{args.deadline_s:g}"]
     return shlex.join(words)
 
 
@@ -77,14 +86,14 @@ def run(args: argparse.Namespace, prog: str) -> int:
     try:
         options = BenchOptions(
             out=args.out, arch=args.arch, sizes=args.sizes, dtypes=args.dtypes,
-            remat=tuple(REMAT[v] for v in args.remat), batch=args.batch, steps=args.steps, peers=args.peers,
+            remat=args.remat, batch=args.batch, steps=args.steps, peers=args.peers,
             memory_budget_gb=args.memory_budget_gb, scaling=args.scaling,
-            prepared=str(args.prepared) if args.prepared else "", workers=args.workers,
+            prepared=str(args.prepared) if args.prepared else "", workers=args.workers, deadline_s=args.deadline_s,
         )
     except ValueError as e:
         print(f"cxrjax bench: error: {e}", file=sys.stderr)
         return 2
     results = run_bench(options, command_line(args, prog))
     print(f"bench: {args.out / (args.arch + '.md')}")
-    failed = [r for r in results["measurements"] + results["scaling"] if r["status"] == "failed"]
+    failed = [r for key in ("measurements", "max_batch", "scaling") for r in results[key] if r["status"] == "failed"]
     return 1 if failed else 0

@@ -7,8 +7,11 @@ time (`lower().compile()`), which separates compile time from step time and give
 FLOP count (`cost_analysis`) and buffer assignment (`memory_analysis`).
 
 FLOPs per image come from the lowered step (before XLA's optimizations), so they do not
-depend on the backend; with remat on, the re-computed forward is included, and
+depend on the backend; with remat, the re-computed forward is included, and
 `model_flops_per_image` (what MFU uses) is taken from the same step without remat.
+
+Saved activations per image (what remat controls) are counted from shapes by
+`cxrjax.models.memory`, beside XLA's compiled figures and the allocator's peak.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from cxrjax.bench.timing import time_steps
 from cxrjax.data.normalize import stats_for
 from cxrjax.findings import NUM_FINDINGS
 from cxrjax.models import build_model
+from cxrjax.models.memory import saved_activation_bytes_per_image
 from cxrjax.train import losses, optim
 from cxrjax.train.defaults import base_config
 from cxrjax.train.mesh import batch_sharded, make_mesh, replicated, to_global
@@ -35,7 +39,7 @@ from cxrjax.train.state import TrainState
 from cxrjax.train.step import make_steps
 
 
-def training_config(arch: str, dtype: str, remat: bool):
+def training_config(arch: str, dtype: str, remat: str):
     """The default training recipe with the benchmarked model settings."""
     cfg = base_config()
     cfg.model.arch, cfg.model.dtype, cfg.model.remat = arch, dtype, remat
@@ -140,48 +144,50 @@ class _Trainer:
 
 def _model_train_flops(spec: CaseSpec, steps: Steps, global_batch: int, labels) -> float | None:
     """Training FLOPs of the same step without remat: the work the model needs."""
-    plain = build_steps(training_config(spec.arch, spec.dtype, False), spec.size, steps.mesh, labels)
+    plain = build_steps(training_config(spec.arch, spec.dtype, "none"), spec.size, steps.mesh, labels)
     return _per_image(flops(plain.train_step.lower(plain.abstract_state, plain.abstract_batch(global_batch))),
                       global_batch)
 
 
 def measure_case(spec: CaseSpec) -> dict:
-    """Inference and training on all local devices; optionally the grain-fed step and
-    the largest batch under a memory budget."""
+    """Inference and training on all local devices; optionally the grain-fed step."""
     devices = jax.devices()
     mesh = make_mesh(devices)
     n, global_batch = len(devices), spec.batch * len(devices)
     host = synthetic_host_batch(global_batch, spec.size)
-    steps = build_steps(training_config(spec.arch, spec.dtype, spec.remat), spec.size, mesh, host["labels"])
+    cfg = training_config(spec.arch, spec.dtype, spec.remat)
+    steps = build_steps(cfg, spec.size, mesh, host["labels"])
     batch = to_global(host, mesh)
     state = steps.new_state()
     common = {"status": "ok", "devices": n, "global_batch": global_batch,
               "device_kind": devices[0].device_kind, "platform": devices[0].platform}
 
-    # Inference first: its allocator peak is read before training raises it.
-    lowered, compiled, compile_s = compile_timed(steps.eval_step, state, batch)
-    timing = time_steps(functools.partial(compiled, state, batch), jax.block_until_ready, spec.steps)
-    infer_flops = _per_image(flops(lowered), global_batch)
-    rows = [spec.row(task="inference", **common, compile_s=compile_s, **timing.fields(global_batch, n),
-                     flops_per_image=infer_flops, model_flops_per_image=infer_flops,
-                     **_memory_fields(compiled, devices, spec.batch))]
+    rows = []
+    if spec.inference:  # first: its allocator peak is read before training raises it
+        lowered, compiled, compile_s = compile_timed(steps.eval_step, state, batch)
+        timing = time_steps(functools.partial(compiled, state, batch), jax.block_until_ready, spec.steps)
+        infer_flops = _per_image(flops(lowered), global_batch)
+        rows.append(spec.row(task="inference", **common, compile_s=compile_s, **timing.fields(global_batch, n),
+                             flops_per_image=infer_flops, model_flops_per_image=infer_flops,
+                             **_memory_fields(compiled, devices, spec.batch)))
 
     lowered, compiled, compile_s = compile_timed(steps.train_step, state, batch)
     trainer = _Trainer(compiled, state)
     state = None  # donated by the first step; the trainer holds the live state
     timing = time_steps(functools.partial(trainer.step, batch), jax.block_until_ready, spec.steps)
     train_flops = _per_image(flops(lowered), global_batch)
-    model_flops = _model_train_flops(spec, steps, global_batch, host["labels"]) if spec.remat else train_flops
+    plain = spec.remat == "none"
+    model_flops = train_flops if plain else _model_train_flops(spec, steps, global_batch, host["labels"])
     train = spec.row(task="train", **common, compile_s=compile_s, **timing.fields(global_batch, n),
                      flops_per_image=train_flops, model_flops_per_image=model_flops,
+                     saved_activation_bytes_per_image=saved_activation_bytes_per_image(
+                         build_model(cfg.model), spec.size),
                      **_memory_fields(compiled, devices, spec.batch))
     rows.append(train)
 
     if spec.prepared:
         rows.append(_measure_fed(spec, trainer, mesh, common, train))
-    trainer = None  # frees the training state before the budget search compiles
-    max_batch = [_search_max_batch(spec, devices[0], host["labels"])] if spec.memory_budget_bytes else []
-    return {"measurements": rows, "max_batch": max_batch, "scaling": []}
+    return {"measurements": rows, "max_batch": [], "scaling": []}
 
 
 def _measure_fed(spec: CaseSpec, trainer: _Trainer, mesh, common: dict, synthetic: dict) -> dict:
@@ -206,7 +212,7 @@ def _measure_fed(spec: CaseSpec, trainer: _Trainer, mesh, common: dict, syntheti
                     input_bound=bool(fraction < 0.9))
 
 
-def train_step_bytes(arch: str, size: int, dtype: str, remat: bool, device, labels):
+def train_step_bytes(arch: str, size: int, dtype: str, remat: str, device, labels):
     """batch -> bytes XLA assigns to the training step compiled for one device (memoized)."""
     steps = build_steps(training_config(arch, dtype, remat), size, make_mesh([device]), labels)
 
@@ -221,13 +227,17 @@ def train_step_bytes(arch: str, size: int, dtype: str, remat: bool, device, labe
     return bytes_for
 
 
-def _search_max_batch(spec: CaseSpec, device, labels) -> dict:
-    """Largest per-device training batch whose compiled step fits the budget."""
+def measure_max_batch(spec: CaseSpec) -> dict:
+    """Largest per-device training batch whose compiled step fits the budget: compiled,
+    never run, so an A10G's 24 GiB can be searched on a larger card of the same backend."""
+    device = jax.devices()[0]
+    labels = synthetic_host_batch(spec.batch, spec.size)["labels"]
     bytes_for = train_step_bytes(spec.arch, spec.size, spec.dtype, spec.remat, device, labels)
-    found = largest_batch(bytes_for, spec.memory_budget_bytes)
-    return spec.row(task="max_batch", status="ok", device_kind=device.device_kind, platform=device.platform,
-                    memory_source="compiled.memory_analysis(): arguments + outputs - aliased + temporaries",
-                    **found)
+    found = largest_batch(bytes_for, spec.memory_budget_bytes, first=spec.batch)
+    row = spec.row(task="max_batch", status="ok", device_kind=device.device_kind, platform=device.platform,
+                   memory_source="compiled.memory_analysis(): arguments + outputs - aliased + temporaries",
+                   **found)
+    return {"measurements": [], "max_batch": [row], "scaling": []}
 
 
 def measure_scaling(spec: CaseSpec) -> dict:

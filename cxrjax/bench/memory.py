@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 GIB = 2**30
+MIB = 2**20
 PEAK_SOURCE = "device.memory_stats()['peak_bytes_in_use']"
 
 
@@ -43,13 +44,14 @@ def device_peak_bytes(devices) -> int | None:
     return max(peaks)
 
 
-def largest_batch(bytes_for: Callable[[int], int], budget_bytes: int, limit: int = 4096) -> dict:
+def largest_batch(bytes_for: Callable[[int], int], budget_bytes: int, limit: int = 4096, first: int = 1) -> dict:
     """The largest batch b <= limit with bytes_for(b) <= budget, for bytes_for
     non-decreasing in b. Returns the batch (0 if even 1 does not fit) and every probe.
 
-    Memory is close to affine in the batch, so the first guess extrapolates from b=1
-    and b=2; a bracket around the guess is then bisected. Each probe is a compile, so
-    the search usually costs four or five of them rather than log2(limit) * 2.
+    Memory is close to affine in the batch, so the first guess extrapolates from `first`
+    and 2 * `first` (1 and 2 when `first` does not fit); a bracket around the guess is
+    then bisected. Each probe is a compile, so the search usually costs four or five of
+    them rather than log2(limit) * 2.
     """
     probes: dict[int, int] = {}
 
@@ -63,25 +65,36 @@ def largest_batch(bytes_for: Callable[[int], int], budget_bytes: int, limit: int
                 "bytes_at_batch": probes.get(batch), "bytes_at_next": probes.get(batch + 1),
                 "probes": dict(sorted(probes.items()))}
 
-    if not fits(1):
-        return result(0)
-    if limit == 1 or not fits(2):
-        return result(1)
-    per_image = probes[2] - probes[1]
-    guess = limit if per_image <= 0 else 1 + (budget_bytes - probes[1]) // per_image
-    guess = min(max(guess, 2), limit)
-    if fits(guess):  # lo fits; step up until something does not
-        lo, step = guess, 1
-        while lo < limit and fits(min(lo + step, limit)):
-            lo, step = min(lo + step, limit), step * 2
-        if lo == limit:
-            return result(limit)
-        hi = min(lo + step, limit)
-    else:  # hi does not fit; step down until something does (2 does)
-        hi, step = guess, 1
-        while not fits(max(hi - step, 2)):
-            hi, step = max(hi - step, 2), step * 2
-        lo = max(hi - step, 2)
+    a = min(max(first, 1), limit)
+    if not fits(a):
+        if a == 1:
+            return result(0)
+        a, limit_here = 1, a - 1  # start again from 1 and 2, below the batch that did not fit
+        if not fits(1):
+            return result(0)
+    else:
+        limit_here = limit
+    b = min(2 * a, limit_here)
+    if b == a:
+        return result(a)
+    if not fits(b):
+        lo, hi = a, b
+    else:
+        per_image = (probes[b] - probes[a]) / (b - a)
+        guess = limit_here if per_image <= 0 else a + int((budget_bytes - probes[a]) // per_image)
+        guess = min(max(guess, b), limit_here)
+        if fits(guess):  # lo fits; step up until something does not
+            lo, step = guess, 1
+            while lo < limit_here and fits(min(lo + step, limit_here)):
+                lo, step = min(lo + step, limit_here), step * 2
+            if lo == limit_here:
+                return result(lo)
+            hi = min(lo + step, limit_here)
+        else:  # hi does not fit; step down until something does (b does)
+            hi, step = guess, 1
+            while not fits(max(hi - step, b)):
+                hi, step = max(hi - step, b), step * 2
+            lo = max(hi - step, b)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)

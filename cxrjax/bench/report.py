@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cxrjax.bench.memory import GIB
-
-MIB = 2**20
+from cxrjax.bench.memory import GIB, MIB
 NA = "—"
 EXPLAINER = (
     "Throughput comes from steps launched back to back; step time is the median of steps waited for "
     "one by one; compile time is cxrjax's `lower().compile()`; first call is the first step (lazy "
     "compilation for torch.compile and Keras). FLOPs are XLA's cost analysis of the cxrjax step; MFU "
     "uses the cxrjax step's FLOPs without remat for every framework. Peak memory is the allocator's "
-    "peak on GPU; on CPU, MiB/image comes from XLA's buffer assignment of the compiled step."
+    "peak on GPU; on CPU, MiB/image comes from XLA's buffer assignment of the compiled step. Saved MiB/image "
+    "is what the backward pass keeps (jax.vjp residuals counted from shapes): the part remat controls."
 )
 
 
@@ -33,7 +32,7 @@ def _bytes(value) -> str:
 
 
 def _remat(row: dict) -> str:
-    return "on" if row["remat"] else "off"
+    return row["remat"]
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -45,7 +44,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 def measurements_table(rows: list[dict]) -> str:
     header = ["task", "framework", "px", "dtype", "remat", "devices", "batch/device", "images/s",
               "images/s/device", "step ms (median)", "compile s", "first call s", "GFLOP/image", "MFU",
-              "peak GiB", "MiB/image", "status"]
+              "peak GiB", "MiB/image", "saved MiB/image", "status"]
     body = []
     for r in rows:
         note = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}"
@@ -56,7 +55,7 @@ def measurements_table(rows: list[dict]) -> str:
             _fmt(r.get("compile_s"), ".1f"), _fmt(r.get("first_step_s"), ".2f"),
             _fmt(r.get("flops_per_image"), ".3f", 1e-9), _fmt(r.get("mfu"), ".1%"),
             _fmt(r.get("peak_bytes"), ".2f", 1 / GIB), _fmt(r.get("bytes_per_image"), ".1f", 1 / MIB),
-            note.replace("|", "/"),
+            _fmt(r.get("saved_activation_bytes_per_image"), ".1f", 1 / MIB), note.replace("|", "/"),
         ])
     return table(header, body)
 
@@ -74,12 +73,17 @@ def ratios_table(ratios: list[dict]) -> str:
 
 
 def max_batch_table(rows: list[dict]) -> str:
-    header = ["px", "dtype", "remat", "budget", "largest batch/device", "step memory at batch",
-              "at batch + 1", "compiles"]
-    return table(header, [[
-        str(r["size"]), r["dtype"], _remat(r), _bytes(r["budget_bytes"]), str(r["batch"]),
-        _bytes(r["bytes_at_batch"]), _bytes(r["bytes_at_next"]), str(len(r["probes"])),
-    ] for r in rows])
+    header = ["framework", "px", "dtype", "remat", "budget", "largest batch/device", "step memory at batch",
+              "at batch + 1", "probes", "status"]
+    body = []
+    for r in rows:
+        if r["status"] != "ok":
+            body.append([r["framework"], str(r["size"]), r["dtype"], _remat(r), *[NA] * 5,
+                         f"{r['status']}: {r.get('reason', '')}".replace("|", "/")])
+            continue
+        body.append([r["framework"], str(r["size"]), r["dtype"], _remat(r), _bytes(r["budget_bytes"]), str(r["batch"]),
+                     _bytes(r["bytes_at_batch"]), _bytes(r["bytes_at_next"]), str(len(r["probes"])), "ok"])
+    return table(header, body)
 
 
 def scaling_table(rows: list[dict]) -> str:
@@ -117,7 +121,7 @@ def markdown(results: dict) -> str:
     fed = [r for r in rows if r["task"] == "train_fed"]
     peak_text = f"{peak['name']} — {peak['source']}" if peak else "none listed for this device, MFU not reported"
     parts = [
-        f"# cxrjax bench: {meta['options']['arch']} on {device.get('device_kind') or 'unknown device'}",
+        f"# cxrjax bench: {meta['name']} on {device.get('device_kind') or 'unknown device'}",
         "",
         f"- date: {meta['date']}",
         f"- command: `{meta['command']}`",
@@ -137,7 +141,7 @@ def markdown(results: dict) -> str:
                 ("Training fed by the grain pipeline", fed, fed_table),
                 ("Largest batch under the memory budget", results["max_batch"], max_batch_table),
                 ("Scaling over devices (fixed batch per device)", results["scaling"], scaling_table),
-                ("Targets (judged on GPU rows only)", results["targets"], targets_table))
+                ("Targets (judged on GPU rows only, saved activations on any)", results["targets"], targets_table))
     for title, items, render in sections:
         if items:
             parts += ["", f"## {title}", "", render(items)]
@@ -171,15 +175,15 @@ def plot(results: dict, out: Path, stem: str) -> list[str]:
                 offset = (i - (len(series_keys) - 1) / 2) * width
                 ax.bar([x + offset for x, _ in points], [v * scale for _, v in points], width,
                        color=colors[framework], alpha=1.0 if dtype == "float32" else 0.5,
-                       hatch="//" if remat else None, edgecolor="black", linewidth=0.3,
-                       label=f"{framework} {dtype}" + (" remat" if remat else ""))
+                       hatch={"none": None, "dense_layers": "//", "all": "xx"}.get(remat), edgecolor="black",
+                       linewidth=0.3, label=f"{framework} {dtype} remat {remat}")
             ax.set_xticks(range(len(sizes)), [f"{s} px" for s in sizes])
             ax.set(title=task, ylabel=ylabel)
             ax.grid(alpha=0.3, axis="y")
         handles, labels = axes[0][0].get_legend_handles_labels()
         if handles:
             fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
-        fig.suptitle(f"{results['meta']['options']['arch']} on {results['meta']['device'].get('device_kind')}")
+        fig.suptitle(f"{results['meta']['name']} on {results['meta']['device'].get('device_kind')}")
         fig.tight_layout(rect=(0, 0.16, 1, 1))
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
@@ -189,7 +193,7 @@ def plot(results: dict, out: Path, stem: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         groups = {}
         for r in scaling:
-            groups.setdefault(f"{r['size']}px {r['dtype']}" + (" remat" if r["remat"] else ""), []).append(r)
+            groups.setdefault(f"{r['size']}px {r['dtype']} remat {r['remat']}", []).append(r)
         for label, rows in groups.items():
             rows = sorted(rows, key=lambda r: r["devices"])
             ax.plot([r["devices"] for r in rows], [r["images_per_s"] for r in rows], marker="o", label=label)
@@ -207,7 +211,8 @@ def plot(results: dict, out: Path, stem: str) -> list[str]:
 def write_report(results: dict, out: Path, stem: str) -> list[str]:
     """`<stem>.json`, `<stem>.md` and the plots in `out`; returns the file names."""
     out.mkdir(parents=True, exist_ok=True)
-    files = [f"{stem}.json", f"{stem}.md", *plot(results, out, stem)]
+    journal = [f"{stem}.jsonl"] if (out / f"{stem}.jsonl").exists() else []  # written case by case by the runner
+    files = [f"{stem}.json", f"{stem}.md", *journal, *plot(results, out, stem)]
     results["meta"]["files"] = files
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / f"{stem}.md").write_text(markdown(results))

@@ -1,5 +1,10 @@
-"""Plan the cases of a benchmark run, run each in its own process, derive ratios, MFU,
-scaling efficiency and the issue's targets from the measured rows, and write the report.
+"""Plan the cases of a benchmark run, run each in its own process before a deadline,
+derive ratios, MFU, scaling efficiency and the targets from the measured rows, and write
+the report.
+
+Every finished case is appended to `<name>.jsonl` at once, so a run cut off by its
+deadline (or killed) still leaves what it measured; cases the deadline leaves no time
+for are recorded as "skipped: time".
 
 This module imports no framework; the workers do.
 """
@@ -11,19 +16,28 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from cxrjax.bench.device import device_peak, library_versions, mfu
-from cxrjax.bench.memory import GIB
-from cxrjax.bench.spec import PEERS, CaseSpec, not_measured
+from cxrjax.bench.memory import GIB, MIB
+from cxrjax.bench.spec import PEERS, CaseSpec, empty_result, not_measured
 
-THROUGHPUT_TARGETS = (("torch", 1.3), ("torch_compile", 1.1))  # cxrjax ÷ peer, training
-TARGET_SIZES = (224, 1024)
-MEMORY_TARGET = {"size": 1024, "dtype": "bfloat16", "remat": True, "bytes_per_image": 0.5 * GIB}
+# The issue's targets. Throughput: cxrjax ÷ peer, training, bfloat16, at each size with
+# the remat each size is run with (torch's memory_efficient stands for any remat).
+THROUGHPUT_TARGETS = (("torch", 1.3), ("torch_compile", 1.1))
+TARGET_SETTINGS = ((224, "none"), (1024, "all"))
+FULL = {"size": 1024, "dtype": "bfloat16", "remat": "all"}  # the full-resolution setting
+MFU_TARGET = 0.25
+PEAK_BYTES_PER_IMAGE_TARGET = 0.25 * GIB
+MAX_BATCH_RATIO_TARGET = 2.0  # cxrjax's largest batch ÷ torch's, same budget
+FED_FRACTION_TARGET = 0.95  # grain-fed ÷ synthetic-data images/s
+SAVED_ACTIVATIONS_TARGET = 100 * MIB  # per image; counted from shapes, so judged on any platform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +46,7 @@ class BenchOptions:
     arch: str = "densenet121"
     sizes: tuple[int, ...] = (224,)
     dtypes: tuple[str, ...] = ("bfloat16",)
-    remat: tuple[bool, ...] = (False,)
+    remat: tuple[str, ...] = ("none",)
     batch: tuple[int, ...] = (32,)  # per device: one value, or one per size
     steps: int = 20
     peers: tuple[str, ...] = ()
@@ -40,11 +54,14 @@ class BenchOptions:
     scaling: bool = False
     prepared: str = ""  # a `cxrjax prepare` output: also time the grain-fed step
     workers: int = 0
+    deadline_s: float = 0.0  # 0: none
 
     def __post_init__(self):
-        from cxrjax.models.densenet import arch_spec
+        from cxrjax.models.densenet import arch_spec, remat_mode
 
         arch_spec(self.arch)
+        for remat in self.remat:
+            remat_mode(remat)
         unknown = [p for p in self.peers if p not in PEERS]
         if unknown:
             raise ValueError(f"unknown peers {unknown}; choose from {', '.join(PEERS)}")
@@ -54,6 +71,8 @@ class BenchOptions:
             raise ValueError(f"give one batch size or one per image size ({len(self.sizes)}), got {self.batch}")
         if min(self.batch) < 1 or self.steps < 1 or self.memory_budget_gb < 0 or self.workers < 0:
             raise ValueError("batch and steps must be positive; memory budget and workers not negative")
+        if self.deadline_s < 0:
+            raise ValueError(f"the deadline must be positive seconds (or 0 for none), got {self.deadline_s}")
         if self.prepared and not (Path(self.prepared) / "train").is_dir():
             raise ValueError(f"--prepared {self.prepared}: no train/ folder; give a `cxrjax prepare` output")
 
@@ -61,56 +80,81 @@ class BenchOptions:
 def plan(o: BenchOptions) -> list[CaseSpec]:
     """Every case of the run, cxrjax first at each setting so its rows lead the tables."""
     specs = []
+    budget = int(o.memory_budget_gb * GIB)
     batches = o.batch * len(o.sizes) if len(o.batch) == 1 else o.batch
     for size, batch in zip(o.sizes, batches, strict=True):
         for dtype in o.dtypes:
             for remat in o.remat:
                 same = {"arch": o.arch, "size": size, "dtype": dtype, "remat": remat,
                         "batch": batch, "steps": o.steps}
-                specs.append(CaseSpec("cxrjax", **same, memory_budget_bytes=int(o.memory_budget_gb * GIB),
-                                      prepared=o.prepared, workers=o.workers))
+                specs.append(CaseSpec("cxrjax", **same, prepared=o.prepared, workers=o.workers))
                 specs.extend(CaseSpec(peer, **same) for peer in o.peers)
+                if budget:
+                    specs.append(CaseSpec("cxrjax", **same, task="max_batch", memory_budget_bytes=budget))
+                    if "torch" in o.peers:
+                        specs.append(CaseSpec("torch", **same, task="max_batch", memory_budget_bytes=budget))
                 if o.scaling:
-                    specs.append(CaseSpec("cxrjax", **same, scaling=True))
+                    specs.append(CaseSpec("cxrjax", **same, task="scaling"))
     return specs
 
 
-def run_in_subprocess(spec: CaseSpec) -> dict:
+def run_in_subprocess(spec: CaseSpec, timeout_s: float | None = None) -> dict:
+    """The case in a fresh worker process (and its own process group, so that a cut-off
+    case takes torch.compile's or grain's helper processes with it)."""
     with tempfile.TemporaryDirectory(prefix="cxrjax-bench-") as tmp:
         result = Path(tmp) / "result.json"
-        proc = subprocess.run(
-            [sys.executable, "-m", "cxrjax.bench.worker", json.dumps(dataclasses.asdict(spec)), str(result)],
-            capture_output=True, text=True, check=False,
-        )
+        command = [sys.executable, "-m", "cxrjax.bench.worker", json.dumps(dataclasses.asdict(spec)), str(result)]
+        started = time.monotonic()
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) as proc:
+            try:
+                _, stderr = proc.communicate(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                return not_measured(spec, "skipped", f"time: cut off at the deadline after "
+                                                     f"{time.monotonic() - started:.0f} s")
         if proc.returncode != 0 or not result.exists():
-            tail = " | ".join(proc.stderr.strip().splitlines()[-6:])
+            tail = " | ".join(stderr.strip().splitlines()[-6:])
             return not_measured(spec, "failed", f"worker exited with status {proc.returncode}: {tail}")
         return json.loads(result.read_text())
 
 
-def run_in_process(spec: CaseSpec) -> dict:
-    """For tests: no isolation, so allocator peaks accumulate across cases."""
-    from cxrjax.bench.worker import measure
-
-    return measure(spec)
-
-
-def run_bench(o: BenchOptions, command: str, run_case: Callable[[CaseSpec], dict] = run_in_subprocess,
+def run_bench(o: BenchOptions, command: str, run_case: Callable[..., dict] = run_in_subprocess,
               log: Callable[[str], None] = print) -> dict:
-    """Measure every planned case and write `<arch>.json`, `.md` and plots into `o.out`."""
+    """Measure every planned case and write `<arch>.json`, `.jsonl`, `.md` and plots into `o.out`."""
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(o).items()}
+    return run_cases(plan(o), Path(o.out), o.arch, command, options, o.deadline_s, run_case, log)
+
+
+def run_cases(specs: list[CaseSpec], out: Path, name: str, command: str, options: dict, deadline_s: float = 0.0,
+              run_case: Callable[..., dict] = run_in_subprocess, log: Callable[[str], None] = print) -> dict:
+    """Run `specs` in order until `deadline_s` seconds have passed (0: no deadline)."""
     from cxrjax.bench.report import write_report
 
-    results = {"measurements": [], "max_batch": [], "scaling": []}
-    for spec in plan(o):
-        log(f"bench: {spec.label()} ...")
-        found = run_case(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    journal = out / f"{name}.jsonl"
+    journal.write_text("")
+    end = time.monotonic() + deadline_s if deadline_s else None
+    results = empty_result()
+    for spec in specs:
+        left = None if end is None else end - time.monotonic()
+        if left is not None and left <= 0:
+            found = not_measured(spec, "skipped", "time: the run's deadline had passed")
+        else:
+            log(f"bench: {spec.label()} ...")
+            found = run_case(spec, left)
         for key, rows in results.items():
             rows.extend(found[key])
-        for row in found["measurements"] + found["scaling"]:
+        with journal.open("a") as f:  # at once: a run cut off later keeps this case
+            f.write(json.dumps({"case": spec.label(), "spec": dataclasses.asdict(spec), **found}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        for row in found["measurements"] + found["max_batch"] + found["scaling"]:
             log(f"  {summary_line(row)}")
     results = derive(results)
-    results["meta"] = metadata(o, command, results["measurements"])
-    write_report(results, Path(o.out), o.arch)
+    results["meta"] = metadata(name, options, command, results["measurements"])
+    write_report(results, out, name)
     return results
 
 
@@ -118,6 +162,8 @@ def summary_line(row: dict) -> str:
     head = f"{row['framework']} {row['task']} ({row.get('devices') or 1} device(s))"
     if row["status"] != "ok":
         return f"{head}: {row['status']}: {row.get('reason', '')}"
+    if row["task"] == "max_batch":
+        return f"{head}: largest batch {row['batch']} under {row['budget_bytes'] / GIB:g} GiB"
     return (f"{head}: {row['images_per_s']:.1f} images/s, step {row['step_s_median'] * 1e3:.1f} ms"
             + (f", compile {row['compile_s']:.1f} s" if row.get("compile_s") is not None else ""))
 
@@ -158,38 +204,54 @@ def derive(results: dict) -> dict:
         base = single.get(_key(row, "train"))
         row["efficiency"] = (row["images_per_s"] / (row["devices"] * base)
                              if row["status"] == "ok" and base else None)
-    results["targets"] = targets(results["measurements"], ratios)
+    results["targets"] = targets(results["measurements"], ratios, results["max_batch"])
     return results
 
 
-def targets(rows: list[dict], ratios: list[dict]) -> list[dict]:
-    """The issue's GPU targets, judged only from rows measured on a GPU in this run."""
+def _target(text: str, value: float | None, passed: bool) -> dict:
+    status = "not measured" if value is None else ("met" if passed else "not met")
+    return {"target": text, "value": value, "status": status}
+
+
+def targets(rows: list[dict], ratios: list[dict], max_batch: list[dict]) -> list[dict]:
+    """The issue's targets: GPU targets judged only from rows measured on a GPU in this run."""
     gpu = {(r["task"], r["framework"], r["size"], r["dtype"], r["remat"]): r
            for r in rows if r["status"] == "ok" and r["platform"] == "gpu"}
-    by_pair = {(r["size"], r["peer"]): r for r in ratios
-               if r["task"] == "train" and r["dtype"] == "bfloat16" and not r["remat"]}
+    full = (FULL["size"], FULL["dtype"], FULL["remat"])
+    setting = f"{FULL['size']}px {FULL['dtype']} remat {FULL['remat']}"
     out = []
-    for size in TARGET_SIZES:
+    by_pair = {(r["size"], r["remat"], r["peer"]): r for r in ratios if r["task"] == "train" and r["dtype"] == "bfloat16"}
+    for size, remat in TARGET_SETTINGS:
         for peer, threshold in THROUGHPUT_TARGETS:
-            ratio = by_pair.get((size, peer))
-            measured = ratio is not None and ("train", peer, size, "bfloat16", False) in gpu
+            ratio = by_pair.get((size, remat, peer))
+            measured = ratio is not None and ("train", peer, size, "bfloat16", remat) in gpu
             value = ratio["speedup"] if measured else None
-            out.append({"target": f"train {size}px bfloat16: cxrjax ÷ {peer} images/s >= {threshold}",
-                        "value": value, "status": _judge(value, value is not None and value >= threshold)})
-    m = MEMORY_TARGET
-    row = gpu.get(("train", "cxrjax", m["size"], m["dtype"], m["remat"]))
-    value = row["bytes_per_image"] / GIB if row and row.get("bytes_per_image") else None
-    out.append({"target": f"train {m['size']}px {m['dtype']} remat: peak GiB per image <= "
-                          f"{m['bytes_per_image'] / GIB}",
-                "value": value, "status": _judge(value, value is not None and value * GIB <= m["bytes_per_image"])})
+            out.append(_target(f"train {size}px bfloat16 remat {remat}: cxrjax ÷ {peer} images/s >= {threshold}",
+                               value, value is not None and value >= threshold))
+    train = gpu.get(("train", "cxrjax", *full))
+    value = train.get("mfu") if train else None
+    out.append(_target(f"train {setting}: MFU >= {MFU_TARGET:.0%}", value, value is not None and value >= MFU_TARGET))
+    value = train["bytes_per_image"] / GIB if train and train.get("bytes_per_image") else None
+    out.append(_target(f"train {setting}: peak GiB per image <= {PEAK_BYTES_PER_IMAGE_TARGET / GIB}", value,
+                       value is not None and value * GIB <= PEAK_BYTES_PER_IMAGE_TARGET))
+    largest = {r["framework"]: r["batch"] for r in max_batch if r["status"] == "ok" and r["platform"] == "gpu"
+               and (r["size"], r["dtype"], r["remat"]) == full}
+    value = largest["cxrjax"] / largest["torch"] if largest.get("torch") and "cxrjax" in largest else None
+    out.append(_target(f"{setting}: largest batch under the budget, cxrjax ÷ torch >= {MAX_BATCH_RATIO_TARGET}",
+                       value, value is not None and value >= MAX_BATCH_RATIO_TARGET))
+    fed = gpu.get(("train_fed", "cxrjax", *full))
+    value = fed.get("fed_fraction") if fed else None
+    out.append(_target(f"train {setting}: grain-fed ÷ synthetic images/s >= {FED_FRACTION_TARGET}", value,
+                       value is not None and value >= FED_FRACTION_TARGET))
+    saved = next((r for r in rows if r["status"] == "ok" and r["task"] == "train" and r["framework"] == "cxrjax"
+                  and (r["size"], r["dtype"], r["remat"]) == full and r.get("saved_activation_bytes_per_image")), None)
+    value = saved["saved_activation_bytes_per_image"] / MIB if saved else None
+    out.append(_target(f"train {setting}: saved activations MiB per image <= {SAVED_ACTIVATIONS_TARGET / MIB:g} "
+                       "(any platform)", value, value is not None and value * MIB <= SAVED_ACTIVATIONS_TARGET))
     return out
 
 
-def _judge(value, passed: bool) -> str:
-    return "not measured" if value is None else ("met" if passed else "not met")
-
-
-def metadata(o: BenchOptions, command: str, rows: list[dict]) -> dict:
+def metadata(name: str, options: dict, command: str, rows: list[dict]) -> dict:
     ours = [r for r in rows if r["framework"] == "cxrjax" and r["status"] == "ok"]
     kind = ours[0]["device_kind"] if ours else None
     peak = device_peak(kind) if kind else None
@@ -197,10 +259,11 @@ def metadata(o: BenchOptions, command: str, rows: list[dict]) -> dict:
     if ours and ours[0]["platform"] == "cpu":
         notes.append(f"CPU run on a {os.cpu_count()}-core host: timings are indicative only (a shared CPU "
                      "is noisy) and MFU is undefined; GPU figures come from a run on a GPU.")
-    if o.scaling and ours and ours[0]["platform"] == "cpu":
+    if options.get("scaling") and ours and ours[0]["platform"] == "cpu":
         notes.append("Scaling on CPU uses simulated devices that share the same cores: it exercises the "
                      "data-parallel path, it does not measure scaling.")
     return {
+        "name": name,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command,
         "device": {"device_kind": kind, "platform": ours[0]["platform"] if ours else None,
@@ -208,6 +271,6 @@ def metadata(o: BenchOptions, command: str, rows: list[dict]) -> dict:
                    "peak_flops": dataclasses.asdict(peak) if peak else None},
         "host": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
         "versions": library_versions(),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(o).items()},
+        "options": options,
         "notes": notes,
     }

@@ -7,6 +7,10 @@ import dataclasses
 FRAMEWORKS = ("cxrjax", "torch", "torch_compile", "keras")
 PEERS = FRAMEWORKS[1:]
 DTYPES = ("float32", "bfloat16")
+# step: inference and training timed (plus the grain-fed step when `prepared` is set);
+# max_batch: the largest batch per device under `memory_budget_bytes`;
+# scaling: training on 1, 2, 4 and 8 devices.
+TASKS = ("step", "max_batch", "scaling")
 SCALING_DEVICES = (1, 2, 4, 8)
 WARMUP_STEPS = 2
 
@@ -17,26 +21,30 @@ class CaseSpec:
     arch: str  # a cxrjax arch: densenet121|densenet169|densenet201|tiny
     size: int  # square image side in pixels
     dtype: str  # compute dtype: float32 | bfloat16
-    remat: bool  # cxrjax remat; torchvision memory_efficient; Keras has none
+    remat: str  # cxrjax model.remat; torchvision memory_efficient unless "none"; Keras has none
     batch: int  # per device
     steps: int  # timed steps after WARMUP_STEPS
-    memory_budget_bytes: int = 0  # cxrjax: also find the largest batch that fits this
-    scaling: bool = False  # cxrjax: measure 1/2/4/8 devices instead of the plain case
-    prepared: str = ""  # cxrjax: also time the step fed by grain from this folder
+    task: str = "step"  # one of TASKS
+    memory_budget_bytes: int = 0  # max_batch: the budget per device
+    prepared: str = ""  # cxrjax step: also time the step fed by grain from this folder
     workers: int = 0  # grain decode processes for `prepared`
+    inference: bool = True  # step: also time inference (a short run may leave it out)
 
     def __post_init__(self):
-        if self.framework not in FRAMEWORKS:
-            raise ValueError(f"unknown framework {self.framework!r}; expected one of {', '.join(FRAMEWORKS)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        from cxrjax.models.densenet import REMAT_MODES  # lazily: `cxrjax --help` imports no flax
+
+        for field, value, allowed in (("framework", self.framework, FRAMEWORKS), ("dtype", self.dtype, DTYPES),
+                                      ("remat", self.remat, REMAT_MODES), ("task", self.task, TASKS)):
+            if value not in allowed:
+                raise ValueError(f"unknown {field} {value!r}; expected one of {', '.join(allowed)}")
         if self.size < 32 or self.batch < 1 or self.steps < 1:
             raise ValueError(f"need size >= 32, batch >= 1 and steps >= 1, got {self.size}, {self.batch}, {self.steps}")
+        if self.task == "max_batch" and self.memory_budget_bytes <= 0:
+            raise ValueError("a max_batch case needs a positive memory budget")
 
     def label(self) -> str:
-        remat = "remat" if self.remat else "no-remat"
-        kind = "scaling" if self.scaling else self.framework
-        return f"{kind} {self.arch} {self.size}px {self.dtype} {remat} batch {self.batch}"
+        kind = self.framework if self.task == "step" else f"{self.framework} {self.task}"
+        return f"{kind} {self.arch} {self.size}px {self.dtype} remat {self.remat} batch {self.batch}"
 
     def row(self, **fields) -> dict:
         """A result row that names this case; `fields` add the measured values."""
@@ -47,8 +55,16 @@ class CaseSpec:
         return {**base, **fields}
 
 
+def empty_result() -> dict:
+    return {"measurements": [], "max_batch": [], "scaling": []}
+
+
 def not_measured(spec: CaseSpec, status: str, reason: str) -> dict:
-    """The result of a case that was skipped (a peer without its library) or failed."""
-    tasks = ("scaling",) if spec.scaling else ("inference", "train")
-    rows = [spec.row(task=task, status=status, reason=reason) for task in tasks]
-    return {"measurements": [] if spec.scaling else rows, "max_batch": [], "scaling": rows if spec.scaling else []}
+    """The result of a case that was skipped (a peer without its library, the deadline) or failed."""
+    result = empty_result()
+    if spec.task == "step":
+        tasks = ("inference", "train") if spec.inference else ("train",)
+        result["measurements"] = [spec.row(task=task, status=status, reason=reason) for task in tasks]
+    else:
+        result[spec.task] = [spec.row(task=spec.task, status=status, reason=reason)]
+    return result

@@ -2,12 +2,14 @@
 
 A fresh process per case gives each case its own allocator peak, keeps JAX's GPU
 preallocation away from PyTorch, lets Keras choose its backend before it is imported,
-and confines an out-of-memory failure to its case.
+confines an out-of-memory failure to its case, and lets the runner stop a case at the
+run's deadline without losing the cases before it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +20,9 @@ def measure(spec: CaseSpec) -> dict:
     if spec.framework == "cxrjax":
         from cxrjax.bench import jax_case
 
-        return jax_case.measure_scaling(spec) if spec.scaling else jax_case.measure_case(spec)
+        run = {"step": jax_case.measure_case, "max_batch": jax_case.measure_max_batch,
+               "scaling": jax_case.measure_scaling}[spec.task]
+        return run(spec)
     from cxrjax.bench import peers
 
     return peers.measure_keras(spec) if spec.framework == "keras" else peers.measure_torch(spec)
@@ -27,11 +31,13 @@ def measure(spec: CaseSpec) -> dict:
 def main(argv: list[str] | None = None) -> int:
     spec_json, result_path = sys.argv[1:] if argv is None else argv
     spec = CaseSpec(**json.loads(spec_json))
-    if spec.scaling:  # on a CPU backend, simulate the devices; GPUs are what they are
+    if spec.task == "scaling":  # on a CPU backend, simulate the devices; GPUs are what they are
         import jax
 
         jax.config.update("jax_num_cpu_devices", max(SCALING_DEVICES))
-    Path(result_path).write_text(json.dumps(measure(spec)))
+    partial = Path(f"{result_path}.partial")
+    partial.write_text(json.dumps(measure(spec)))
+    os.replace(partial, result_path)
     return 0
 
 
