@@ -20,6 +20,7 @@ from cxrjax.eval.inference import Predictor, predict_for_evaluation, predict_par
 from cxrjax.eval.model_source import load_trained
 from cxrjax.findings import FINDINGS
 from tiny_run import write_run
+from train_helpers import SMOKE
 
 SIZE = 32
 OPTS = PrepareOptions(image_size=SIZE, source_size=64, records_per_shard=16, workers=1)
@@ -85,6 +86,9 @@ def test_edited_or_cut_index_is_refused_before_any_use(base, prep, tmp_path, cap
     pd.read_csv(train_index).iloc[5:].to_csv(train_index, index=False)
     with pytest.raises(PreparedDataError, match="train/index.csv was changed after `prepare`"):
         training_table(prep / "train", Balance(), seed=0)
+    code = main(["train", "--config", SMOKE, "--workdir", str(tmp_path / "run"), f"--config.data.prepared={prep}"])
+    assert code == 2
+    _one_line_error(capsys.readouterr(), str(train_index), "changed after `prepare`", REPAIR)
     with pytest.raises(PreparedDataError, match="train/index.csv was changed"):
         ShardedRecords(prep / "train")
 
@@ -96,7 +100,9 @@ def test_edited_or_cut_index_is_refused_before_any_use(base, prep, tmp_path, cap
         read_index(prep / "val")
 
     # Rerunning prepare repairs all of it without rewriting any shard.
+    mtimes = {p: p.stat().st_mtime_ns for p in prep.glob("*/*.tfrecord")}
     prepare(base / "nih", prep, OPTS)
+    assert {p: p.stat().st_mtime_ns for p in prep.glob("*/*.tfrecord")} == mtimes
     for part in ("train", "val", "test"):
         assert (prep / part / "index.csv").read_bytes() == (base / "prep" / part / "index.csv").read_bytes()
         read_index(prep / part)
@@ -165,7 +171,7 @@ def test_damaged_shard_stops_evaluate_with_one_line_naming_shard_and_offset(base
     assert code == 2
     _one_line_error(captured, str(shard), where, "re-run `cxrjax prepare`")
     # Training reads through the same source, also from grain's worker processes.
-    if damage == "flip":
+    if damage == "flip":  # `cxrjax train` prints the same error (its index case is tested above)
         source = ShardedRecords(prep / "test")
         loader = make_loader(source, batch_size=4, image_size=SIZE, seed=0, train=True, workers=1,
                              process_index=0, process_count=1)  # fmt: skip
