@@ -71,7 +71,9 @@ def _add_prepare(sub) -> None:
         manifest = prepare(args.nih_dir, args.out, opts)
         counts = ", ".join(f"{k} {v['images']}" for k, v in manifest["parts"].items())
         print(f"prepared {counts} images at {args.image_size}px in {args.out}"
-              f" ({manifest['skipped']['count']} skipped)")
+              f" ({manifest['skipped']['count']} skipped; {manifest['color_converted_to_gray']['count']} colour"
+              f" images made gray, {manifest['pngs_not_in_label_file']['count']} PNGs not in the label file,"
+              f" {manifest['label_rows_in_no_split']['count']} label rows in no split list)")
 
     p.set_defaults(func=_input_errors_to_exit(run))
 

@@ -290,8 +290,11 @@ def test_real_sample_end_to_end_at_1024(tf, nih_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["prepare", "--nih-dir", str(nih_dir), "--out", str(out), "--image-size", "1024",
                  "--skip-bad", "--workers", "1"])  # fmt: skip
-    assert code == 0 and "112056 skipped" in capsys.readouterr().out
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert code == 0 and "112056 skipped; 0 colour images made gray, 0 PNGs not in the label file" in last
     manifest = read_manifest(out)
+    # The six RGBA files have R = G = B: gray, not colour. Every row is in a split list.
+    assert manifest["color_converted_to_gray"]["count"] == 0 and manifest["label_rows_in_no_split"]["count"] == 0
     raw = pd.read_csv(nih_dir / "Data_Entry_2017_v2020.csv.gz").set_index("Image Index")
     pngs = sorted(p.name for p in (nih_dir / "images").glob("*.png"))
     assert len(pngs) == 64

@@ -82,9 +82,9 @@ def test_evaluate_checkpoint_writes_predictions_and_sklearn_aucs(prepared, tmp_p
 
 def test_tta_over_a_prepared_part_is_deterministic(prepared):
     predictor = Predictor(load_trained(prepared["run"]), batch_size=16)
-    ids, plain = predict_part(predictor, prepared["prep"] / "val", tta=1)
-    ids2, tta = predict_part(predictor, prepared["prep"] / "val", tta=3)
-    _, again = predict_part(predictor, prepared["prep"] / "val", tta=3)
+    ids, plain, _ = predict_part(predictor, prepared["prep"] / "val", tta=1)
+    ids2, tta, _ = predict_part(predictor, prepared["prep"] / "val", tta=3)
+    _, again, _ = predict_part(predictor, prepared["prep"] / "val", tta=3)
     assert list(ids) == list(ids2) and tta.shape == plain.shape == (len(ids), len(FINDINGS))
     np.testing.assert_array_equal(tta, again)
     assert np.abs(tta - plain).max() > 1e-5

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from google.protobuf import message
 from tensorflow_datasets.proto import tf_example_generated_pb2 as example_pb2
 
 from cxrjax.findings import NUM_FINDINGS
@@ -39,19 +40,27 @@ def encode(record: XrayRecord) -> bytes:
     return ex.SerializeToString(deterministic=True)
 
 
-def decode(payload: bytes) -> XrayRecord:
-    ex = example_pb2.Example.FromString(payload)
-    f = ex.features.feature
-    labels = np.asarray(f["labels"].float_list.value, np.float32)
-    if labels.shape != (NUM_FINDINGS,):
-        raise ValueError(f"record {f['image/id'].bytes_list.value[:1]} has {labels.shape} labels")
-    return XrayRecord(
-        image_png=f["image/png"].bytes_list.value[0],
-        image_id=f["image/id"].bytes_list.value[0].decode(),
-        labels=labels,
-        patient_id=f["patient_id"].int64_list.value[0],
-        follow_up=f["follow_up"].int64_list.value[0],
-        view=f["view"].bytes_list.value[0].decode(),
-        age=f["age"].int64_list.value[0],
-        sex=f["sex"].bytes_list.value[0].decode(),
-    )
+class DecodeError(ValueError):
+    """A record payload that is not a whole cxrjax example (only reachable when the
+    CRC was not checked, or the writer was not cxrjax)."""
+
+
+def decode(payload: bytes, source: str = "record") -> XrayRecord:
+    try:
+        ex = example_pb2.Example.FromString(payload)
+        f = ex.features.feature
+        labels = np.asarray(f["labels"].float_list.value, np.float32)
+        if labels.shape != (NUM_FINDINGS,):
+            raise DecodeError(f"{source}: record {f['image/id'].bytes_list.value[:1]} has {labels.shape} labels")
+        return XrayRecord(
+            image_png=f["image/png"].bytes_list.value[0],
+            image_id=f["image/id"].bytes_list.value[0].decode(),
+            labels=labels,
+            patient_id=f["patient_id"].int64_list.value[0],
+            follow_up=f["follow_up"].int64_list.value[0],
+            view=f["view"].bytes_list.value[0].decode(),
+            age=f["age"].int64_list.value[0],
+            sex=f["sex"].bytes_list.value[0].decode(),
+        )
+    except (message.DecodeError, IndexError, UnicodeDecodeError) as e:
+        raise DecodeError(f"{source}: not a readable example ({type(e).__name__}: {e})") from None

@@ -22,6 +22,12 @@ def decode_to_gray8(data: bytes, source: str) -> np.ndarray:
     """PNG bytes → uint8 [H, W]. RGB(A) with equal channels keeps its values; unequal
     channels use ITU-R 601 luma; a non-opaque alpha is composited over black; 16-bit
     values map linearly onto 0..255 (v / 257, rounded)."""
+    return decode_noting_color(data, source)[0]
+
+
+def decode_noting_color(data: bytes, source: str) -> tuple[np.ndarray, bool]:
+    """`decode_to_gray8`, and whether the image had colour (unequal RGB channels), which
+    no ChestX-ray14 file has: `prepare` counts such images instead of hiding them."""
     if not data.startswith(PNG_SIGNATURE):
         raise ImageError(f"{source}: not a PNG file (bad signature)")
     # libpng may hand back a partial picture from a cut-off file; the IEND chunk is the
@@ -36,19 +42,20 @@ def decode_to_gray8(data: bytes, source: str) -> np.ndarray:
     elif image.dtype != np.uint8:
         raise ImageError(f"{source}: unsupported PNG sample type {image.dtype}")
     if image.ndim == 2:
-        return image
+        return image, False
     if image.ndim != 3 or image.shape[2] not in (3, 4):
         raise ImageError(f"{source}: unsupported PNG layout with shape {image.shape}")
     color = image[..., :3]
-    if (color[..., 0] == color[..., 1]).all() and (color[..., 1] == color[..., 2]).all():
-        gray = np.ascontiguousarray(color[..., 0])
-    else:
+    is_color = not ((color[..., 0] == color[..., 1]).all() and (color[..., 1] == color[..., 2]).all())
+    if is_color:
         gray = cv2.cvtColor(color, cv2.COLOR_BGR2GRAY)
+    else:
+        gray = np.ascontiguousarray(color[..., 0])
     if image.shape[2] == 4:
         alpha = image[..., 3]
         if (alpha != 255).any():
             gray = ((gray.astype(np.uint32) * alpha + 127) // 255).astype(np.uint8)
-    return gray
+    return gray, is_color
 
 
 def resize_square(image: np.ndarray, size: int, source: str) -> np.ndarray:

@@ -82,13 +82,20 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
     if not path.exists():
         raise MetadataError(f"{path}: metadata file not found")
     # dtype=str: every cell is parsed by us, never guessed (ids keep leading zeros).
-    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:  # also a file holding only a byte-order mark
+        raise MetadataError(f"{path}: empty file; expected an NIH Data_Entry CSV with a header row") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise MetadataError(f"{path}: not a readable CSV ({str(e).strip().splitlines()[-1]})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
     if missing:
         raise MetadataError(
             f"{path}: missing column(s) {missing}; found {list(raw.columns)}"
         )
     n = len(raw)
+    if n == 0:
+        raise MetadataError(f"{path}: no image rows below the header")
     labels = np.zeros((n, len(FINDINGS)), np.int8)
     no_finding = np.zeros(n, bool)
     ages = np.zeros(n, np.int32)

@@ -20,7 +20,7 @@ import pandas as pd
 from cxrjax.data import examples, tfrecord
 from cxrjax.data.augment import AugmentConfig, random_affine
 from cxrjax.data.images import decode_record_png, to_model_size
-from cxrjax.data.prepare import PreparedDataError
+from cxrjax.data.prepare import INDEX, PreparedDataError, read_manifest, sha256_of
 from cxrjax.data.splits import keep_no_finding_fraction, oversample_repeats
 from cxrjax.findings import FINDINGS
 
@@ -34,10 +34,27 @@ class Balance:
     oversample_factor: int = 1
 
 
+REPAIR = "re-run `cxrjax prepare` with the same options to repair it"
+
+
 def read_index(part_dir: str | Path) -> pd.DataFrame:
-    path = Path(part_dir) / "index.csv"
+    """A part's index.csv, after checking it is the one `prepare` wrote: its sha256 and
+    row count must match the manifest, so an edited or cut index never selects, drops
+    or relabels records silently."""
+    part_dir = Path(part_dir)
+    path = part_dir / INDEX
     if not path.exists():
         raise PreparedDataError(f"{path} not found: is {part_dir} a part of a prepared dataset?")
+    manifest_path = part_dir.parent / "manifest.json"
+    recorded = read_manifest(part_dir.parent).get("parts", {}).get(part_dir.name, {})
+    if "index_sha256" not in recorded:
+        raise PreparedDataError(f"{manifest_path} records no checksum of {path} (an older or unfinished "
+                                f"prepare); {REPAIR}")  # fmt: skip
+    if sha256_of(path) != recorded["index_sha256"]:
+        with open(path, "rb") as f:
+            rows = max(sum(1 for _ in f) - 1, 0)
+        raise PreparedDataError(f"{path} was changed after `prepare` wrote it ({rows} rows, {manifest_path} "
+                                f"says {recorded.get('images')} images; sha256 differs); {REPAIR}")  # fmt: skip
     return pd.read_csv(path, dtype={"image_id": str, "shard": str})
 
 
@@ -60,6 +77,20 @@ class ShardedRecords(grain.RandomAccessDataSource):
         self.verify_crc = verify_crc
         self._files: dict[int, int] = {}
         self._pid = None
+        self._check_shard_sizes(table)
+
+    def _check_shard_sizes(self, table: pd.DataFrame) -> None:
+        """A deleted or cut shard fails here, before any training or prediction starts."""
+        ends = (table["offset"] + table["length"]).groupby(table["shard"]).max()
+        for shard, end in ends.items():
+            path = self.part_dir / shard
+            try:
+                size = path.stat().st_size
+            except OSError as e:
+                raise PreparedDataError(f"{path}: cannot read ({e.strerror}); {REPAIR}") from None
+            if size < end:
+                raise PreparedDataError(f"{path}: {size} bytes, its records end at byte {end} (truncated); "
+                                        f"{REPAIR}")  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -84,14 +115,18 @@ class ShardedRecords(grain.RandomAccessDataSource):
     def __getitem__(self, key: int) -> dict:
         key = int(key)
         shard = int(self.shard_index[key])
-        payload = tfrecord.read_at(
-            self._file(shard), int(self.offsets[key]), f"{self.part_dir / self.shards[shard]}", self.verify_crc
-        )
-        record = examples.decode(payload)
+        path, offset = self.part_dir / self.shards[shard], int(self.offsets[key])
+        try:
+            payload = tfrecord.read_at(self._file(shard), offset, str(path), self.verify_crc)
+            record = examples.decode(payload, f"{path}: record at byte {offset}")
+        except OSError as e:
+            raise PreparedDataError(f"{path}: cannot read ({e.strerror}); {REPAIR}") from None
+        except (tfrecord.RecordError, examples.DecodeError) as e:  # one-line, picklable across grain workers
+            raise PreparedDataError(f"{e}; the shard is damaged: {REPAIR}") from None
         if record.image_id != self.image_ids[key]:
-            raise ValueError(
-                f"{self.part_dir}: index says {self.image_ids[key]} at record {key}, "
-                f"shard holds {record.image_id}; the index does not match the shards"
+            raise PreparedDataError(
+                f"{path}: the index says {self.image_ids[key]} at byte {offset}, the shard holds "
+                f"{record.image_id}; {REPAIR}"
             )
         return {"png": record.image_png, "labels": record.labels, "key": key}
 
@@ -197,6 +232,20 @@ def make_loader(
         worker_count=workers,
         shard_options=shard,
     )
+
+
+def labels_table(image_ids, labels: np.ndarray) -> pd.DataFrame:
+    """Ground truth for evaluation from the records' own labels [N, 14] (FINDINGS order)."""
+    table = pd.DataFrame(np.asarray(labels).astype(np.int8), columns=list(FINDINGS))
+    table.insert(0, "image_id", np.asarray(image_ids, dtype=object))
+    return table
+
+
+def record_labels(part_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(image ids, labels [N, 14]) of every record of a part, read from the shards."""
+    source = ShardedRecords(part_dir)
+    labels = [source[k]["labels"] for k in range(len(source))]
+    return source.image_ids, np.stack(labels) if labels else np.zeros((0, len(FINDINGS)), np.float32)
 
 
 def label_prevalence(part_dir: str | Path) -> np.ndarray:

@@ -9,7 +9,8 @@ Layout of OUT:
     <part>/index.csv               every record of the part: shard, offset, labels
 
 Shards are written under a temporary name and renamed when whole, so a rerun skips
-finished shards and redoes a half-written one.
+finished shards and redoes a half-written one; a finished shard whose bytes no longer
+match its recorded sha256 is rebuilt, with a warning naming it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 from dataclasses import asdict
@@ -35,6 +37,10 @@ from cxrjax.findings import FINDINGS
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
+INDEX = "index.csv"
+SHOWN = 1000  # image ids listed in the manifest per kind of finding; the count is always exact
+
+log = logging.getLogger(__name__)
 
 
 class PreparedDataError(ValueError):
@@ -62,20 +68,21 @@ def _is_plain_gray8(data: bytes) -> bool:
     return len(data) > 26 and data[12:16] == b"IHDR" and data[24] == 8 and data[25] == 0
 
 
-def _load(path: Path, image_id: str, size: int, source_size: int) -> bytes:
+def _load(path: Path, image_id: str, size: int, source_size: int) -> tuple[bytes, bool]:
+    """(record PNG, whether the source had colour)."""
     source = str(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise images.ImageError(f"{source}: cannot read ({e.strerror})") from e
-    gray = images.decode_to_gray8(data, source)
+    gray, color = images.decode_noting_color(data, source)
     h, w = gray.shape
     if h != w or (source_size and (h, w) != (source_size, source_size)):
         expected = f"{source_size}x{source_size}" if source_size else "square"
         raise images.ImageError(f"{source}: unexpected size {w}x{h}, expected {expected}")
     if (h, w) == (size, size) and _is_plain_gray8(data):
-        return data  # already what a record holds: keep the original bytes
-    return images.encode_png(images.resize_square(gray, size, source))
+        return data, False  # already what a record holds: keep the original bytes
+    return images.encode_png(images.resize_square(gray, size, source)), color
 
 
 def write_shard(task: dict) -> dict:
@@ -83,17 +90,19 @@ def write_shard(task: dict) -> dict:
     out = Path(task["path"])
     tmp = out.with_suffix(".tmp")
     digest = hashlib.sha256()
-    entries, skipped = [], []
+    entries, skipped, colored = [], [], []
     offset = 0
     with open(tmp, "wb") as f:
         for row in task["rows"]:
             try:
-                png = _load(Path(row["file"]), row["image_id"], task["image_size"], task["source_size"])
+                png, color = _load(Path(row["file"]), row["image_id"], task["image_size"], task["source_size"])
             except images.ImageError as e:
                 if not task["skip_bad"]:
                     raise
                 skipped.append({"image_id": row["image_id"], "reason": str(e)})
                 continue
+            if color:
+                colored.append(row["image_id"])
             record = examples.XrayRecord(
                 image_png=png,
                 image_id=row["image_id"],
@@ -109,7 +118,8 @@ def write_shard(task: dict) -> dict:
             digest.update(framed)
             entries.append({"image_id": row["image_id"], "offset": offset, "length": len(framed)})
             offset += len(framed)
-    index = {"shard": out.name, "sha256": digest.hexdigest(), "records": entries, "skipped": skipped}
+    index = {"shard": out.name, "sha256": digest.hexdigest(), "records": entries, "skipped": skipped,
+             "color": colored}
     index_path = _index_path(out)
     index_tmp = index_path.with_suffix(".tmp")
     index_tmp.write_text(json.dumps(index))
@@ -124,15 +134,23 @@ def _index_path(shard: Path) -> Path:
 
 def _shard_is_done(path: Path, skip_bad: bool) -> bool:
     """A shard a rerun may keep: its index exists and the file holds exactly the indexed
-    bytes (a truncated or half-copied shard is redone). Without --skip-bad, a shard
+    bytes, checked by size and sha256 (a truncated, half-copied or bit-flipped shard is
+    redone, with a warning when it had been finished). Without --skip-bad, a shard
     that skipped images is redone too, so the bad image is reported."""
     try:
         index = json.loads(_index_path(path).read_text())
         size = path.stat().st_size
     except (OSError, ValueError):
         return False
-    whole = size == sum(r["length"] for r in index["records"])
-    return whole and (skip_bad or not index["skipped"])
+    expected = sum(r["length"] for r in index["records"])
+    if size != expected:
+        log.warning("%s: %d bytes, its index says %d: rebuilding the damaged shard", path, size, expected)
+        return False
+    if sha256_of(path) != index["sha256"]:
+        log.warning("%s: sha256 does not match the one recorded when it was written: rebuilding the "
+                    "damaged shard", path)  # fmt: skip
+        return False
+    return skip_bad or not index["skipped"]
 
 
 def _plan(table: pd.DataFrame, part: pd.Series, files: dict[str, Path], opts: PrepareOptions):
@@ -162,7 +180,7 @@ def _plan(table: pd.DataFrame, part: pd.Series, files: dict[str, Path], opts: Pr
     return plan
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -184,6 +202,8 @@ def prepare(nih_dir: str | Path, out: str | Path, opts: PrepareOptions) -> dict:
         seed=opts.seed,
     )
     files = locate_images(nih_dir)
+    unlisted = sorted(set(files) - set(table["image_id"]))
+    unassigned = table["image_id"][(part == "").to_numpy()].tolist()
     missing = (part != "").to_numpy() & ~table["image_id"].isin(files.keys()).to_numpy()
     if missing.any() and not opts.skip_bad:
         shown = ", ".join(table["image_id"][missing][:5])
@@ -242,7 +262,8 @@ def prepare(nih_dir: str | Path, out: str | Path, opts: PrepareOptions) -> dict:
                 pool.shutdown(cancel_futures=True)  # report now, not after every shard
                 raise
     bar.close()
-    return _finish(out, table, tasks, settings, opts, missing_rows)
+    unused = {"pngs_not_in_label_file": unlisted, "label_rows_in_no_split": unassigned}
+    return _finish(out, table, tasks, settings, opts, missing_rows, unused)
 
 
 def _check_same_plan(previous: dict, plan_doc: dict, out: Path) -> None:
@@ -269,15 +290,20 @@ def _check_same_plan(previous: dict, plan_doc: dict, out: Path) -> None:
         )
 
 
-def _finish(out, table, tasks, settings, opts, skipped: list[dict]) -> dict:
+def _listing(ids: list[str]) -> dict:
+    return {"count": len(ids), "images": ids[:SHOWN]}
+
+
+def _finish(out, table, tasks, settings, opts, skipped: list[dict], unused: dict[str, list[str]]) -> dict:
     by_id = table.set_index("image_id")
-    parts, shards_doc = {}, []
+    parts, shards_doc, colored = {}, [], []
     for name in PARTS:
         rows = []
         for task in (t for t in tasks if Path(t["path"]).parent.name == name):
             path = Path(task["path"])
             index = json.loads(_index_path(path).read_text())
             skipped += [{**s, "part": name} for s in index["skipped"]]
+            colored += index.get("color", [])
             shards_doc.append(
                 {"file": f"{name}/{path.name}", "records": len(index["records"]), "sha256": index["sha256"]}
             )
@@ -285,7 +311,7 @@ def _finish(out, table, tasks, settings, opts, skipped: list[dict]) -> dict:
         frame = pd.DataFrame(rows, columns=["shard", "image_id", "offset", "length"])
         meta = by_id.loc[frame["image_id"], ["patient_id", "no_finding", *FINDINGS]].reset_index(drop=True)
         frame = pd.concat([frame, meta], axis=1)
-        frame.to_csv(out / name / "index.csv", index=False)
+        frame.to_csv(out / name / INDEX, index=False)
         labels = label_matrix(frame) if len(frame) else np.zeros((0, len(FINDINGS)))
         parts[name] = {
             "images": len(frame),
@@ -293,6 +319,8 @@ def _finish(out, table, tasks, settings, opts, skipped: list[dict]) -> dict:
             "positives": {f: int(v) for f, v in zip(FINDINGS, labels.sum(0))},
             "frequency": {f: float(v) for f, v in zip(FINDINGS, labels.mean(0))} if len(frame) else {},
             "no_finding": int(frame["no_finding"].sum()),
+            # Checked before every use of the index (`pipeline.read_index`).
+            "index_sha256": sha256_of(out / name / INDEX),
         }
     if skipped:
         pd.DataFrame(skipped).to_csv(out / "skipped.csv", index=False)
@@ -302,7 +330,7 @@ def _finish(out, table, tasks, settings, opts, skipped: list[dict]) -> dict:
         "image_size": opts.image_size,
         "split": opts.split,
         **settings,
-        "label_file_sha256": _sha256(Path(settings["label_file"])),
+        "label_file_sha256": sha256_of(Path(settings["label_file"])),
         "synthetic": (Path(settings["nih_dir"]) / synth.MARKER).exists(),
         "parts": parts,
         "shards": shards_doc,
@@ -310,8 +338,12 @@ def _finish(out, table, tasks, settings, opts, skipped: list[dict]) -> dict:
             "count": len(skipped),
             "file": "skipped.csv" if skipped else None,
             # Listed in full unless it is the bulk of a partial download.
-            "images": skipped if len(skipped) <= 1000 else "see skipped.csv",
+            "images": skipped if len(skipped) <= SHOWN else "see skipped.csv",
         },
+        # Prepared, but worth knowing: ChestX-ray14 has no colour images, and every PNG
+        # and label row of a whole download belongs to the split.
+        "color_converted_to_gray": _listing(sorted(colored)),
+        **{kind: _listing(ids) for kind, ids in unused.items()},
     }
     text = json.dumps(manifest, indent=1)
     (out / MANIFEST).write_text(text)

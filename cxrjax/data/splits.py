@@ -44,7 +44,8 @@ def read_image_list(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise MetadataError(f"{path}: split list not found")
-    names = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    # utf-8-sig: a byte-order mark from a spreadsheet export is not part of the first name.
+    names = [line.split()[0] for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if len(set(names)) != len(names):
         dup = pd.Series(names)[pd.Series(names).duplicated()].iloc[0]
         raise MetadataError(f"{path}: image {dup!r} listed twice")
@@ -57,7 +58,7 @@ def read_labelled_split(path: str | Path) -> pd.DataFrame:
     if not path.exists():
         raise MetadataError(f"{path}: split list not found")
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.split()
@@ -69,6 +70,8 @@ def read_labelled_split(path: str | Path) -> pd.DataFrame:
         if any(v not in ("0", "1") for v in fields[1:]):
             raise MetadataError(f"{path}: line {lineno}: labels must be 0 or 1: {fields[1:]}")
         rows.append([fields[0], *map(int, fields[1:])])
+    if not rows:
+        raise MetadataError(f"{path}: no image rows (empty split list)")
     table = pd.DataFrame(rows, columns=["image_id", *CHEXNET_FILE_ORDER])
     if table["image_id"].duplicated().any():
         dup = table["image_id"][table["image_id"].duplicated()].iloc[0]

@@ -41,14 +41,18 @@ def read_at(fd: int, offset: int, source: str = "record", verify: bool = True) -
     if len(head) != 12:
         raise RecordError(f"{source}: no record header at byte {offset}")
     (length,) = struct.unpack("<Q", head[:8])
+    # A damaged length field is caught before it sizes a read (it could ask for exabytes).
+    if verify and struct.unpack("<I", head[8:])[0] != masked_crc(head[:8]):
+        raise RecordError(f"{source}: CRC mismatch in the length field of the record at byte {offset}")
+    if offset + 12 + length + 4 > os.fstat(fd).st_size:
+        raise RecordError(f"{source}: record at byte {offset} is truncated")
     body = os.pread(fd, length + 4, offset + 12)
     if len(body) != length + 4:
         raise RecordError(f"{source}: record at byte {offset} is truncated")
     payload = body[:length]
     if verify:
-        (length_crc,) = struct.unpack("<I", head[8:])
         (payload_crc,) = struct.unpack("<I", body[length:])
-        if length_crc != masked_crc(head[:8]) or payload_crc != masked_crc(payload):
+        if payload_crc != masked_crc(payload):
             raise RecordError(f"{source}: CRC mismatch in record at byte {offset}")
     return payload
 

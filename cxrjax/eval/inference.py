@@ -116,8 +116,9 @@ def predict_files(predictor: Predictor, files: list[tuple[str, Path]], tta: int 
 
 
 def predict_part(predictor: Predictor, part_dir: str | Path, tta: int = 1):
-    """(ids, probs [N, 14]) over every record of a prepared part, in index order, read
-    and resized by the training loader (`make_loader`, evaluation mode)."""
+    """(ids, probs [N, 14], labels [N, 14]) over every record of a prepared part, in
+    index order, read and resized by the training loader (`make_loader`, evaluation
+    mode); ids and labels are the records' own."""
     from cxrjax.data.pipeline import ShardedRecords, make_loader
 
     source = ShardedRecords(part_dir)
@@ -125,13 +126,14 @@ def predict_part(predictor: Predictor, part_dir: str | Path, tta: int = 1):
         raise InferenceError(f"{part_dir}: the part holds no images")
     loader = make_loader(source, batch_size=predictor.batch_size, image_size=predictor.trained.image_size,
                          seed=0, train=False, process_index=0, process_count=1)  # fmt: skip
-    keys, probs = [], []
+    keys, probs, labels = [], [], []
     for batch in loader:
         keys.append(np.asarray(batch["key"]))
         probs.append(predictor.probs(np.asarray(batch["image"]), tta))
-    keys, probs = np.concatenate(keys), np.concatenate(probs)
+        labels.append(np.asarray(batch["labels"]))
+    keys, probs, labels = np.concatenate(keys), np.concatenate(probs), np.concatenate(labels)
     order = np.argsort(keys, kind="stable")
-    return source.image_ids[keys[order]], probs[order]
+    return source.image_ids[keys[order]], probs[order], labels[order]
 
 
 def run_predict(weights, paths, out_csv, *, heatmaps=None, top_k: int = 1, tta: int = 1,
@@ -172,12 +174,12 @@ def predict_for_evaluation(checkpoint, data=None, part: str = "test", *, labels=
     """Predict a prepared part for `evaluate_predictions`: its ids, probs and labels, the
     validation (ids, probs, labels) to choose thresholds on, sources and run description.
 
-    Labels default to the parts' index.csv; `labels` / `val_labels` (NIH metadata or
-    labelled split lists) replace them. Validation predictions are `val_predictions` (a
+    Labels default to the ones stored in the parts' records; `labels` / `val_labels`
+    (NIH metadata or labelled split lists) replace them. Validation predictions are `val_predictions` (a
     CSV) when given, else the prepared val part predicted by the same model, as the
     trainer does (none when evaluating the val part itself).
     """
-    from cxrjax.data.pipeline import read_index
+    from cxrjax.data.pipeline import labels_table, read_index
     from cxrjax.data.prepare import read_manifest
     from cxrjax.eval.labels import read_labels
 
@@ -192,13 +194,16 @@ def predict_for_evaluation(checkpoint, data=None, part: str = "test", *, labels=
         raise InferenceError(f"{data}: not a finished `cxrjax prepare` output (manifest.json and "
                              f"{part}/index.csv expected)")  # fmt: skip
     manifest = read_manifest(data)
-    label_table = read_labels(labels) if labels else read_index(part_dir)  # bad labels fail before inference
+    label_table = read_labels(labels) if labels else None  # bad labels fail before inference
+    read_index(part_dir)  # and so does a damaged index
     # A run gives its own image size; bare weights take the prepared records' size.
     trained = load_trained(checkpoint, None if workdir is not None else manifest["image_size"])
     predictor = Predictor(trained, batch_size)
-    ids, probs = predict_part(predictor, part_dir, tta)
+    ids, probs, record_labels = predict_part(predictor, part_dir, tta)
+    if label_table is None:
+        label_table = labels_table(ids, record_labels)
     sources = {"checkpoint": str(trained.weights_dir), "data": str(part_dir),
-               "labels": str(labels or part_dir / "index.csv"), "tta": str(tta)}  # fmt: skip
+               "labels": str(labels or f"{part_dir} (labels stored in the records)"), "tta": str(tta)}  # fmt: skip
     skip_val = part == "val" and not val_predictions
     val = None if skip_val else _validation(predictor, data / "val", val_predictions, val_labels or labels, tta, sources)
     run = None
@@ -212,21 +217,25 @@ def predict_for_evaluation(checkpoint, data=None, part: str = "test", *, labels=
 
 def _validation(predictor, val_dir: Path, val_predictions, label_file, tta: int, sources: dict):
     """(ids, probs, labels) of the validation predictions, or None without any."""
-    from cxrjax.data.pipeline import read_index
+    from cxrjax.data.pipeline import labels_table, read_index, record_labels
     from cxrjax.eval.labels import read_labels
     from cxrjax.eval.predictions import read_predictions
 
     has_part = (val_dir / "index.csv").is_file() and len(read_index(val_dir)) > 0
+    part_labels = None
     if val_predictions:
         v = read_predictions(val_predictions)
         ids, probs = v.image_ids, v.probs
         sources["val_predictions"] = str(val_predictions)
     elif has_part:
-        ids, probs = predict_part(predictor, val_dir, tta)
+        ids, probs, labels = predict_part(predictor, val_dir, tta)
+        part_labels = labels_table(ids, labels)
         sources["val_predictions"] = f"{val_dir} (predicted by the same model)"
     else:
         return None
     if label_file is None and not has_part:
         raise InferenceError(f"{val_dir}: no labelled val part; pass --val-labels for --val-predictions")
-    sources["val_labels"] = str(label_file or val_dir / "index.csv")
-    return ids, probs, read_labels(label_file) if label_file else read_index(val_dir)
+    sources["val_labels"] = str(label_file or f"{val_dir} (labels stored in the records)")
+    if label_file:
+        return ids, probs, read_labels(label_file)
+    return ids, probs, part_labels if part_labels is not None else labels_table(*record_labels(val_dir))

@@ -33,6 +33,8 @@ BN_VARIABLES = {  # flax (collection, name) <- keras variable
 CONV_VARIABLES = {("params", "kernel"): "kernel"}
 DENSE_VARIABLES = {("params", "kernel"): "kernel", ("params", "bias"): "bias"}
 INIT_SIZE = 64  # smallest convenient input for shape inference; DenseNet needs >= 32 px
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+TORCH_SIGNATURES = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive, or a legacy pickle (protocol >= 2)
 
 
 def read_layers(source: str | Path, model_cfg) -> tuple[str, LayerTensors]:
@@ -40,13 +42,21 @@ def read_layers(source: str | Path, model_cfg) -> tuple[str, LayerTensors]:
     source = Path(source)
     if not source.is_file():
         raise FileNotFoundError(f"weights file {source} does not exist")
-    if h5py.is_hdf5(source):
-        with h5py.File(source, "r") as f:
-            legacy = is_legacy_h5(f)
-        if legacy:
-            return "keras-legacy-h5", read_legacy_h5(source)
-        order = keras_layer_names(arch_spec(model_cfg.arch).block_config)
-        return "keras3-weights-h5", read_keras3_weights_h5(source, order)
+    with open(source, "rb") as f:
+        head = f.read(8)
+    if h5py.is_hdf5(source) or head == HDF5_SIGNATURE:
+        try:
+            with h5py.File(source, "r") as f:
+                legacy = is_legacy_h5(f)
+            if legacy:
+                return "keras-legacy-h5", read_legacy_h5(source)
+            order = keras_layer_names(arch_spec(model_cfg.arch).block_config)
+            return "keras3-weights-h5", read_keras3_weights_h5(source, order)
+        except OSError as e:  # h5py's messages name no file
+            raise WeightsError(f"{source}: a damaged or truncated HDF5 file ({e})") from None
+    if not head.startswith(TORCH_SIGNATURES):
+        raise WeightsError(f"{source}: neither an HDF5 file (Keras .h5, .weights.h5) nor a torch checkpoint "
+                           f"(zip or pickle); it starts with {head!r}")  # fmt: skip
     from cxrjax.models.torch_state_dict import read_torch_state_dict
 
     return "torchvision-state-dict", read_torch_state_dict(source)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from cxrjax.data.augment import AugmentConfig
 from cxrjax.data.normalize import measure_mean_std, stats_for
-from cxrjax.data.pipeline import Balance, ShardedRecords, make_loader, read_index, training_table
+from cxrjax.data.pipeline import Balance, ShardedRecords, labels_table, make_loader, training_table
 from cxrjax.data.prepare import PreparedDataError, read_manifest
 from cxrjax.eval.metrics import roc_auc
 from cxrjax.findings import FINDINGS
@@ -127,7 +127,8 @@ def _host(metrics) -> dict:
 
 
 def predict(state, eval_step, source, config, mesh, image_size: int):
-    """(keys, probs, logits) over every record of `source`, in record order."""
+    """(keys, probs, logits, labels) over every record of `source`, in record order; the
+    labels are the records' own (CRC-checked), not the index's."""
     global_batch = config.eval.batch_size or config.global_batch_size
     local = per_process_batch(global_batch, mesh)
     loader = make_loader(source, batch_size=local, image_size=image_size, seed=config.seed, train=False)
@@ -135,25 +136,27 @@ def predict(state, eval_step, source, config, mesh, image_size: int):
     # process reads a contiguous range of at most ceil(n / P) records.
     n_batches = -(-(-(-len(source) // jax.process_count())) // local)
     it = iter(loader)
-    keys, probs, logits = [], [], []
+    keys, probs, logits, labels = [], [], [], []
     for _ in range(n_batches):
         batch = next(it, None)
         n = 0 if batch is None else len(batch["key"])
         images = np.zeros((local, image_size, image_size, 1), np.uint8)
         key = np.full(local, -1, np.int32)
+        label = np.zeros((local, len(FINDINGS)), np.float32)
         if n:
-            images[:n], key[:n] = batch["image"], batch["key"]
-        batch = to_global({"image": images, "key": key}, mesh)
+            images[:n], key[:n], label[:n] = batch["image"], batch["key"], batch["labels"]
+        batch = to_global({"image": images, "key": key, "labels": label}, mesh)
         out = eval_step(state, {"image": batch["image"]})
-        # Keys travel as a global array too, so they line up with the outputs by construction.
-        gathered = _to_host({"key": batch["key"], **out})
+        # Keys and labels travel as global arrays too, so they line up with the outputs by construction.
+        gathered = _to_host({"key": batch["key"], "labels": batch["labels"], **out})
         keys.append(gathered["key"])
         probs.append(np.asarray(gathered["probs"], np.float64))
         logits.append(np.asarray(gathered["logits"], np.float32))
-    keys, probs, logits = np.concatenate(keys), np.concatenate(probs), np.concatenate(logits)
+        labels.append(np.asarray(gathered["labels"], np.float32))
+    keys, probs, logits, labels = (np.concatenate(a) for a in (keys, probs, logits, labels))
     valid = keys >= 0
     order = np.argsort(keys[valid], kind="stable")
-    return keys[valid][order], probs[valid][order], logits[valid][order]
+    return keys[valid][order], probs[valid][order], logits[valid][order], labels[valid][order]
 
 
 def _to_host(tree):
@@ -163,8 +166,8 @@ def _to_host(tree):
     return jax.device_get(tree)
 
 
-def validate(state, eval_step, source, labels, loss_fn, config, mesh, workdir: Path) -> dict:
-    _, probs, logits = predict(state, eval_step, source, config, mesh, config.data.image_size)
+def validate(state, eval_step, source, loss_fn, config, mesh, workdir: Path) -> dict:
+    _, probs, logits, labels = predict(state, eval_step, source, config, mesh, config.data.image_size)
     if not np.isfinite(logits).all():
         raise TrainingDiverged(
             f"validation outputs are not finite at step {int(state.step)} although training was. {_kept(workdir)}"
@@ -241,7 +244,6 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
         )
     if config.epochs < 1:
         raise ValueError(f"epochs is {config.epochs}; train at least one epoch")
-    val_labels = read_index(prepared / "val")[list(FINDINGS)].to_numpy(np.float32)
     global_batch = config.global_batch_size
     local_batch = per_process_batch(global_batch, mesh)
     steps_per_epoch = len(train_src) // global_batch
@@ -326,7 +328,7 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
             if stopped:
                 break
             _check_finite(_host(metrics), step, workdir)
-            val = validate(state, eval_step, val_src, val_labels, loss_fn, config, mesh, workdir)
+            val = validate(state, eval_step, val_src, loss_fn, config, mesh, workdir)
             if config.optim.schedule == "plateau":
                 scale = np.float32(plateau.update(val["val_loss"]))
                 state = state.replace(lr_scale=jax.device_put(scale, replicated(mesh)))
@@ -369,18 +371,18 @@ def _finish(config, workdir, manager, state, eval_step, mesh, prepared, manifest
     summary = {"best_step": int(best), "weights": str(weights_dir), "split": manifest["split"],
                "image_size": config.data.image_size}
     if config.eval.test:
-        test_index = read_index(prepared / "test")
-        keys, probs, _ = predict(state, eval_step, ShardedRecords(prepared / "test"), config, mesh, config.data.image_size)
-        val_index = read_index(prepared / "val")
-        val_keys, val_probs, _ = predict(state, eval_step, ShardedRecords(prepared / "val"), config, mesh, config.data.image_size)
+        test_src, val_src = ShardedRecords(prepared / "test"), ShardedRecords(prepared / "val")
+        keys, probs, _, labels = predict(state, eval_step, test_src, config, mesh, config.data.image_size)
+        val_keys, val_probs, _, val_labels = predict(state, eval_step, val_src, config, mesh, config.data.image_size)
         if jax.process_index() == 0:
-            ids = test_index["image_id"].to_numpy()[keys]
+            # Ids and labels as the records hold them (each read checks the id against the index).
+            ids, val_ids = test_src.image_ids[keys], val_src.image_ids[val_keys]
             out = workdir / "test"
             out.mkdir(exist_ok=True)
             write_predictions(out / "predictions.csv", ids, probs)
             metrics = evaluate_predictions(
-                ids, probs, test_index, out_dir=out,
-                val=(val_index["image_id"].to_numpy()[val_keys], val_probs, val_index),
+                ids, probs, labels_table(ids, labels), out_dir=out,
+                val=(val_ids, val_probs, labels_table(val_ids, val_labels)),
                 n_bootstrap=config.eval.bootstrap, seed=config.seed,
                 run=_run_info(config, manifest, workdir),
             )
