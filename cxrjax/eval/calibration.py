@@ -63,7 +63,7 @@ def fit_platt(y: np.ndarray, p: np.ndarray) -> tuple[float, float] | None:
     when the validation part has a single class (nothing to fit)."""
     if not 0 < int(np.sum(y)) < len(y):
         return None
-    model = LogisticRegression(penalty=None, max_iter=1000).fit(_logit(p)[:, None], y)
+    model = LogisticRegression(C=np.inf, max_iter=1000).fit(_logit(p)[:, None], y)
     return float(model.coef_[0, 0]), float(model.intercept_[0])
 
 

@@ -44,14 +44,16 @@ def _undefined_reason(y: np.ndarray) -> str:
     return f"no {which} among the group's {len(y)} images"
 
 
-def _replicates(labels, probs, patient_ids, masks, n, seed) -> dict:
+def _point_aucs(labels, probs, masks) -> dict:
+    """scikit-learn's AUC per (attribute, group, finding); None where one class only."""
+    return {(attr, g, j): roc_auc(labels[mask, j], probs[mask, j])
+            for attr, groups in masks.items() for g, mask in groups.items()
+            for j in range(len(FINDINGS))}  # fmt: skip
+
+
+def _replicates(labels, probs, patient_ids, masks, points, n, seed) -> dict:
     """AUC replicates [n] per (attribute, group, finding) where the point AUC is defined."""
-    wanted = {}
-    for attr, groups in masks.items():
-        for g, mask in groups.items():
-            for j in range(len(FINDINGS)):
-                if roc_auc(labels[mask, j], probs[mask, j]) is not None:
-                    wanted[(attr, g, j)] = np.full(n, np.nan)
+    wanted = {key: np.full(n, np.nan) for key, auc in points.items() if auc is not None}
     chunk = max(1, _CHUNK_ELEMENTS // max(1, len(labels)))
     row = 0
     for w in patient_weights(patient_ids, n, seed, chunk):
@@ -63,11 +65,11 @@ def _replicates(labels, probs, patient_ids, masks, n, seed) -> dict:
     return wanted
 
 
-def _group(labels, probs, patient_ids, mask, reps, attr, g) -> dict:
+def _group(labels, patient_ids, mask, points, reps, attr, g) -> dict:
     findings, defined = {}, []
     for j, f in enumerate(FINDINGS):
         y = labels[mask, j]
-        auc = roc_auc(y, probs[mask, j])
+        auc = points[(attr, g, j)]
         findings[f] = {
             "auc": auc,
             "auc_ci": percentile_ci(reps[(attr, g, j)]) if auc is not None else None,
@@ -97,8 +99,8 @@ def _gap(scores: dict[str, float], reps_of) -> dict | None:
             "ci": percentile_ci(reps_of(high) - reps_of(low))}  # fmt: skip
 
 
-def _attribute(labels, probs, patient_ids, groups, reps, attr) -> dict:
-    out = {"groups": {g: _group(labels, probs, patient_ids, m, reps, attr, g) for g, m in groups.items()}}
+def _attribute(labels, patient_ids, groups, points, reps, attr) -> dict:
+    out = {"groups": {g: _group(labels, patient_ids, m, points, reps, attr, g) for g, m in groups.items()}}
     assigned = np.any(list(groups.values()), axis=0)
     out["n_unassigned"] = int((~assigned).sum())
     gaps = {}
@@ -135,8 +137,9 @@ def subgroup_metrics(labels, probs, patient_ids, meta: pd.DataFrame | None, n_bo
                 "reason": "the labels carry no sex/age/view metadata (a split list or an "
                 "index.csv from before they were recorded); pass the Data_Entry file as --labels"}  # fmt: skip
     masks = group_masks(meta)
-    reps = _replicates(labels, probs, np.asarray(patient_ids), masks, n_bootstrap, seed)
-    attributes = {a: _attribute(labels, probs, np.asarray(patient_ids), g, reps, a) for a, g in masks.items()}
+    points = _point_aucs(labels, probs, masks)
+    reps = _replicates(labels, probs, np.asarray(patient_ids), masks, points, n_bootstrap, seed)
+    attributes = {a: _attribute(labels, np.asarray(patient_ids), g, points, reps, a) for a, g in masks.items()}
     gaps = [(a, d["mean_auc_gap"]) for a, d in attributes.items() if d["mean_auc_gap"]]
     worst = max(gaps, key=lambda x: x[1]["gap"]) if gaps else None
     return {
