@@ -77,6 +77,10 @@ def test_evaluate_checkpoint_writes_predictions_and_sklearn_aucs(prepared, tmp_p
                  "--bootstrap", "20"]) == 0  # fmt: skip
     again = json.loads((out2 / "metrics.json").read_text())
     assert again["auc"] == metrics["auc"] and again["run"] is None
+    # Subgroups from the index's sex/age/view equal those from the metadata file; Platt
+    # scaling is fit on the prepared val part.
+    assert metrics["subgroups"]["available"] and again["subgroups"] == metrics["subgroups"]
+    assert metrics["calibration"]["scaling"] is not None
     assert locate(prepared["run"] / "best_weights") == (prepared["run"] / "best_weights", prepared["run"])
 
 
