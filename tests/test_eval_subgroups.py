@@ -1,6 +1,9 @@
 """Subgroup AUCs equal scikit-learn's on the filtered rows; one-class groups are n/a with
 a reason; gaps and their CIs; labels without metadata say so."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,6 +15,7 @@ from cxrjax.eval.subgroups import subgroup_metrics
 from cxrjax.findings import FINDINGS
 
 HERNIA = FINDINGS.index("Hernia")
+NIH = Path(os.environ.get("CXRJAX_NIH_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "nih"))
 
 
 def _table(seed=0, patients=120):
@@ -89,3 +93,48 @@ def test_evaluate_writes_subgroups_from_label_metadata_and_explains_without(tmp_
     assert not m["subgroups"]["available"] and "no sex/age/view" in m["subgroups"]["reason"]
     write_report(tmp_path / "b.md", m, {})
     assert "Not computed: the labels carry no sex/age/view" in (tmp_path / "b.md").read_text()
+
+
+@pytest.mark.skipif(not (NIH / "reference").exists(), reason=f"real NIH files not at {NIH}")
+def test_real_chexnet_reproduction_subgroups_and_calibration():
+    """The reproduction's 22,433 predictions with the v2020 labels: group sizes, AUCs equal
+    to sklearn on the filtered rows, and ECE equal to a pandas binning of the same rows."""
+    from cxrjax.eval.calibration import calibration
+    from cxrjax.eval.labels import align_labels, align_metadata, read_labels
+    from cxrjax.eval.predictions import read_predictions
+
+    preds = read_predictions(NIH / "reference" / "chexnet_repro_preds.csv")
+    table = read_labels(NIH / "Data_Entry_2017_v2020.csv.gz")
+    labels, pids = align_labels(preds.image_ids, table, "ref")
+    meta = align_metadata(preds.image_ids, table)
+    sub = subgroup_metrics(labels, preds.probs, pids, meta, 10, 0)
+    sex = sub["attributes"]["sex"]["groups"]
+    assert (sex["M"]["n_images"], sex["F"]["n_images"]) == (12631, 9802)
+    assert sub["attributes"]["view"]["n_unassigned"] == 0
+    ap = (meta["view"] == "AP").to_numpy()
+    j = FINDINGS.index("Cardiomegaly")
+    got = sub["attributes"]["view"]["groups"]["AP"]["findings"]["Cardiomegaly"]["auc"]
+    assert got == pytest.approx(roc_auc_score(labels[ap, j], preds.probs[ap, j]), abs=1e-12)
+    old = sub["attributes"]["age"]["groups"]["[80,inf)"]
+    assert old["findings"]["Pneumonia"]["auc"] is None and old["n_findings_in_mean"] == 12
+
+    cal = calibration(labels, preds.probs)
+    j = FINDINGS.index("Atelectasis")
+    frame = pd.DataFrame({"p": preds.probs[:, j], "y": labels[:, j]})
+    frame["bin"] = pd.cut(frame["p"], np.linspace(0, 1, 16), right=False, labels=False).fillna(14)
+    per_bin = frame.groupby("bin").agg(n=("p", "size"), p=("p", "mean"), y=("y", "mean"))
+    want = float((per_bin["n"] / len(frame) * (per_bin["p"] - per_bin["y"]).abs()).sum())
+    assert cal["findings"]["Atelectasis"]["raw"]["ece"] == pytest.approx(want, abs=1e-12)
+    assert cal["uncalibrated"] == []  # plain BCE at the natural prevalence: close to calibrated
+
+
+def test_subgroup_chart_draws_a_ci_that_misses_its_point(tmp_path):
+    """A small group's percentile CI can lie wholly above its point estimate (seen on a
+    25-image test part); the figure must still be drawn."""
+    from cxrjax.eval.plots import subgroup_chart
+
+    meta, labels, probs = _table(patients=40)
+    sub = subgroup_metrics(labels, probs, meta["patient_id"].to_numpy(), meta, 20, 0)
+    men = sub["attributes"]["sex"]["groups"]["M"]
+    men["mean_auc_ci"] = [men["mean_auc"] + 0.01, men["mean_auc"] + 0.05]
+    assert subgroup_chart(sub, tmp_path / "s.png", "t").read_bytes()[:4] == b"\x89PNG"

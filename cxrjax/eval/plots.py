@@ -167,9 +167,12 @@ def subgroup_chart(subgroups: dict, path: Path, title: str) -> Path:
             if grp["mean_auc"] is None:
                 ax.text(i, 0.55, "n/a", ha="center")
                 continue
-            ci = grp["mean_auc_ci"] or [grp["mean_auc"]] * 2
-            ax.errorbar(i, grp["mean_auc"], yerr=[[grp["mean_auc"] - ci[0]], [ci[1] - grp["mean_auc"]]],
-                        fmt="o", capsize=4, color="tab:blue")  # fmt: skip
+            # The CI drawn as its own segment: a small group's percentile CI need not
+            # contain the point estimate, which error bars cannot show.
+            if grp["mean_auc_ci"]:
+                ax.vlines(i, *grp["mean_auc_ci"], color="tab:blue", lw=1.5)
+                ax.hlines(grp["mean_auc_ci"], i - 0.08, i + 0.08, color="tab:blue", lw=1.5)
+            ax.plot(i, grp["mean_auc"], "o", color="tab:blue")
             ax.annotate(f"n={grp['n_images']}\n{grp['n_findings_in_mean']} findings", (i, 0.52),
                         ha="center", fontsize=7)  # fmt: skip
         ax.set_xticks(range(len(names)), names)
