@@ -124,6 +124,12 @@ def _score(truth: np.ndarray, scores: np.ndarray, pids: np.ndarray, n: int, seed
     return out
 
 
+def _mapping_text(names: tuple[str, ...]) -> str | None:
+    if not names:
+        return None
+    return names[0] if len(names) == 1 else "max(" + ", ".join(names) + ")"
+
+
 def adjudicated_metrics(image_ids, probs, adjudicated: AdjudicatedLabels, source: str,
                         n_bootstrap: int, seed: int) -> dict:  # fmt: skip
     """metrics.json's `adjudicated`: AUCs against the radiologists' and the text-mined
@@ -148,8 +154,7 @@ def adjudicated_metrics(image_ids, probs, adjudicated: AdjudicatedLabels, source
         }
     return {
         "labels": adjudicated.source,
-        "mapping": {k: ("max(" + ", ".join(v) + ")" if len(v) > 1 else v[0]) if v else None
-                    for k, v in MAPPING.items()},  # fmt: skip
+        "mapping": {k: _mapping_text(v) for k, v in MAPPING.items()},
         "text_mined_source": "the file's own Finding Labels column, mapped the same way",
         "n_predictions": int(len(covered)),
         "n_scored": int(covered.sum()),

@@ -192,9 +192,9 @@ def _beyond_auc_sections(runs: list[RunResult]) -> list[str]:
     if adj:
         names = list(adj[0].adjudicated["overall"])
         out += ["## Radiologist-adjudicated labels (Majkowska et al. 2019)", "",
-                "AUC against the radiologists' labels (in brackets: NIH's text-mined labels on the "
-                "same images) over each run's images that the file covers. Published baselines "
-                "report none.", "",
+                ("AUC against the radiologists' labels (in parentheses: NIH's text-mined labels on "
+                 "the same images) over each run's images that the file covers. Published baselines "
+                 "report none."), "",
                 "| entry | split family | images | " + " | ".join(names) + " | folder |",
                 "|" + "---|" * (len(names) + 4)]  # fmt: skip
         for r in adj:
