@@ -101,9 +101,12 @@ def _add_evaluate(sub) -> None:
     given.add_argument("--checkpoint", type=Path,
                        help="training workdir (its best_weights: the best checkpoint by val mean AUC) "
                             "or a weights directory; predicts a prepared part first")
-    p.add_argument("--labels", type=Path, default=None,
+    p.add_argument("--labels", type=Path, action="append", default=None,
                    help="NIH Data_Entry CSV(.gz), or a labelled split list (evaluated whole); "
-                        "required with --predictions, default with --checkpoint: the part's index.csv")
+                        "required with --predictions, default with --checkpoint: the part's index.csv. "
+                        "Give it again with the radiologist-adjudicated file (google2019_nih-chest-"
+                        "xray-labels.csv.gz) to score its four findings; alone, that file's own "
+                        "labels are used on the images it covers")
     p.add_argument("--data", type=Path, default=None,
                    help="--checkpoint: a `cxrjax prepare` folder (default: the run's data.prepared)")
     p.add_argument("--part", choices=("train", "val", "test"), default="test",
@@ -125,12 +128,20 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--target-sensitivity", type=float, default=0.9)
 
     def run(args):
+        from cxrjax.eval.adjudicated import is_adjudicated, overlap, read_adjudicated
         from cxrjax.eval.evaluate import evaluate_predictions
         from cxrjax.eval.labels import read_labels
         from cxrjax.eval.predictions import read_predictions
 
         val = compare = None
         run_info = args.run_info
+        given = args.labels or []
+        adjudicated_files = [f for f in given if is_adjudicated(f)]
+        label_files = [f for f in given if f not in adjudicated_files]
+        if len(adjudicated_files) > 1 or len(label_files) > 1:
+            p.error("--labels: at most one NIH label file and one adjudicated file")
+        adjudicated = read_adjudicated(adjudicated_files[0]) if adjudicated_files else None
+        args.labels = label_files[0] if label_files else None
         if args.checkpoint:
             from cxrjax.eval.inference import predict_for_evaluation
 
@@ -140,14 +151,24 @@ def _add_evaluate(sub) -> None:
             image_ids, probs, labels, sources, val = r["ids"], r["probs"], r["labels"], r["sources"], r["val"]
             run_info = run_info or r["run"]
         else:
-            if args.labels is None:
+            if args.labels is None and adjudicated is None:
                 p.error("--labels is required with --predictions")
             if args.data or args.tta != 1:
                 p.error("--data and --tta apply to --checkpoint")
             preds = read_predictions(args.predictions)
             image_ids, probs = preds.image_ids, preds.probs
-            labels = read_labels(args.labels)
+            if args.labels is None:  # only the adjudicated file: its images, its NIH labels
+                covered = overlap(image_ids, adjudicated, str(args.predictions))
+                print(f"scoring the {int(covered.sum())} of {len(covered)} predicted images that "
+                      f"{adjudicated.source} labels")
+                image_ids, probs = image_ids[covered], probs[covered]
+                labels, args.labels = adjudicated.text_mined(), adjudicated.source
+            else:
+                labels = read_labels(args.labels)
             sources = {"predictions": str(args.predictions), "labels": str(args.labels)}
+            if len(image_ids) < len(preds.image_ids):
+                sources["scored"] = (f"only the {len(image_ids)} of {len(preds.image_ids)} predicted "
+                                     "images the adjudicated file labels")  # fmt: skip
             if args.val_predictions:
                 v = read_predictions(args.val_predictions)
                 val_labels = read_labels(args.val_labels) if args.val_labels else labels
@@ -161,7 +182,7 @@ def _add_evaluate(sub) -> None:
             image_ids, probs, labels, None, args.out, val,
             n_bootstrap=args.bootstrap, seed=args.seed,
             target_sensitivity=args.target_sensitivity, compare=compare,
-            run=run_info, sources=sources,
+            run=run_info, sources=sources, adjudicated=adjudicated,
         )
         mean = "n/a" if m["mean_auc"] is None else f"{m['mean_auc']:.4f}"
         print(f"mean AUC {mean} over {m['n_findings_in_mean']} findings, "

@@ -77,3 +77,13 @@ def test_label_frequencies_and_co_occurrence_follow_the_release(tmp_path):
 def test_default_floor_gives_every_finding_test_positives(tmp_path):
     summary = write_synthetic_nih(tmp_path, num_patients=300, image_size=8, seed=2)
     assert min(summary.prevalence.values()) > 0.03
+
+
+def test_a_patient_keeps_one_sex_and_ages_plausibly_across_follow_ups(tmp_path):
+    write_synthetic_nih(tmp_path, num_patients=200, image_size=8, seed=3)
+    table = read_metadata(tmp_path / "Data_Entry_2017.csv").sort_values(["patient_id", "follow_up"])
+    assert (table.groupby("patient_id")["sex"].nunique() == 1).all()
+    steps = table.groupby("patient_id")["age"].diff().dropna()
+    assert steps.between(0, 2).all() and (steps > 0).any()
+    assert table["age"].between(18, 85 + 2 * table["follow_up"].max()).all()
+    assert set(table["sex"]) == {"M", "F"}

@@ -35,8 +35,11 @@ def test_demo_writes_every_stage(demo_out):
     preds = pd.read_csv(test_dir / "predictions.csv")
     assert len(preds) == manifest["parts"]["test"]["images"]
     assert [f"prob_{f}" for f in FINDINGS] == [c for c in preds.columns if c.startswith("prob_")]
-    for figure in ("roc_curves.png", "score_histograms.png", "auc_vs_baselines.png"):
+    for figure in ("roc_curves.png", "score_histograms.png", "auc_vs_baselines.png", "reliability.png",
+                   "subgroups.png"):  # fmt: skip
         assert (test_dir / figure).read_bytes()[:4] == b"\x89PNG"
+    report = (test_dir / "report.md").read_text()
+    assert "## Calibration" in report and "## Subgroups" in report and "### age" in report
 
     board = pd.read_csv(demo_out / "leaderboard" / "leaderboard.csv")
     run = board[board["kind"] == "run"]

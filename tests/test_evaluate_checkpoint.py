@@ -72,11 +72,24 @@ def test_evaluate_checkpoint_writes_predictions_and_sklearn_aucs(prepared, tmp_p
     bare = tmp_path / "weights"
     shutil.copytree(prepared["run"] / "best_weights", bare)
     out2 = tmp_path / "ev2"
+    # Radiologist-adjudicated labels for half of the test images, in the Google file's format.
+    entry = pd.read_csv(prepared["tmp"] / "nih" / "Data_Entry_2017.csv")
+    adjudicated = entry[entry["Image Index"].isin(index["image_id"][::2])].assign(
+        **{c: "NO" for c in ("Fracture", "Pneumothorax", "Airspace opacity", "Nodule or mass")}, **{"Set Id": "test"})
+    adjudicated.loc[adjudicated.index[::3], "Airspace opacity"] = "YES"
+    adjudicated.to_csv(tmp_path / "adjudicated.csv", index=False)
     assert main(["evaluate", "--checkpoint", str(bare), "--data", str(prepared["prep"]),
                  "--labels", str(prepared["tmp"] / "nih" / "Data_Entry_2017.csv"), "--out", str(out2),
-                 "--bootstrap", "20"]) == 0  # fmt: skip
+                 "--labels", str(tmp_path / "adjudicated.csv"), "--bootstrap", "20"]) == 0  # fmt: skip
     again = json.loads((out2 / "metrics.json").read_text())
     assert again["auc"] == metrics["auc"] and again["run"] is None
+    # Subgroups from the index's sex/age/view equal those from the metadata file; Platt
+    # scaling is fit on the prepared val part.
+    assert metrics["subgroups"]["available"] and again["subgroups"] == metrics["subgroups"]
+    assert metrics["calibration"]["scaling"] is not None
+    adj = again["adjudicated"]
+    assert (adj["n_scored"], adj["n_left_out"]) == (len(adjudicated), len(index) - len(adjudicated))
+    assert adj["sets"]["test"]["adjudicated"]["Airspace opacity"]["auc"] is not None
     assert locate(prepared["run"] / "best_weights") == (prepared["run"] / "best_weights", prepared["run"])
 
 

@@ -206,3 +206,29 @@ def test_run_names_never_become_paths(tmp_path):
     assert sorted(p.name for p in (tmp_path / "lb").iterdir()) == [
         "leaderboard.csv", "leaderboard.md", "leaderboard.png", "leaderboard_deltas.csv"]
     assert not (tmp_path.parent / "escape").exists()
+
+
+def test_subgroup_gap_and_adjudicated_sections_only_for_runs_that_carry_them(tmp_path):
+    plain = _run_dir(tmp_path, "plain", _aucs(0.8), {"name": "plain", "split_family": "random"})
+    rich = _run_dir(tmp_path, "rich", _aucs(0.82), {"name": "rich", "split_family": "random"})
+    metrics = json.loads((rich / "metrics.json").read_text())
+    metrics["subgroups"] = {"available": True, "worst_gap": {"attribute": "view", "high": "PA", "low": "AP",
+                                                             "gap": 0.015, "ci": [0.001, 0.028], "n_findings": 14}}
+    part = {"Fracture": {"auc": None}, "Pneumothorax": {"auc": 0.9}, "Airspace opacity": {"auc": 0.84},
+            "Nodule or mass": {"auc": 0.86}}
+    text = {**part, "Airspace opacity": {"auc": 0.75}}
+    metrics["adjudicated"] = {"n_scored": 935, "sets": {"overall": {"adjudicated": part, "text_mined": text}}}
+    (rich / "metrics.json").write_text(json.dumps(metrics))
+    md = write_leaderboard([plain, rich], tmp_path / "lb")["md"].read_text()
+    gap_rows = [line for line in md.splitlines() if line.startswith("| **")
+                and ("view" in line or "935" in line)]  # fmt: skip
+    assert len(gap_rows) == 2 and all("**rich**" in line for line in gap_rows)
+    assert "| view | PA − AP | +0.015 | [0.001, 0.028] | 14 |" in gap_rows[0]
+    assert "| 935 | n/a (n/a) | 0.900 (0.900) | 0.840 (0.750) | 0.860 (0.860) |" in gap_rows[1]
+    assert "Published baselines report no subgroup results" in md
+    md = write_leaderboard([plain], tmp_path / "lb2")["md"].read_text()
+    assert "subgroup" not in md and "adjudicated" not in md
+    metrics["subgroups"]["worst_gap"] = "large"
+    (rich / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(LeaderboardError, match="subgroups.worst_gap is 'large'"):
+        write_leaderboard([rich], tmp_path / "lb3")

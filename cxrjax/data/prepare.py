@@ -309,7 +309,9 @@ def _finish(out, table, tasks, settings, opts, skipped: list[dict], unused: dict
             )
             rows += [{"shard": path.name, **r} for r in index["records"]]
         frame = pd.DataFrame(rows, columns=["shard", "image_id", "offset", "length"])
-        meta = by_id.loc[frame["image_id"], ["patient_id", "no_finding", *FINDINGS]].reset_index(drop=True)
+        # sex, age and view travel with the labels for subgroup AUCs at evaluation.
+        meta = by_id.loc[frame["image_id"], ["patient_id", "no_finding", *FINDINGS, "sex", "age", "view"]]
+        meta = meta.reset_index(drop=True)
         frame = pd.concat([frame, meta], axis=1)
         frame.to_csv(out / name / INDEX, index=False)
         labels = label_matrix(frame) if len(frame) else np.zeros((0, len(FINDINGS)))

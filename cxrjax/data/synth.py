@@ -76,6 +76,17 @@ def _sample_labels(rng, n_patients, images_per_patient, min_prevalence):
     return rows
 
 
+def _patient_metadata(rng, images_per_patient) -> tuple[list[str], list[list[int]]]:
+    """One sex per patient and an age per follow-up that starts at 18-85 and grows by
+    0-2 years from one follow-up to the next, as a real patient's would."""
+    sexes, ages = [], []
+    for count in images_per_patient:
+        sexes.append("MF"[int(rng.integers(2))])
+        start = int(rng.integers(18, 86))
+        ages.append((start + np.cumsum(np.r_[0, rng.integers(0, 3, count - 1)])).tolist())
+    return sexes, ages
+
+
 def _finding_places(size: int) -> list[tuple[int, int]]:
     # A 4x4 grid inside the lung area; the 14 findings take 14 of its 16 cells.
     cells = [(r, c) for r in range(4) for c in range(4)][:14]
@@ -131,6 +142,8 @@ def write_synthetic_nih(
     rng = np.random.default_rng(seed)
     per_patient = 1 + rng.poisson(2.0, num_patients)
     rows = _sample_labels(rng, num_patients, per_patient, min_prevalence)
+    # Own stream: metadata does not shift the label and image draws.
+    sexes, ages = _patient_metadata(np.random.default_rng([seed, 1]), per_patient)
 
     records = []
     for n, (patient, follow_up, labels) in enumerate(rows):
@@ -147,8 +160,8 @@ def write_synthetic_nih(
                 "Finding Labels": "|".join(names) if names else NO_FINDING,
                 "Follow-up #": follow_up,
                 "Patient ID": patient,
-                "Patient Age": int(rng.integers(18, 90)),
-                "Patient Gender": "MF"[int(rng.integers(2))],
+                "Patient Age": ages[patient - 1][follow_up],
+                "Patient Gender": sexes[patient - 1],
                 "View Position": VIEWS[int(rng.random() < 0.4)],
                 "OriginalImage[Width": image_size,
                 "Height]": image_size,

@@ -15,9 +15,11 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_curve
 
+from cxrjax.eval.adjudicated import adjudicated_metrics
 from cxrjax.eval.baselines import load_baselines
+from cxrjax.eval.calibration import calibration
 from cxrjax.eval.delong import delong_test
-from cxrjax.eval.labels import Labels, align_labels, as_labels
+from cxrjax.eval.labels import Labels, align_labels, align_metadata, as_labels
 from cxrjax.eval.metrics import (
     bootstrap_aucs,
     micro_auc,
@@ -30,10 +32,11 @@ from cxrjax.eval.metrics import (
     youden_threshold,
 )
 from cxrjax.eval.paths import safe_child
-from cxrjax.eval.plots import auc_chart, roc_grid, score_histograms
+from cxrjax.eval.plots import auc_chart, reliability_grid, roc_grid, score_histograms, subgroup_chart
 from cxrjax.eval.predictions import PredictionsError, write_predictions
 from cxrjax.eval.report import write_report
 from cxrjax.eval.runinfo import RunInfo, parse_run_info, read_run_info
+from cxrjax.eval.subgroups import subgroup_metrics
 from cxrjax.findings import FINDINGS
 
 SCHEMA_VERSION = 1
@@ -140,7 +143,7 @@ def _validation_thresholds(val, labels_obj, test_ids, test_patients, target, sou
             if t is None:
                 notes.append(f"{f}: the validation part has a single class, so no {op} "
                              "threshold could be chosen.")  # fmt: skip
-    return thresholds, notes
+    return thresholds, notes, (val_labels, val_probs)
 
 
 def _per_finding(labels, probs, thresholds, notes):
@@ -187,6 +190,7 @@ def evaluate_predictions(
     compare=None,
     run=None,
     sources: dict | None = None,
+    adjudicated=None,
 ) -> dict:
     """Score `probs` [N, 14] (FINDINGS order) for `image_ids`; write outputs to `out_dir`.
 
@@ -198,6 +202,7 @@ def evaluate_predictions(
     compare: optional (image_ids, probs, name) of another run on the same images, for a
       per-finding DeLong test.
     run: a RunInfo, dict, or path to run.json; default: `out_dir/run.json` if present.
+    adjudicated: optional `read_adjudicated(...)` labels, scored on the images they cover.
     Returns the metrics dict also written to `out_dir/metrics.json`.
     """
     if not 0 < target_sensitivity <= 1:
@@ -220,10 +225,10 @@ def evaluate_predictions(
 
     if val is None:
         thresholds = _choose_thresholds(labels, probs, target_sensitivity)
-        chosen_on, notes = "test", []
+        chosen_on, notes, val_scored = "test", [], None
     else:
-        thresholds, notes = _validation_thresholds(val, labels_obj, ids, patient_ids,
-                                                   target_sensitivity, sources)  # fmt: skip
+        thresholds, notes, val_scored = _validation_thresholds(val, labels_obj, ids, patient_ids,
+                                                               target_sensitivity, sources)  # fmt: skip
         chosen_on = "validation"
     findings, curves, points = _per_finding(labels, probs, thresholds, notes)
     defined_aucs = [findings[f]["auc"] for f in FINDINGS if findings[f]["auc"] is not None]
@@ -274,6 +279,11 @@ def evaluate_predictions(
     }
     if compare is not None:
         metrics["comparison"] = _comparison(labels, probs, ids, compare, source)
+    metrics["calibration"] = calibration(labels, probs, val_scored)
+    metrics["subgroups"] = subgroup_metrics(labels, probs, patient_ids, align_metadata(ids, labels_obj),
+                                            n_bootstrap, seed)  # fmt: skip
+    if adjudicated is not None:
+        metrics["adjudicated"] = adjudicated_metrics(ids, probs, adjudicated, source, n_bootstrap, seed)
 
     write_predictions(safe_child(out_dir, "predictions.csv"), ids, probs)
     _write_curves(safe_child(out_dir, "roc_curves.csv"), curves)
@@ -318,4 +328,13 @@ def _write_figures(out_dir, metrics, labels, probs, thresholds, curves, points, 
         title = ("Per-finding AUC (split family unknown: no baselines shown, they would not "
                  "be comparable; give run.json)")  # fmt: skip
     auc_chart(entries, safe_child(out_dir, "auc_vs_baselines.png"), title)
-    return ["roc_curves.png", "score_histograms.png", "auc_vs_baselines.png"]
+    figures = ["roc_curves.png", "score_histograms.png", "auc_vs_baselines.png"]
+    reliability_grid(metrics["calibration"], safe_child(out_dir, "reliability.png"),
+                     f"Reliability per finding ({metrics['n_images']} images, "
+                     f"{metrics['calibration']['n_bins']} equal-width bins); diagonal: calibrated")  # fmt: skip
+    figures.append("reliability.png")
+    if metrics["subgroups"]["available"]:
+        subgroup_chart(metrics["subgroups"], safe_child(out_dir, "subgroups.png"),
+                       "Mean AUC by subgroup (patient-bootstrap 95% CI)")  # fmt: skip
+        figures.append("subgroups.png")
+    return figures

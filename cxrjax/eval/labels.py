@@ -21,9 +21,13 @@ from cxrjax.data.splits import read_labelled_split
 from cxrjax.findings import FINDINGS
 
 
+# Image metadata kept beside the labels when the source has it (for subgroup AUCs).
+METADATA_COLUMNS = ("sex", "age", "view")
+
+
 @dataclass(frozen=True)
 class Labels:
-    table: pd.DataFrame  # image_id, patient_id, *FINDINGS
+    table: pd.DataFrame  # image_id, patient_id, *FINDINGS, and METADATA_COLUMNS if known
     source: str
     exhaustive: bool  # True for a split list: all of its images must be predicted
 
@@ -54,7 +58,8 @@ def read_labels(path: str | Path) -> Labels:
         raise MetadataError(f"{path}: label file not found")
     if _first_line(path).startswith("Image Index"):
         table = read_metadata(path)
-        return Labels(table[["image_id", "patient_id", *FINDINGS]], str(path), exhaustive=False)
+        return Labels(table[["image_id", "patient_id", *FINDINGS, *METADATA_COLUMNS]], str(path),
+                      exhaustive=False)  # fmt: skip
     table = read_labelled_split(path)
     table.insert(1, "patient_id", patient_from_image_id(table["image_id"], str(path)))
     return Labels(table, str(path), exhaustive=True)
@@ -70,7 +75,8 @@ def as_labels(labels: Labels | pd.DataFrame) -> Labels:
     table = labels
     if "patient_id" not in table.columns:
         table = table.assign(patient_id=patient_from_image_id(table["image_id"], "label table"))
-    return Labels(table[["image_id", "patient_id", *FINDINGS]], "label table", exhaustive=False)
+    metadata = [c for c in METADATA_COLUMNS if c in table.columns]
+    return Labels(table[["image_id", "patient_id", *FINDINGS, *metadata]], "label table", exhaustive=False)
 
 
 def align_labels(
@@ -96,3 +102,12 @@ def align_labels(
             )
     rows = table.loc[ids]
     return rows[list(FINDINGS)].to_numpy(np.int8), rows["patient_id"].to_numpy(np.int64)
+
+
+def align_metadata(image_ids: np.ndarray, labels: Labels) -> pd.DataFrame | None:
+    """sex, age, view of `image_ids` (after `align_labels` checked coverage), or None
+    when the label source carries no such columns (split lists, old index files)."""
+    if not all(c in labels.table.columns for c in METADATA_COLUMNS):
+        return None
+    rows = labels.table.set_index("image_id").loc[pd.Index(image_ids), list(METADATA_COLUMNS)]
+    return rows.reset_index(drop=True)

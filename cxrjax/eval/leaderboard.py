@@ -50,6 +50,24 @@ class RunResult:
     auc: dict  # finding -> float | None
     mean_auc: float | None
     folder: str
+    worst_gap: dict | None = None  # metrics.json subgroups.worst_gap
+    adjudicated: dict | None = None  # metrics.json adjudicated (overall part and size)
+
+
+def _optional_sections(metrics: dict, metrics_path: Path) -> tuple[dict | None, dict | None]:
+    """The worst subgroup gap and the overall adjudicated-label results, when present."""
+    gap = (metrics.get("subgroups") or {}).get("worst_gap")
+    if gap is not None and not (isinstance(gap, dict) and isinstance(gap.get("gap"), int | float)):
+        raise LeaderboardError(f"{metrics_path}: subgroups.worst_gap is {gap!r}, not a gap")
+    adj = metrics.get("adjudicated")
+    if adj is not None:
+        try:
+            adj = {"n_scored": int(adj["n_scored"]),
+                   "overall": {k: v["auc"] for k, v in adj["sets"]["overall"]["adjudicated"].items()},
+                   "text_mined": {k: v["auc"] for k, v in adj["sets"]["overall"]["text_mined"].items()}}  # fmt: skip
+        except (KeyError, TypeError, ValueError) as e:
+            raise LeaderboardError(f"{metrics_path}: malformed 'adjudicated' entry ({e!r})") from e
+    return gap, adj
 
 
 def read_run(run_dir: str | Path) -> RunResult:
@@ -80,7 +98,7 @@ def read_run(run_dir: str | Path) -> RunResult:
     mean = metrics.get("mean_auc")
     if mean is not None and not isinstance(mean, int | float):
         raise LeaderboardError(f"{metrics_path}: mean_auc is {mean!r}")
-    return RunResult(info, auc, mean, str(run_dir))
+    return RunResult(info, auc, mean, str(run_dir), *_optional_sections(metrics, metrics_path))
 
 
 def _run_entries(runs: list[RunResult]) -> pd.DataFrame:
@@ -153,7 +171,42 @@ def _signed(v) -> str:
     return "n/a" if np.isnan(v) else f"{round(v, 3) + 0.0:+.3f}"  # no "-0.000"
 
 
-def _markdown(table: pd.DataFrame, delta: pd.DataFrame) -> str:
+def _beyond_auc_sections(runs: list[RunResult]) -> list[str]:
+    """Subgroup gaps and adjudicated-label AUCs of the runs that carry them."""
+    out = []
+    gaps = [r for r in runs if r.worst_gap]
+    if gaps:
+        out += ["## Largest subgroup gap (mean AUC, highest minus lowest group)", "",
+                "Published baselines report no subgroup results, so they have no row here.", "",
+                "| entry | split family | attribute | groups | gap | 95% CI | findings | folder |",
+                "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in gaps:
+            g = r.worst_gap
+            ci = g.get("ci")
+            out.append(f"| **{md_cell(r.info.name)}** | {r.info.split_family} | {md_cell(g.get('attribute'))} | "
+                       f"{md_cell(g.get('high'))} − {md_cell(g.get('low'))} | {g['gap']:+.3f} | "
+                       f"{'n/a' if not ci else f'[{ci[0]:.3f}, {ci[1]:.3f}]'} | {g.get('n_findings', 'n/a')} | "
+                       f"{md_cell(r.folder)} |")  # fmt: skip
+        out.append("")
+    adj = [r for r in runs if r.adjudicated]
+    if adj:
+        names = list(adj[0].adjudicated["overall"])
+        out += ["## Radiologist-adjudicated labels (Majkowska et al. 2019)", "",
+                ("AUC against the radiologists' labels (in parentheses: NIH's text-mined labels on "
+                 "the same images) over each run's images that the file covers. Published baselines "
+                 "report none."), "",
+                "| entry | split family | images | " + " | ".join(names) + " | folder |",
+                "|" + "---|" * (len(names) + 4)]  # fmt: skip
+        for r in adj:
+            a = r.adjudicated
+            cells = [f"{_cell(a['overall'].get(n))} ({_cell(a['text_mined'].get(n))})" for n in names]
+            out.append(f"| **{md_cell(r.info.name)}** | {r.info.split_family} | {a['n_scored']} | "
+                       + " | ".join(cells) + f" | {md_cell(r.folder)} |")  # fmt: skip
+        out.append("")
+    return out
+
+
+def _markdown(table: pd.DataFrame, delta: pd.DataFrame, runs: list[RunResult] = ()) -> str:
     out = ["# cxrjax leaderboard", "",
            "Per-finding ROC AUC. A run is ranked only against entries of its own split "
            "family: results on different splits are not comparable. `std` is the sample "
@@ -195,6 +248,7 @@ def _markdown(table: pd.DataFrame, delta: pd.DataFrame) -> str:
                          *(_signed(d[f]) for f in FINDINGS)]  # fmt: skip
                 out.append("| " + " | ".join(cells) + " |")
             out.append("")
+    out += _beyond_auc_sections(list(runs))
     out += ["![per-finding AUC](leaderboard.png)", ""]
     return "\n".join(out)
 
@@ -216,7 +270,7 @@ def write_leaderboard(run_dirs, out_dir: str | Path, baselines: pd.DataFrame | N
     }
     table.to_csv(paths["csv"], index=False)
     delta.to_csv(paths["deltas"], index=False)
-    paths["md"].write_text(_markdown(table, delta))
+    paths["md"].write_text(_markdown(table, delta, runs))
     panels = []
     for family in FAMILIES:
         rows = table[table["split_family"] == family]

@@ -129,3 +129,55 @@ def auc_panels(panels: list[tuple[str, list]], path: Path) -> Path:
         _draw_aucs(ax, entries, title)
     fig.savefig(path, dpi=90)
     return path
+
+
+def reliability_grid(calibration: dict, path: Path, title: str) -> Path:
+    """One reliability diagram per finding: observed positive rate against mean score per
+    bin (marker area: share of images), raw scores and, when fit, Platt-scaled ones."""
+    fig, axes = _panels(title)
+    for ax, name in zip(axes, FINDINGS):
+        entry = calibration["findings"][name]
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+        parts = [("raw", entry["raw"], "tab:blue")]
+        if entry["platt"] is not None:
+            parts.append(("Platt (fit on val)", entry["platt"], "tab:orange"))
+        for label, scores, colour in parts:
+            bins = scores["bins"]
+            total = max(1, sum(bins["count"]))
+            pts = [(s, r, c) for s, r, c in zip(bins["mean_score"], bins["positive_rate"], bins["count"]) if c]
+            x, y, c = (np.array(v, np.float64) for v in zip(*pts))
+            ax.plot(x, y, "-", color=colour, lw=1, label=f"{label} ECE {scores['ece']:.3f}")
+            ax.scatter(x, y, s=4 + 200 * c / total, color=colour)
+        ax.set_title(f"{name}  Brier {entry['raw']['brier']:.3f}", fontsize=10)
+        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="mean score in bin", ylabel="positive rate")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def subgroup_chart(subgroups: dict, path: Path, title: str) -> Path:
+    """Mean AUC with its CI per group, one panel per attribute (sex, view, age)."""
+    attributes = subgroups["attributes"]
+    fig = Figure(figsize=(5 * len(attributes), 4.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(attributes)))
+    for ax, (attr, d) in zip(axes, attributes.items()):
+        names = list(d["groups"])
+        for i, g in enumerate(names):
+            grp = d["groups"][g]
+            if grp["mean_auc"] is None:
+                ax.text(i, 0.55, "n/a", ha="center")
+                continue
+            # The CI drawn as its own segment: a small group's percentile CI need not
+            # contain the point estimate, which error bars cannot show.
+            if grp["mean_auc_ci"]:
+                ax.vlines(i, *grp["mean_auc_ci"], color="tab:blue", lw=1.5)
+                ax.hlines(grp["mean_auc_ci"], i - 0.08, i + 0.08, color="tab:blue", lw=1.5)
+            ax.plot(i, grp["mean_auc"], "o", color="tab:blue")
+            ax.annotate(f"n={grp['n_images']}\n{grp['n_findings_in_mean']} findings", (i, 0.52),
+                        ha="center", fontsize=7)  # fmt: skip
+        ax.set_xticks(range(len(names)), names)
+        ax.set(xlim=(-0.5, len(names) - 0.5), ylim=(0.5, 1.0), ylabel="mean AUC", title=attr)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=90)
+    return path

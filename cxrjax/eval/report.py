@@ -6,10 +6,11 @@ from pathlib import Path
 
 from cxrjax.findings import FINDINGS
 
+# Chosen thresholds first; the fixed 0.5 cut last (it assumes calibrated scores).
 OP_TITLES = {
-    "at_0.5": "threshold 0.5",
     "youden": "Youden-optimal threshold",
     "target_sensitivity": "target-sensitivity threshold",
+    "at_0.5": "threshold 0.5",
 }
 
 
@@ -79,6 +80,8 @@ def write_report(path: Path, m: dict, report_texts: dict[str, str]) -> Path:
 
     for op, title in OP_TITLES.items():
         out += [f"### Operating point: {title}", ""]
+        if op == "at_0.5" and "calibration" in m:
+            out += _uncalibrated_warning(m["calibration"])
         rows = []
         for f in FINDINGS:
             pt = m["findings"][f]["operating_points"][op]
@@ -119,8 +122,116 @@ def write_report(path: Path, m: dict, report_texts: dict[str, str]) -> Path:
         out += _table(["finding", "AUC (this)", "AUC (other)", "difference", "p (DeLong)"], rows)
         out.append("")
 
+    if "calibration" in m:
+        out += _calibration_section(m["calibration"])
+    if "subgroups" in m:
+        out += _subgroup_section(m["subgroups"])
+    if "adjudicated" in m:
+        out += _adjudicated_section(m["adjudicated"])
     out += ["## Figures", ""]
     out += [f"![{name}]({name})" for name in m.get("figures", [])]
     out.append("")
     path.write_text("\n".join(out))
     return path
+
+
+def _uncalibrated_warning(cal: dict) -> list[str]:
+    bad = cal["uncalibrated"]
+    if not bad:
+        return [f"All findings have ECE <= {cal['uncalibrated_above_ece']:g}: the scores are "
+                "close enough to probabilities for a 0.5 cut to mean what it says.", ""]  # fmt: skip
+    return [f"> **The scores are uncalibrated** for {len(bad)} of {len(FINDINGS)} findings "
+            f"(ECE > {cal['uncalibrated_above_ece']:g}: {', '.join(bad)}), so a fixed 0.5 "
+            "threshold means little for them; use the thresholds above (see Calibration).", ""]  # fmt: skip
+
+
+def _calibration_section(cal: dict) -> list[str]:
+    out = ["## Calibration", "",
+           f"Expected calibration error (ECE, {cal['n_bins']} {cal['binning']}; bins weighted "
+           f"by their share of images) and Brier score. Mean ECE {fmt(cal['mean_ece'], 4)}, "
+           f"mean Brier {fmt(cal['mean_brier'], 4)}.", ""]  # fmt: skip
+    scaled = cal["scaling"] is not None
+    if scaled:
+        out += [f"Beside the raw scores: {cal['scaling']}, applied to these images.", ""]
+    else:
+        out += ["No validation predictions, so no scaling was fit.", ""]
+    rows = []
+    for f in FINDINGS:
+        d = cal["findings"][f]
+        row = [f, fmt(d["raw"]["ece"], 4), fmt(d["raw"]["brier"], 4)]
+        if scaled:
+            p = d["platt"]
+            row += ["n/a", "n/a"] if p is None else [fmt(p["ece"], 4), fmt(p["brier"], 4)]
+        rows.append(row)
+    header = ["finding", "ECE", "Brier"] + (["ECE (Platt)", "Brier (Platt)"] if scaled else [])
+    return out + _table(header, rows) + [""]
+
+
+def _subgroup_section(sub: dict) -> list[str]:
+    out = ["## Subgroups", ""]
+    if not sub["available"]:
+        return out + [f"Not computed: {sub['reason']}.", ""]
+    out += [f"By sex, view position and age ({sub['age_bins']}). Gap: {sub['gap']}. CIs: "
+            "patient bootstrap, the same resamples for every group.", ""]  # fmt: skip
+    w = sub["worst_gap"]
+    if w:
+        out += [f"Largest mean-AUC gap: **{w['attribute']}** {w['high']} − {w['low']} = "
+                f"{w['gap']:+.4f} 95% CI {fmt_ci(w['ci'])} (over {w['n_findings']} findings).", ""]  # fmt: skip
+    for attr, d in sub["attributes"].items():
+        groups = d["groups"]
+        out += [f"### {attr}", ""]
+        rows = [[g, str(x["n_images"]), str(x["n_patients"]), fmt(x["mean_auc"], 4), fmt_ci(x["mean_auc_ci"]),
+                 str(x["n_findings_in_mean"])] for g, x in groups.items()]  # fmt: skip
+        out += _table(["group", "images", "patients", "mean AUC", "95% CI", "findings in mean"], rows)
+        gap = d["mean_auc_gap"]
+        out += ["", "Mean-AUC gap: n/a (fewer than two groups with a mean)." if gap is None else
+                f"Mean-AUC gap {gap['high']} − {gap['low']}: {gap['gap']:+.4f} 95% CI "
+                f"{fmt_ci(gap['ci'])} (over {gap['n_findings']} findings)."]  # fmt: skip
+        if d["n_unassigned"]:
+            out.append(f"{d['n_unassigned']} image(s) fall in none of these groups.")
+        out.append("")
+        rows, reasons = [], []
+        for f in FINDINGS:
+            row = [f]
+            for g, x in groups.items():
+                e = x["findings"][f]
+                row.append(f"{fmt(e['auc'])} ({e['n_positive']})")
+                if e["reason"]:
+                    reasons.append(f"{f}, {g}: {e['reason']}")
+            gp = d["finding_gaps"][f]
+            row.append("n/a" if gp is None else f"{gp['gap']:+.3f} {fmt_ci(gp['ci'])}")
+            rows.append(row)
+        out += _table(["finding", *(f"{g} AUC (positives)" for g in groups), "gap (high − low)"], rows)
+        out.append("")
+        if reasons:
+            out += ["n/a: " + "; ".join(reasons) + ".", ""]
+    return out
+
+
+def _adjudicated_section(adj: dict) -> list[str]:
+    out = ["## Radiologist-adjudicated labels", "",
+           f"Labels: `{md_cell(adj['labels'])}` (Majkowska et al., Radiology 2019). Scored "
+           f"on the {adj['n_scored']} images that both the predictions and the file cover; "
+           f"{adj['n_left_out']} of {adj['n_predictions']} predictions were left out. "
+           f"Text-mined labels: {adj['text_mined_source']}.", "",
+           "Mapping of model outputs: " + "; ".join(
+               f"{k} ← {v if v else 'none (n/a)'}" for k, v in adj["mapping"].items()) + ".", ""]  # fmt: skip
+    sets = adj["sets"]
+    header = ["finding"]
+    for name, s in sets.items():
+        header += [f"{name} adjudicated ({s['n_images']} img)", f"{name} text-mined"]
+    rows = []
+    for f in adj["mapping"]:
+        row = [f]
+        for s in sets.values():
+            for kind in ("adjudicated", "text_mined"):
+                e = s[kind][f]
+                row.append("n/a" if e["auc"] is None else
+                           f"{fmt(e['auc'])} {fmt_ci(e['auc_ci'])} ({e['n_positive']}+)")  # fmt: skip
+        rows.append(row)
+    out += _table(header, rows) + [""]
+    reasons = {f"{f}: {e['reason']}" for s in sets.values() for k in ("adjudicated", "text_mined")
+               for f, e in s[k].items() if e["reason"]}  # fmt: skip
+    if reasons:
+        out += ["n/a: " + "; ".join(sorted(reasons)) + ".", ""]
+    return out

@@ -1,0 +1,152 @@
+"""Does the model work equally well for everyone? AUC by sex, view position and age.
+
+Every subgroup and every gap is scored under the same patient resamples (one
+`patient_weights` stream for all of them), so the CI of a gap between two groups
+accounts for patients who appear in both (a patient's follow-ups can change view or
+age bin). A finding with one class only in a group is `None` with a reason; a group's
+mean AUC says over how many findings it was taken.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from cxrjax.eval.metrics import patient_weights, percentile_ci, roc_auc, weighted_auc
+from cxrjax.findings import FINDINGS
+
+AGE_EDGES = (0, 20, 40, 60, 80)
+# Bounded memory: about this many image weights per bootstrap chunk.
+_CHUNK_ELEMENTS = 4_000_000
+
+
+def _age_groups(age: pd.Series) -> dict[str, np.ndarray]:
+    a = age.to_numpy(np.float64)
+    groups = {}
+    for lo, hi in zip(AGE_EDGES, (*AGE_EDGES[1:], np.inf)):
+        name = f"[{lo},{'inf' if hi == np.inf else int(hi)})"
+        groups[name] = (a >= lo) & (a < hi)
+    return groups
+
+
+def group_masks(meta: pd.DataFrame) -> dict[str, dict[str, np.ndarray]]:
+    """Attribute -> group name -> boolean mask over the images, from sex, view and age."""
+    sex, view = meta["sex"].astype(str).to_numpy(), meta["view"].astype(str).to_numpy()
+    return {
+        "sex": {"M": sex == "M", "F": sex == "F"},
+        "view": {"PA": view == "PA", "AP": view == "AP"},
+        "age": _age_groups(meta["age"]),
+    }
+
+
+def _undefined_reason(y: np.ndarray) -> str:
+    which = "positives" if y.sum() == 0 else "negatives"
+    return f"no {which} among the group's {len(y)} images"
+
+
+def _point_aucs(labels, probs, masks) -> dict:
+    """scikit-learn's AUC per (attribute, group, finding); None where one class only."""
+    return {(attr, g, j): roc_auc(labels[mask, j], probs[mask, j])
+            for attr, groups in masks.items() for g, mask in groups.items()
+            for j in range(len(FINDINGS))}  # fmt: skip
+
+
+def _replicates(labels, probs, patient_ids, masks, points, n, seed) -> dict:
+    """AUC replicates [n] per (attribute, group, finding) where the point AUC is defined."""
+    wanted = {key: np.full(n, np.nan) for key, auc in points.items() if auc is not None}
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, len(labels)))
+    row = 0
+    for w in patient_weights(patient_ids, n, seed, chunk):
+        b = len(w)
+        for (attr, g, j), out in wanted.items():
+            mask = masks[attr][g]
+            out[row : row + b] = weighted_auc(labels[mask, j], probs[mask, j], w[:, mask])
+        row += b
+    return wanted
+
+
+def _group(labels, patient_ids, mask, points, reps, attr, g) -> dict:
+    findings, defined = {}, []
+    for j, f in enumerate(FINDINGS):
+        y = labels[mask, j]
+        auc = points[(attr, g, j)]
+        findings[f] = {
+            "auc": auc,
+            "auc_ci": percentile_ci(reps[(attr, g, j)]) if auc is not None else None,
+            "n_positive": int(y.sum()),
+            "reason": None if auc is not None else _undefined_reason(y),
+        }
+        if auc is not None:
+            defined.append(j)
+    mean_reps = np.mean([reps[(attr, g, j)] for j in defined], axis=0) if defined else None
+    return {
+        "n_images": int(mask.sum()),
+        "n_patients": int(len(np.unique(patient_ids[mask]))),
+        "mean_auc": float(np.mean([findings[FINDINGS[j]]["auc"] for j in defined])) if defined else None,
+        "mean_auc_ci": percentile_ci(mean_reps) if defined else None,
+        "n_findings_in_mean": len(defined),
+        "findings": findings,
+    }
+
+
+def _gap(scores: dict[str, float], reps_of) -> dict | None:
+    """Highest minus lowest group (by point estimate) with the bootstrap CI of that
+    difference; None when fewer than two groups have a value."""
+    if len(scores) < 2:
+        return None
+    high, low = max(scores, key=scores.get), min(scores, key=scores.get)
+    return {"high": high, "low": low, "gap": scores[high] - scores[low],
+            "ci": percentile_ci(reps_of(high) - reps_of(low))}  # fmt: skip
+
+
+def _attribute(labels, patient_ids, groups, points, reps, attr) -> dict:
+    out = {"groups": {g: _group(labels, patient_ids, m, points, reps, attr, g) for g, m in groups.items()}}
+    assigned = np.any(list(groups.values()), axis=0)
+    out["n_unassigned"] = int((~assigned).sum())
+    gaps = {}
+    for j, f in enumerate(FINDINGS):
+        scores = {g: d["findings"][f]["auc"] for g, d in out["groups"].items()
+                  if d["findings"][f]["auc"] is not None}  # fmt: skip
+        gaps[f] = _gap(scores, lambda g, j=j: reps[(attr, g, j)])
+    out["finding_gaps"] = gaps
+    # The mean-AUC gap compares like with like: over the findings defined in both groups.
+    means = {g: d["mean_auc"] for g, d in out["groups"].items() if d["mean_auc"] is not None}
+    gap = None
+    if len(means) >= 2:
+        high, low = max(means, key=means.get), min(means, key=means.get)
+        common = [j for j, f in enumerate(FINDINGS) if gaps[f] is not None
+                  and out["groups"][high]["findings"][f]["auc"] is not None
+                  and out["groups"][low]["findings"][f]["auc"] is not None]  # fmt: skip
+        if common:
+            def mean_of(g):
+                return np.mean([reps[(attr, g, j)] for j in common], axis=0)
+
+            point = {g: float(np.mean([out["groups"][g]["findings"][FINDINGS[j]]["auc"] for j in common]))
+                     for g in (high, low)}  # fmt: skip
+            gap = {"high": high, "low": low, "gap": point[high] - point[low],
+                   "ci": percentile_ci(mean_of(high) - mean_of(low)), "n_findings": len(common)}  # fmt: skip
+    out["mean_auc_gap"] = gap
+    return out
+
+
+def subgroup_metrics(labels, probs, patient_ids, meta: pd.DataFrame | None, n_bootstrap: int,
+                     seed: int) -> dict:  # fmt: skip
+    """metrics.json's `subgroups`: per attribute, per group AUCs with CIs and the gaps."""
+    if meta is None:
+        return {"available": False,
+                "reason": "the labels carry no sex/age/view metadata (a split list or an "
+                "index.csv from before they were recorded); pass the Data_Entry file as --labels"}  # fmt: skip
+    masks = group_masks(meta)
+    points = _point_aucs(labels, probs, masks)
+    reps = _replicates(labels, probs, np.asarray(patient_ids), masks, points, n_bootstrap, seed)
+    attributes = {a: _attribute(labels, np.asarray(patient_ids), g, points, reps, a) for a, g in masks.items()}
+    gaps = [(a, d["mean_auc_gap"]) for a, d in attributes.items() if d["mean_auc_gap"]]
+    worst = max(gaps, key=lambda x: x[1]["gap"]) if gaps else None
+    return {
+        "available": True,
+        "age_bins": "[0,20), [20,40), [40,60), [60,80), [80,inf) years",
+        "gap": "highest minus lowest group of the attribute (by point estimate); the mean-AUC "
+        "gap is taken over the findings defined in both groups",
+        "attributes": attributes,
+        "worst_gap": None if worst is None else {"attribute": worst[0], **worst[1]},
+    }
