@@ -214,14 +214,14 @@ def test_colour_pngs_unlisted_pngs_and_unsplit_rows_are_counted(base, tmp_path, 
     """Before: converted or ignored without a count."""
     nih = tmp_path / "nih"
     shutil.copytree(base / "nih", nih)
-    files = sorted(nih.glob("images_*/images/*.png"))
+    test_list = nih / "test_list.txt"
+    names = test_list.read_text().split()
+    test_list.write_text("\n".join(names[1:]))  # a labelled image no split list names
+    files = [f for f in sorted(nih.glob("images_*/images/*.png")) if f.name != names[0]]  # still in a split
     gray = cv2.imread(str(files[0]), cv2.IMREAD_GRAYSCALE)
     colour = np.stack([gray, gray // 2, 255 - gray], -1)
     cv2.imwrite(str(files[0]), colour)
     shutil.copy(files[1], files[1].with_name("99999999_000.png"))  # a PNG the label file does not list
-    test_list = nih / "test_list.txt"
-    names = test_list.read_text().split()
-    test_list.write_text("\n".join(names[1:]))  # a labelled image no split list names
     code = main(["prepare", "--nih-dir", str(nih), "--out", str(tmp_path / "out"), "--image-size", "32",
                  "--source-size", "64", "--workers", "1"])  # fmt: skip
     assert code == 0

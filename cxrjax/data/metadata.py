@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cxrjax.findings import ALIASES, FINDINGS, NO_FINDING
+from cxrjax.errors import InputError
 
 REQUIRED_COLUMNS = (
     "Image Index",
@@ -27,9 +28,11 @@ REQUIRED_COLUMNS = (
 )
 IMAGE_ID = re.compile(r"^\d{8}_\d{3}\.png$")
 BASE_COLUMNS = ["image_id", "patient_id", "follow_up", "age", "sex", "view", "no_finding"]
+# Per-image metadata that travels with the labels (index.csv, label tables) for subgroup AUCs.
+IMAGE_METADATA = ("sex", "age", "view")
 
 
-class MetadataError(ValueError):
+class MetadataError(InputError):
     """A metadata or label file that cannot be trusted as it is."""
 
 

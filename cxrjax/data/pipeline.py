@@ -20,6 +20,7 @@ import pandas as pd
 from cxrjax.data import examples, tfrecord
 from cxrjax.data.augment import AugmentConfig, random_affine
 from cxrjax.data.images import decode_record_png, to_model_size
+from cxrjax.data.metadata import IMAGE_METADATA
 from cxrjax.data.prepare import INDEX, PreparedDataError, read_manifest, sha256_of
 from cxrjax.data.splits import keep_no_finding_fraction, oversample_repeats
 from cxrjax.findings import FINDINGS
@@ -234,11 +235,17 @@ def make_loader(
     )
 
 
-def labels_table(image_ids, labels: np.ndarray) -> pd.DataFrame:
-    """Ground truth for evaluation from the records' own labels [N, 14] (FINDINGS order)."""
+def labels_table(image_ids, labels: np.ndarray, part_dir: str | Path | None = None) -> pd.DataFrame:
+    """Ground truth for evaluation from the records' own labels [N, 14] (FINDINGS order),
+    with the patient id and per-image metadata (sex, age, view) of `part_dir`'s index.csv,
+    which `read_index` checks against the manifest first."""
     table = pd.DataFrame(np.asarray(labels).astype(np.int8), columns=list(FINDINGS))
     table.insert(0, "image_id", np.asarray(image_ids, dtype=object))
-    return table
+    if part_dir is None:
+        return table
+    index = read_index(part_dir).set_index("image_id")
+    columns = [c for c in ("patient_id", *IMAGE_METADATA) if c in index.columns]  # older folders lack some
+    return pd.concat([table, index.loc[table["image_id"], columns].reset_index(drop=True)], axis=1)
 
 
 def record_labels(part_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:

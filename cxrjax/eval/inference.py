@@ -201,7 +201,7 @@ def predict_for_evaluation(checkpoint, data=None, part: str = "test", *, labels=
     predictor = Predictor(trained, batch_size)
     ids, probs, record_labels = predict_part(predictor, part_dir, tta)
     if label_table is None:
-        label_table = labels_table(ids, record_labels)
+        label_table = labels_table(ids, record_labels, part_dir)
     sources = {"checkpoint": str(trained.weights_dir), "data": str(part_dir),
                "labels": str(labels or f"{part_dir} (labels stored in the records)"), "tta": str(tta)}  # fmt: skip
     skip_val = part == "val" and not val_predictions
@@ -229,7 +229,7 @@ def _validation(predictor, val_dir: Path, val_predictions, label_file, tta: int,
         sources["val_predictions"] = str(val_predictions)
     elif has_part:
         ids, probs, labels = predict_part(predictor, val_dir, tta)
-        part_labels = labels_table(ids, labels)
+        part_labels = labels_table(ids, labels, val_dir)
         sources["val_predictions"] = f"{val_dir} (predicted by the same model)"
     else:
         return None
@@ -238,4 +238,4 @@ def _validation(predictor, val_dir: Path, val_predictions, label_file, tta: int,
     sources["val_labels"] = str(label_file or f"{val_dir} (labels stored in the records)")
     if label_file:
         return ids, probs, read_labels(label_file)
-    return ids, probs, part_labels if part_labels is not None else labels_table(*record_labels(val_dir))
+    return ids, probs, part_labels if part_labels is not None else labels_table(*record_labels(val_dir), val_dir)

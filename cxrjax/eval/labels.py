@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrjax.data.metadata import IMAGE_ID, MetadataError, read_metadata
+from cxrjax.data.metadata import IMAGE_ID, IMAGE_METADATA, MetadataError, read_metadata
 from cxrjax.data.splits import read_labelled_split
 from cxrjax.findings import FINDINGS
 
 
 # Image metadata kept beside the labels when the source has it (for subgroup AUCs).
-METADATA_COLUMNS = ("sex", "age", "view")
+METADATA_COLUMNS = IMAGE_METADATA
 
 
 @dataclass(frozen=True)

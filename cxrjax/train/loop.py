@@ -381,8 +381,8 @@ def _finish(config, workdir, manager, state, eval_step, mesh, prepared, manifest
             out.mkdir(exist_ok=True)
             write_predictions(out / "predictions.csv", ids, probs)
             metrics = evaluate_predictions(
-                ids, probs, labels_table(ids, labels), out_dir=out,
-                val=(val_ids, val_probs, labels_table(val_ids, val_labels)),
+                ids, probs, labels_table(ids, labels, prepared / "test"), out_dir=out,
+                val=(val_ids, val_probs, labels_table(val_ids, val_labels, prepared / "val")),
                 n_bootstrap=config.eval.bootstrap, seed=config.seed,
                 run=_run_info(config, manifest, workdir),
             )
