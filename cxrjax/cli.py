@@ -14,10 +14,10 @@ from pathlib import Path
 
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write a synthetic dataset in the NIH download layout")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--patients", type=int, default=400)
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="new folder for the dataset (NIH download layout)")
+    p.add_argument("--patients", type=int, default=400, help="patients to draw (1-6 follow-up images each)")
+    p.add_argument("--image-size", type=int, default=128, help="side of the square PNGs in pixels")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
 
     def run(args):
         from cxrjax.data.synth import write_synthetic_nih
@@ -42,19 +42,20 @@ def _add_prepare(sub) -> None:
 
     d = PrepareOptions(image_size=0)
     p = sub.add_parser("prepare", help="convert an NIH download into sharded TFRecords")
-    p.add_argument("--nih-dir", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--image-size", type=int, required=True)
-    p.add_argument("--split", choices=("official", "chexnet", "random"), default=d.split)
+    p.add_argument("--nih-dir", type=Path, required=True, help="the NIH download (images_*/images/*.png, Data_Entry_2017*.csv, split lists)")
+    p.add_argument("--out", type=Path, required=True, help="output folder; rerunning resumes and verifies it")
+    p.add_argument("--image-size", type=int, required=True, help="side the images are resized to, e.g. 224 or 1024")
+    p.add_argument("--split", choices=("official", "chexnet", "random"), default=d.split,
+                   help="official: NIH train_val/test lists; chexnet: the CheXNet lists; random: patient-wise --fractions")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="official split: patient-wise share of train_val kept for validation")
     p.add_argument("--fractions", type=_fractions, default=d.fractions,
                    help="random split: train,val,test fractions")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the patient-wise val carve-out or random split")
     p.add_argument("--source-size", type=int, default=d.source_size,
                    help="expected size of every source PNG (0: any square size)")
-    p.add_argument("--records-per-shard", type=int, default=d.records_per_shard)
-    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--records-per-shard", type=int, default=d.records_per_shard, help="images per TFRecord shard")
+    p.add_argument("--workers", type=int, default=d.workers, help="decoding processes (default: every core)")
     p.add_argument("--labels", type=Path, default=None, help="a Data_Entry CSV to use instead")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip missing or unreadable images and list them in the manifest")
@@ -82,11 +83,11 @@ def _input_errors_to_exit(run):
     """Report bad input files as one `cxrjax: error:` line and exit status 2."""
 
     def wrapped(args):
-        from cxrjax.eval.errors import INPUT_ERRORS
+        from cxrjax.errors import InputError
 
         try:
             return run(args)
-        except INPUT_ERRORS as e:
+        except InputError as e:
             print(f"cxrjax {args.command}: error: {e}", file=sys.stderr)
             return 2
 
@@ -94,6 +95,8 @@ def _input_errors_to_exit(run):
 
 
 def _add_evaluate(sub) -> None:
+    from cxrjax.eval.runinfo import SPLIT_FAMILIES  # a leaf: json and dataclasses only
+
     p = sub.add_parser("evaluate", help="metrics, report and figures for a predictions CSV or a trained model")
     given = p.add_mutually_exclusive_group(required=True)
     given.add_argument("--predictions", type=Path,
@@ -114,7 +117,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--tta", type=int, default=1, metavar="N",
                    help="--checkpoint: average N views (the image and N-1 fixed small affine warps)")
     p.add_argument("--batch-size", type=int, default=32, help="--checkpoint: images per jitted call")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="folder for metrics.json, report.md, figures, run.json")
     p.add_argument("--val-predictions", type=Path, default=None,
                    help="validation-part predictions: thresholds are chosen on these")
     p.add_argument("--val-labels", type=Path, default=None,
@@ -122,10 +125,18 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--compare", type=Path, default=None,
                    help="another run's predictions on the same images: per-finding DeLong test")
     p.add_argument("--run-info", type=Path, default=None,
-                   help="run.json (name, split_family, split, px, backbone) for baselines")
+                   help="run.json (name, split_family, split, px, backbone) for the leaderboard")
+    run = p.add_argument_group("the run, for `cxrjax leaderboard` (written to OUT/run.json; instead of --run-info)")
+    run.add_argument("--name", default=None, help="the run's name on the leaderboard")
+    run.add_argument("--split-family", default=None, choices=SPLIT_FAMILIES,
+                     help="official: NIH's test list; random: a patient-wise random split (e.g. CheXNet's)")
+    run.add_argument("--split", default="", help="which split exactly, e.g. chexnet")
+    run.add_argument("--px", type=int, default=None, help="input resolution in pixels")
+    run.add_argument("--backbone", default="", help="e.g. DenseNet-121")
     p.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for CIs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--target-sensitivity", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient bootstrap")
+    p.add_argument("--target-sensitivity", type=float, default=0.9,
+                   help="the report's second threshold table: the threshold reaching this sensitivity on validation")
 
     def run(args):
         from cxrjax.eval.adjudicated import is_adjudicated, overlap, read_adjudicated
@@ -135,6 +146,14 @@ def _add_evaluate(sub) -> None:
 
         val = compare = None
         run_info = args.run_info
+        described = {"name": args.name, "split_family": args.split_family, "split": args.split, "px": args.px,
+                     "backbone": args.backbone}
+        if any(v for v in described.values()):
+            if args.run_info:
+                p.error("give --run-info or --name/--split-family/..., not both")
+            if not (args.name and args.split_family):
+                p.error("--name and --split-family describe a run together (split, px and backbone are optional)")
+            run_info = described
         given = args.labels or []
         adjudicated_files = [f for f in given if is_adjudicated(f)]
         label_files = [f for f in given if f not in adjudicated_files]
@@ -194,7 +213,7 @@ def _add_evaluate(sub) -> None:
 def _add_leaderboard(sub) -> None:
     p = sub.add_parser("leaderboard", help="rank evaluated runs against published baselines")
     p.add_argument("run_dirs", type=Path, nargs="+", help="folders with metrics.json + run.json")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="folder for leaderboard.md, .csv and .png")
 
     def run(args):
         from cxrjax.eval.leaderboard import write_leaderboard
@@ -207,8 +226,8 @@ def _add_leaderboard(sub) -> None:
 
 def _add_ensemble(sub) -> None:
     p = sub.add_parser("ensemble", help="average several prediction CSVs per image")
-    p.add_argument("predictions", type=Path, nargs="+")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("predictions", type=Path, nargs="+", help="predictions CSVs of the members, same images")
+    p.add_argument("--out", type=Path, required=True, help="the averaged predictions CSV to write")
 
     def run(args):
         from cxrjax.eval.ensemble import ensemble_files
@@ -219,14 +238,20 @@ def _add_ensemble(sub) -> None:
 
 
 def load_config(path: str, overrides: list[str]):
-    """A configs/*.py file (optionally `file.py:variant`) with `--config.a.b=value`
+    """A recipe name or a config file (optionally `:variant`) with `--config.a.b=value`
     overrides, parsed by ml_collections so every field is typed and checked."""
     from absl import flags
     from ml_collections import config_flags
 
+    from cxrjax.configs import resolve
+
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         raise SystemExit(f"cxrjax: unrecognized arguments: {' '.join(bad)}")
+    try:
+        path = resolve(path)
+    except ValueError as e:
+        raise SystemExit(f"cxrjax: {e}") from None
     argv = ["cxrjax", f"--config={path}", *overrides]
     values = flags.FlagValues()
     # sys_argv: the overrides are read from here, not from the process's own sys.argv.
@@ -243,8 +268,10 @@ def _add_train(sub) -> None:
         "train",
         help="train (or resume) a model; --config.FIELD=VALUE overrides any config field",
     )
-    p.add_argument("--config", required=True, help="configs/NAME.py, or configs/NAME.py:smoke")
-    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--config", required=True,
+                   help="a recipe (chexnet, fisher2025, full1024, demo; NAME:smoke for its smoke variant) "
+                        "or a config file path.py[:variant]")
+    p.add_argument("--workdir", type=Path, required=True, help="the run folder; rerunning the same command resumes")
     p.set_defaults(accepts_overrides=True)
 
     def run(args):
@@ -269,12 +296,12 @@ def _add_import_weights(sub) -> None:
         "import-weights",
         help="Keras (.h5, .weights.h5) or torchvision (.pth) DenseNet weights -> weights artifact",
     )
-    p.add_argument("--source", type=Path, required=True)
+    p.add_argument("--source", type=Path, required=True, help="the weights file: .h5, .weights.h5 or .pth")
     p.add_argument("--out", type=Path, required=True, help="new weights directory")
     p.add_argument("--arch", default="densenet121", help="densenet121|densenet169|densenet201|tiny")
     p.add_argument("--head", default="chexnet", help="chexnet|fisher (a fisher head starts fresh)")
     p.add_argument("--cbam", action="store_true", help="add CBAM (freshly initialized)")
-    p.add_argument("--in-channels", type=int, default=3, choices=(1, 3))
+    p.add_argument("--in-channels", type=int, default=3, choices=(1, 3), help="1: a grayscale stem (the RGB kernels summed)")
     p.add_argument("--backbone-only", action="store_true", help="drop any classifier in the source")
 
     def run(args):
@@ -302,16 +329,16 @@ def _add_demo(sub) -> None:
         "demo",
         help="synthetic (or --nih-dir) data -> prepare -> train DenseNet121+CBAM -> evaluate -> leaderboard",
     )
-    p.add_argument("--out", type=Path, default=Path("cxrjax-demo"))
+    p.add_argument("--out", type=Path, default=Path("cxrjax-demo"), help="folder for every stage; rerunning reuses finished ones")
     p.add_argument("--nih-dir", type=Path, default=None,
                    help="a real NIH download instead of the synthetic dataset")
-    p.add_argument("--config", default=None, help="default: configs/demo.py of this checkout")
+    p.add_argument("--config", default="demo", help="a recipe name or config file (default: demo)")
     p.set_defaults(accepts_overrides=True)
 
     def run(args):
-        from cxrjax.demo import default_config, run_demo
+        from cxrjax.demo import run_demo
 
-        config = load_config(args.config or default_config(), args.overrides)
+        config = load_config(args.config, args.overrides)
         summary = run_demo(args.out, config, args.nih_dir)
         kind = "synthetic test part" if summary["synthetic"] else "test part"
         mean = "undefined" if summary["mean_auc"] is None else f"{summary['mean_auc']:.4f}"
@@ -339,7 +366,7 @@ def _add_predict(sub) -> None:
     _image_model_arguments(p, "CSV to write: Image Index (file name), prob_<finding>")
     p.add_argument("--heatmaps", type=Path, default=None,
                    help="also write Grad-CAM overlays of each image's --top-k findings in this folder")
-    p.add_argument("--top-k", type=int, default=1, metavar="K")
+    p.add_argument("--top-k", type=int, default=1, metavar="K", help="with --heatmaps: overlays per image")
     p.add_argument("--tta", type=int, default=1, metavar="N",
                    help="average N views (the image and N-1 fixed small affine warps); heatmaps use the image")
 
@@ -389,12 +416,17 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=run)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_synth, _add_prepare, _add_train, _add_evaluate, _add_leaderboard, _add_ensemble,
                 _add_import_weights, _add_predict, _add_gradcam, _add_bench):
         add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

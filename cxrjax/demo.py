@@ -17,18 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 SYNTHETIC_PATIENTS = 600
 SYNTHETIC_SOURCE_SIZE = 64
-
-
-def default_config():
-    """configs/demo.py of the checkout cxrjax is installed from (`pip install -e .`)."""
-    if DEMO_CONFIG.exists():
-        return str(DEMO_CONFIG)
-    raise FileNotFoundError(
-        f"{DEMO_CONFIG} not found: run the demo from a cxrjax checkout or pass --config"
-    )
 
 
 def run_demo(out: Path, config, nih_dir: Path | None = None, prepare_workers: int = 2) -> dict:

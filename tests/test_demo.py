@@ -1,9 +1,16 @@
-"""`cxrjax demo` end to end with the smoke recipe (tiny DenseNet, a few steps); the full
-recipe's time and AUC are checked by .ci/run, which runs the Quickstart's demo."""
+"""`cxrjax demo` end to end with the smoke recipe (tiny DenseNet, a few steps), run from a
+wheel installed outside the checkout; the full recipe's time and AUC are checked by
+.ci/run, which runs the Quickstart's demo."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,13 +18,40 @@ import pytest
 from cxrjax.cli import main
 from cxrjax.findings import FINDINGS
 
-SMOKE = "configs/demo.py:smoke"
+SMOKE = "demo:smoke"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def demo_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--out", str(out), "--config", SMOKE]) == 0
+def installed(tmp_path_factory) -> Path:
+    """cxrjax as `pip install cxrjax` gives it: a wheel built from this checkout, installed
+    into a fresh venv outside it. Its dependencies come from this environment through a
+    .pth file (nothing is downloaded); the checkout itself is not on its path."""
+    root = tmp_path_factory.mktemp("wheel")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(REPO)],
+                   check=True, cwd=root)
+    venv.create(root / "venv", with_pip=True)
+    python = root / "venv" / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    Path(site, "outer_environment.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    (wheel,) = (root / "dist").glob("cxrjax-*.whl")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True)
+    return root / "venv" / "bin"
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory, installed):
+    """The Quickstart's demo (smoke recipe, by name) from the installed wheel, in an empty folder."""
+    out, cwd = tmp_path_factory.mktemp("demo"), tmp_path_factory.mktemp("empty")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = subprocess.run([str(installed / "python"), "-c", "import cxrjax.configs; print(cxrjax.configs.__file__)"],
+                           check=True, capture_output=True, text=True, cwd=cwd, env=env).stdout
+    assert where.startswith(str(installed.parent)), where  # the wheel's copy, not the checkout
+    proc = subprocess.run([str(installed / "cxrjax"), "demo", "--out", str(out), "--config", SMOKE],
+                          capture_output=True, text=True, cwd=cwd, env=env, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out
 
 

@@ -1,5 +1,6 @@
 """`evaluate_predictions`, the evaluate/ensemble CLI, and the golden CheXNet reproduction."""
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxrjax.cli import main
+from cxrjax.cli import build_parser, main
 from cxrjax.eval.evaluate import evaluate_predictions
 from cxrjax.eval.labels import read_labels
 from cxrjax.eval.metrics import youden_threshold
@@ -164,6 +165,31 @@ def test_cli_evaluate(cli_files, capsys):
     assert m["thresholds"]["target_sensitivity"] == 0.8
     assert m["comparison"]["findings"]["Mass"]["difference"] == pytest.approx(0.0, abs=1e-12)
     assert m["run"]["name"] == "cli"
+
+
+def test_cli_evaluate_describes_the_run_for_the_leaderboard(cli_files, capsys):
+    """--name/--split-family/... write run.json, so the output goes straight to the leaderboard."""
+    tmp, split, preds, ids, probs = cli_files
+    base = ["evaluate", "--predictions", str(preds), "--labels", str(split), "--bootstrap", "5"]
+    assert main([*base, "--out", str(tmp / "out"), "--name", "mine", "--split-family", "random",
+                 "--split", "chexnet", "--px", "224", "--backbone", "DenseNet-121"]) == 0  # fmt: skip
+    run = json.loads((tmp / "out" / "run.json").read_text())
+    assert run == {"name": "mine", "split_family": "random", "split": "chexnet", "px": 224,
+                   "backbone": "DenseNet-121"}  # fmt: skip
+    assert main(["leaderboard", str(tmp / "out"), "--out", str(tmp / "board")]) == 0
+    board = (tmp / "board" / "leaderboard.csv").read_text()
+    assert "mine" in board and "CheXNet" in board  # ranked beside the random-split baselines
+    with pytest.raises(SystemExit):
+        main([*base, "--out", str(tmp / "o2"), "--name", "half"])  # a name alone is not a run
+    assert "--name and --split-family describe a run together" in capsys.readouterr().err
+
+
+def test_every_cli_argument_has_help():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [f"{name} {a.option_strings or a.dest}" for name, sub in commands.items() for a in sub._actions
+               if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert missing == []
 
 
 def test_cli_reports_bad_input_as_one_line(cli_files, capsys):

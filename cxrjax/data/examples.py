@@ -10,6 +10,7 @@ from google.protobuf import message
 from tensorflow_datasets.proto import tf_example_generated_pb2 as example_pb2
 
 from cxrjax.findings import NUM_FINDINGS
+from cxrjax.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def encode(record: XrayRecord) -> bytes:
     return ex.SerializeToString(deterministic=True)
 
 
-class DecodeError(ValueError):
+class DecodeError(InputError):
     """A record payload that is not a whole cxrjax example (only reachable when the
     CRC was not checked, or the writer was not cxrjax)."""
 

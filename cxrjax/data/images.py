@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+from cxrjax.errors import InputError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_END = b"IEND\xaeB`\x82"
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An image file that cannot become a correct training example."""
 
 

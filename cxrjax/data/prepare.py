@@ -30,10 +30,11 @@ from tqdm import tqdm
 
 from cxrjax import __version__
 from cxrjax.data import examples, images, synth, tfrecord
-from cxrjax.data.metadata import MetadataError, find_metadata, label_matrix, read_metadata
+from cxrjax.data.metadata import IMAGE_METADATA, MetadataError, find_metadata, label_matrix, read_metadata
 from cxrjax.data.options import PrepareOptions
 from cxrjax.data.splits import PARTS, make_split
 from cxrjax.findings import FINDINGS
+from cxrjax.errors import InputError
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
@@ -43,7 +44,7 @@ SHOWN = 1000  # image ids listed in the manifest per kind of finding; the count 
 log = logging.getLogger(__name__)
 
 
-class PreparedDataError(ValueError):
+class PreparedDataError(InputError):
     """An output folder that is not (or not the same) prepared dataset."""
 
 
@@ -310,7 +311,7 @@ def _finish(out, table, tasks, settings, opts, skipped: list[dict], unused: dict
             rows += [{"shard": path.name, **r} for r in index["records"]]
         frame = pd.DataFrame(rows, columns=["shard", "image_id", "offset", "length"])
         # sex, age and view travel with the labels for subgroup AUCs at evaluation.
-        meta = by_id.loc[frame["image_id"], ["patient_id", "no_finding", *FINDINGS, "sex", "age", "view"]]
+        meta = by_id.loc[frame["image_id"], ["patient_id", "no_finding", *FINDINGS, *IMAGE_METADATA]]
         meta = meta.reset_index(drop=True)
         frame = pd.concat([frame, meta], axis=1)
         frame.to_csv(out / name / INDEX, index=False)

@@ -13,6 +13,7 @@ import pandas as pd
 
 from cxrjax.data.metadata import MetadataError, label_matrix
 from cxrjax.findings import FINDINGS
+from cxrjax.errors import InputError
 
 PARTS = ("train", "val", "test")
 # Column order of the CheXNet split files (`image_name l1 ... l14`), mapped by name.
@@ -23,7 +24,7 @@ CHEXNET_FILE_ORDER = (
 )  # fmt: skip
 
 
-class LeakageError(ValueError):
+class LeakageError(InputError):
     """A patient appears in more than one part of a split."""
 
 

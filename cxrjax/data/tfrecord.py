@@ -12,11 +12,12 @@ import struct
 from typing import BinaryIO, Iterator
 
 import google_crc32c
+from cxrjax.errors import InputError
 
 _MASK_DELTA = 0xA282EAD8
 
 
-class RecordError(ValueError):
+class RecordError(InputError):
     """A TFRecord frame whose length or checksum does not match its bytes."""
 
 

@@ -22,6 +22,7 @@ from cxrjax.eval.plots import auc_panels
 from cxrjax.eval.report import fmt, md_cell
 from cxrjax.eval.runinfo import SPLIT_FAMILIES, RunInfo, RunInfoError, parse_run_info, read_run_info
 from cxrjax.findings import FINDINGS
+from cxrjax.errors import InputError
 
 SHORT = dict(zip(FINDINGS, ("Atel", "Card", "Effu", "Infi", "Mass", "Nodu", "Pneu", "PTX",
                             "Cons", "Edem", "Emph", "Fibr", "PT", "Hern")))  # fmt: skip
@@ -40,7 +41,7 @@ FOOTNOTES = {
 }
 
 
-class LeaderboardError(ValueError):
+class LeaderboardError(InputError):
     """A run folder that cannot be placed on the leaderboard."""
 
 

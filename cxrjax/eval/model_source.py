@@ -22,6 +22,7 @@ import ml_collections
 from cxrjax.data.augment import AugmentConfig
 from cxrjax.data.normalize import stats_for
 from cxrjax.models.weights import CONFIG_FILE, VARIABLES_DIR, load_weights
+from cxrjax.errors import InputError
 
 RUN_CONFIG = "config.json"
 NORMALIZATION = "normalization.json"
@@ -29,7 +30,7 @@ BEST_WEIGHTS = "best_weights"  # as written by cxrjax.train.loop
 DEFAULT_IMAGE_SIZE = 224  # CheXNet's input size, for weights without a run
 
 
-class InferenceError(ValueError):
+class InferenceError(InputError):
     """A model, image or dataset that inference cannot use as it is."""
 
 

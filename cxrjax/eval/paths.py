@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from cxrjax.errors import InputError
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(InputError):
     """A name that would write outside the output folder."""
 
 

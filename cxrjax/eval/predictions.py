@@ -15,12 +15,13 @@ import numpy as np
 import pandas as pd
 
 from cxrjax.findings import FINDINGS, canonical
+from cxrjax.errors import InputError
 
 ID_COLUMNS = ("Image Index", "image_id")
 PROB_PREFIX = "prob_"
 
 
-class PredictionsError(ValueError):
+class PredictionsError(InputError):
     """A predictions file that cannot be evaluated as it is."""
 
 

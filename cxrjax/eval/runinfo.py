@@ -20,11 +20,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from cxrjax.errors import InputError
 
 SPLIT_FAMILIES = ("official", "random", "synthetic")
 
 
-class RunInfoError(ValueError):
+class RunInfoError(InputError):
     """Missing or malformed run description."""
 
 

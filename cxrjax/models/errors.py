@@ -1,5 +1,7 @@
 """The error for a weights file or artifact that cannot be used as it is."""
 
+from cxrjax.errors import InputError
 
-class WeightsError(ValueError):
+
+class WeightsError(InputError):
     """Bad weights input: the message names the file and tensor and what is wrong."""
