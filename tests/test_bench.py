@@ -304,7 +304,7 @@ def _fake_case(seconds: float):
 
 def test_deadline_skips_what_is_left_and_the_journal_keeps_every_case(tmp_path):
     specs = [CaseSpec("cxrjax", "tiny", 32, "float32", "none", batch=b, steps=1) for b in range(1, 6)]
-    results = run_cases(specs, tmp_path, "t", "cmd", {}, deadline_s=0.5, run_case=_fake_case(0.3), log=lambda _: None)
+    results = run_cases(specs, tmp_path, "t", "cmd", {}, deadline_s=0.5, run_case=_fake_case(0.3), progress=lambda _: None)
     statuses = [r["status"] for r in results["measurements"]]
     assert statuses[:2] == ["ok", "ok"] and set(statuses[2:]) == {"skipped"}
     assert all(r["reason"].startswith("time") for r in results["measurements"][2:])
@@ -323,7 +323,7 @@ def test_a_run_killed_mid_case_leaves_the_finished_cases(tmp_path):
         return done(spec, timeout_s)
 
     with pytest.raises(KeyboardInterrupt):
-        run_cases(specs, tmp_path, "t", "cmd", {}, run_case=dies_on_the_third, log=lambda _: None)
+        run_cases(specs, tmp_path, "t", "cmd", {}, run_case=dies_on_the_third, progress=lambda _: None)
     lines = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert [(line["spec"]["batch"], line["measurements"][0]["status"]) for line in lines] == [(1, "ok"), (2, "ok")]
 

@@ -4,10 +4,12 @@ import argparse
 import sys
 
 from cxrjax.bench.args import add_arguments, run
+from cxrjax.cli import show_library_logs
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    show_library_logs()
     parser = argparse.ArgumentParser(prog="python -m cxrjax.bench", description=__doc__)
     add_arguments(parser)
     return run(parser.parse_args(argv), "python -m cxrjax.bench")

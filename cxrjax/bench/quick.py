@@ -26,6 +26,7 @@ from pathlib import Path
 
 from cxrjax.bench.memory import GIB
 from cxrjax.bench.spec import CaseSpec
+from cxrjax.cli import show_library_logs
 
 NAME = "quick"
 
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=-1,
                         help="grain decode processes (default: every core; smoke: 0, in-process)")
     args = parser.parse_args(argv)
+    show_library_logs()
     settings = SMOKE if args.smoke else GPU
     if args.batch:
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import platform
 import signal
@@ -27,6 +28,8 @@ from pathlib import Path
 from cxrjax.bench.device import device_peak, library_versions, mfu
 from cxrjax.bench.memory import GIB, MIB
 from cxrjax.bench.spec import PEERS, CaseSpec, empty_result, not_measured
+
+log = logging.getLogger(__name__)
 
 # The issue's targets. Throughput: cxrjax ÷ peer, training, bfloat16, at each size with
 # the remat each size is run with (torch's memory_efficient stands for any remat).
@@ -121,14 +124,14 @@ def run_in_subprocess(spec: CaseSpec, timeout_s: float | None = None) -> dict:
 
 
 def run_bench(o: BenchOptions, command: str, run_case: Callable[..., dict] = run_in_subprocess,
-              log: Callable[[str], None] = print) -> dict:
+              progress: Callable[[str], None] = log.info) -> dict:
     """Measure every planned case and write `<arch>.json`, `.jsonl`, `.md` and plots into `o.out`."""
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(o).items()}
-    return run_cases(plan(o), Path(o.out), o.arch, command, options, o.deadline_s, run_case, log)
+    return run_cases(plan(o), Path(o.out), o.arch, command, options, o.deadline_s, run_case, progress)
 
 
 def run_cases(specs: list[CaseSpec], out: Path, name: str, command: str, options: dict, deadline_s: float = 0.0,
-              run_case: Callable[..., dict] = run_in_subprocess, log: Callable[[str], None] = print) -> dict:
+              run_case: Callable[..., dict] = run_in_subprocess, progress: Callable[[str], None] = log.info) -> dict:
     """Run `specs` in order until `deadline_s` seconds have passed (0: no deadline)."""
     from cxrjax.bench.report import write_report
 
@@ -142,7 +145,7 @@ def run_cases(specs: list[CaseSpec], out: Path, name: str, command: str, options
         if left is not None and left <= 0:
             found = not_measured(spec, "skipped", "time: the run's deadline had passed")
         else:
-            log(f"bench: {spec.label()} ...")
+            progress(f"bench: {spec.label()} ...")
             found = run_case(spec, left)
         for key, rows in results.items():
             rows.extend(found[key])
@@ -151,7 +154,7 @@ def run_cases(specs: list[CaseSpec], out: Path, name: str, command: str, options
             f.flush()
             os.fsync(f.fileno())
         for row in found["measurements"] + found["max_batch"] + found["scaling"]:
-            log(f"  {summary_line(row)}")
+            progress(f"  {summary_line(row)}")
     results = derive(results)
     results["meta"] = metadata(name, options, command, results["measurements"])
     write_report(results, out, name)
