@@ -23,6 +23,9 @@ from cxrjax.findings import FINDINGS
 from cxrjax.models.weights import load_weights
 
 EPOCHS, PATIENCE = 6, 2
+# A seed whose best validation epoch is not the last, so keeping the best is tested (seed 0
+# stopped being one when the synthetic patients' metadata changed their random draws).
+SEED = 1
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,7 @@ def monitored(prepared, train_env, tmp_path_factory):
     # Offline wandb must not need the network: every HTTP(S) request goes to a dead proxy.
     done = run_train(workdir, prepared, {**train_env, **NO_NETWORK}, f"--config.epochs={EPOCHS}",
                      f"--config.early_stopping_patience={PATIENCE}", "--config.checkpoint.keep=1",
-                     "--config.wandb.mode=offline")
+                     "--config.wandb.mode=offline", f"--config.seed={SEED}")
     assert done.returncode == 0, done.stdout[-3000:]
     return workdir, done.stdout
 
