@@ -398,10 +398,12 @@ UNIT
   } >"$file"
 }
 
+# launch_node is called in a condition, where bash ignores set -e inside it, so every step
+# that can fail returns its status itself.
 launch_node() {  # PROCESS-ID COORDINATOR SG ROOT-DEVICE IMAGE SOURCE-URL NFS-ADDRESS: prints "id private-ip"
-  local pid=$1 coordinator=$2 sg=$3 root=$4 image=$5 src=$6 nfs=$7 user_data spot args=()
-  user_data=$(mktemp)
-  write_user_data "$user_data" "$src" "$pid" "$coordinator" "$nfs"
+  local pid=$1 coordinator=$2 sg=$3 root=$4 image=$5 src=$6 nfs=$7 user_data spot args=() status=0
+  user_data=$(mktemp) || return
+  write_user_data "$user_data" "$src" "$pid" "$coordinator" "$nfs" || { rm -f "$user_data"; return 1; }
   if ((DRY_RUN)); then
     printf '[dry-run] user-data of process %s:\n' "$pid" >&3
     sed 's/^/  | /' "$user_data" >&3
@@ -424,8 +426,9 @@ launch_node() {  # PROCESS-ID COORDINATOR SG ROOT-DEVICE IMAGE SOURCE-URL NFS-AD
     "$(tag_spec volume)"
     --query 'Instances[0].[InstanceId,PrivateIpAddress]')
   [[ -z $KEY_NAME ]] || args+=(--key-name "$KEY_NAME")
-  aws_text "<instance-id-$pid> <private-ip-$pid>" "${args[@]}"
+  aws_text "<instance-id-$pid> <private-ip-$pid>" "${args[@]}" || status=$?
   rm -f "$user_data"
+  return "$status"
 }
 
 cmd_up() {
@@ -451,11 +454,20 @@ cmd_up() {
   fi
   ((NODES == 1)) || nfs=$(shared_file_system "$sg")
   src=$(ship_source)
+  local launched=()
   for ((node = 0; node < NODES; node++)); do
     # Process 0 learns its own address from IMDS; the others get it from its launch.
-    out=$(launch_node "$node" "$coordinator" "$sg" "$root" "$image" "$src" "$nfs") \
-      || die "launching process $node failed; end what is up with: $0 down --s3-prefix $S3_PREFIX"
-    read -r id ip <<<"$out"
+    if out=$(launch_node "$node" "$coordinator" "$sg" "$root" "$image" "$src" "$nfs"); then
+      read -r id ip <<<"$out"
+    else
+      id="" ip=""
+    fi
+    if [[ $id != i-* && $id != '<instance-id-'* ]]; then
+      # A cluster is whole or nothing: members already launched would wait for this one forever.
+      ((${#launched[@]} == 0)) || terminate "${launched[@]}"
+      die "launching process $node of $NODES failed (AWS's answer above)${launched[*]:+; terminated ${launched[*]}}"
+    fi
+    launched+=("$id")
     ((node == 0)) && coordinator="$ip:$COORDINATOR_PORT"
     log "launched process $node of $NODES: $id ($ip)"
   done
@@ -511,6 +523,12 @@ cmd_logs() {  # tail each instance's run log through SSM Run Command, or its con
   done < <(run_instances)
 }
 
+terminate() {  # INSTANCE-ID...: and wait until they are gone
+  aws_do ec2 terminate-instances --instance-ids "$@" >/dev/null
+  aws_do ec2 wait instance-terminated --instance-ids "$@"
+  ((DRY_RUN)) || log "terminated $*"
+}
+
 cmd_down() {  # cancel the persistent spot requests first, or AWS would relaunch the instances
   validate_common
   local ids=() requests=() id _state request sg
@@ -521,9 +539,7 @@ cmd_down() {  # cancel the persistent spot requests first, or AWS would relaunch
   done < <(run_instances)
   ((${#requests[@]} == 0)) || aws_do ec2 cancel-spot-instance-requests --spot-instance-request-ids "${requests[@]}" >/dev/null
   if ((${#ids[@]})); then
-    aws_do ec2 terminate-instances --instance-ids "${ids[@]}" >/dev/null
-    aws_do ec2 wait instance-terminated --instance-ids "${ids[@]}"
-    ((DRY_RUN)) || log "terminated ${ids[*]}"
+    terminate "${ids[@]}"
   else
     log "run $(run_name) has no live instances"
   fi
@@ -753,9 +769,16 @@ print(load_config(sys.argv[1], []).data.image_size)' "$config_arg")
     log "no readable SSM parameter $WANDB_PARAMETER: wandb stays as the config says (offline by default)"
   fi
 
+  # Called in conditions, where set -e is off inside: each upload's status is kept by hand.
   sync_up() {  # every process its log; process 0 the workdir, which all of them share
-    ((PROCESS_ID > 0)) || s3_sync "$work/" "$S3_PREFIX/workdir/" --exclude '*.orbax-checkpoint-tmp*'
-    s3_sync "$logs/" "$S3_PREFIX/logs/process-$PROCESS_ID/"
+    local failed=0
+    if ((PROCESS_ID == 0)); then
+      s3_sync "$work/" "$S3_PREFIX/workdir/" --exclude '*.orbax-checkpoint-tmp*' \
+        || { log "uploading $work to $S3_PREFIX/workdir/ failed"; failed=1; }
+    fi
+    s3_sync "$logs/" "$S3_PREFIX/logs/process-$PROCESS_ID/" \
+      || { log "uploading $logs to $S3_PREFIX/logs/process-$PROCESS_ID/ failed"; failed=1; }
+    return "$failed"
   }
   sync_loop() {  # its sleep dies with it, so nothing lingers on the log pipe after the run
     local nap
@@ -799,7 +822,10 @@ print(load_config(sys.argv[1], []).data.image_size)' "$config_arg")
   else
     log "trainer failed with status $status; $upload"
   fi
-  sync_up
+  if ! sync_up && ((status == 0)); then
+    status=1  # systemd starts the run again, and its first act is this upload's retry
+    log "the final upload failed; exiting with status $status so that it is retried"
+  fi
   return "$status"
 }
 

@@ -1,0 +1,95 @@
+"""launch/g5_24xlarge.sh when AWS says no: a refused launch or upload is reported, never
+taken for success, and nothing is left half-launched.
+
+AWS is moto's server on loopback; an `aws` shim refuses chosen calls the way the CLI
+reports a service error. Nothing here reaches a network beyond 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from fake_imds import FakeImds
+from launch_helpers import CAPACITY_ERROR, refusing_aws, script
+from train_helpers import wait_for
+
+
+def _live(ec2, run: str) -> list[dict]:
+    found = ec2.describe_instances(Filters=[
+        {"Name": "tag:cxrjax-run", "Values": [run]},
+        {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]}])
+    return [i for r in found["Reservations"] for i in r["Instances"]]
+
+
+def test_a_refused_launch_fails_up_and_leaves_nothing_half_launched(repo, aws, tmp_path):
+    prefix = ["--s3-prefix", "s3://cxrjax-bucket/runs/refused", "--run-config", "demo",
+              "--subnet", aws["subnet"], "--ami", aws["ami"]]
+    aws["iam"].create_instance_profile(InstanceProfileName="cxrjax-refused")
+    refusing = dict(aws["env"], **refusing_aws(tmp_path / "all", {"ec2 run-instances": CAPACITY_ERROR}))
+    single = script(repo, "up", *prefix, env=refusing)
+    assert single.returncode != 0, single.stderr
+    assert "InsufficientInstanceCapacity" in single.stderr
+    assert "is up" not in single.stderr and "launched process" not in single.stderr
+    assert _live(aws["ec2"], "refused") == []
+
+    # A cluster whose second member is refused: the first one goes again, nobody is told
+    # to meet a coordinator at ":1234".
+    aws["iam"].create_instance_profile(InstanceProfileName="cxrjax-refused-cluster")
+    second = dict(aws["env"], **refusing_aws(tmp_path / "second", {"cxrjax-process,Value=1": CAPACITY_ERROR}))
+    cluster = script(repo, "up", *[p.replace("refused", "refused-cluster") for p in prefix], "--nodes", "2",
+                     env=second)
+    assert cluster.returncode != 0, cluster.stderr
+    assert "InsufficientInstanceCapacity" in cluster.stderr
+    assert "launched process 0 of 2" in cluster.stderr and "terminated i-" in cluster.stderr
+    assert "is up" not in cluster.stderr, cluster.stderr
+    assert _live(aws["ec2"], "refused-cluster") == []
+
+
+FAKE_TRAINER = r"""#!/bin/bash
+# The venv's cxrjax on the instance: a trainer that checkpoints on SIGTERM.
+work=""
+while (($#)); do case $1 in --workdir) work=$2; shift 2 ;; *) shift ;; esac; done
+trap 'mkdir -p "$work/checkpoints"; echo 1 >"$work/checkpoints/step"; exit 0' TERM
+touch "$FAKE_RECORD/training"
+while :; do sleep 0.1; done
+"""
+
+
+def test_a_failed_workdir_upload_is_reported_though_the_log_upload_succeeds(repo, aws, tmp_path):
+    """The periodic sync and the final one: a refused workdir upload is logged, and the run
+    exits non-zero (systemd then starts it again and the upload is retried)."""
+    s3 = aws["s3"]
+    s3.put_object(Bucket="cxrjax-bucket", Key="runs/upload/prepared-40/manifest.json", Body=b"{}")
+    home, record = tmp_path / "home", tmp_path / "record"
+    record.mkdir()
+    (home / "venv" / "bin").mkdir(parents=True)
+    for name, text in (("cxrjax", FAKE_TRAINER), ("python", f'#!/bin/sh\nexec {sys.executable} "$@"\n')):
+        (home / "venv" / "bin" / name).write_text(text)
+        (home / "venv" / "bin" / name).chmod(0o755)
+    config = tmp_path / "run.env"
+    config.write_text("S3_PREFIX=s3://cxrjax-bucket/runs/upload\nREGION=us-east-1\nRUN_CONFIG=demo\n"
+                      "SYNC_INTERVAL=10\n")
+    refused = "upload failed: AccessDenied when calling the PutObject operation"
+    env = dict(aws["env"], **refusing_aws(tmp_path, {"workdir/ --exclude": refused}))
+    with FakeImds() as imds:
+        env.update(CXRJAX_HOME=str(home), CXRJAX_IMDS_ENDPOINT=imds.endpoint, CXRJAX_SPOT_POLL_SECONDS="0.3",
+                   FAKE_RECORD=str(record))
+        run = subprocess.Popen([str(repo / "launch" / "g5_24xlarge.sh"), "run", "--config", str(config)],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log = home / "logs" / "run.log"
+        try:
+            wait_for(lambda: (record / "training").exists() or run.poll() is not None, 60, "training")
+            # The first periodic sync (SYNC_INTERVAL=10 s) uploads the log but not the workdir.
+            wait_for(lambda: "periodic S3 sync failed" in log.read_text() or run.poll() is not None, 40,
+                     "the periodic sync's failure to be logged")
+            assert run.poll() is None
+            imds.notice()
+            output, _ = run.communicate(timeout=60)
+        finally:
+            run.kill()
+    assert refused in output
+    assert run.returncode != 0, output
+    assert f"uploading {home}/work/upload to s3://cxrjax-bucket/runs/upload/workdir/ failed" in output
+    assert "runs/upload/workdir/checkpoints/step" not in {
+        o["Key"] for o in s3.list_objects_v2(Bucket="cxrjax-bucket", Prefix="runs/upload/").get("Contents", [])}
