@@ -326,19 +326,24 @@ ship_source() {  # upload the committed tree; prints its S3 address
 }
 
 write_user_data() {  # FILE SOURCE-URL PROCESS-ID COORDINATOR NFS-ADDRESS: the instance bootstrap
-  local file=$1 src=$2 pid=$3 coordinator=$4 nfs=$5 key when_done mounts="" shared=""
+  local file=$1 src=$2 pid=$3 coordinator=$4 nfs=$5 key unit_end service_end mounts="" shared=""
+  # SuccessAction= and FailureAction= belong to [Unit]: in [Service] systemd ignores them
+  # with a mere warning (tests/test_launch.py runs systemd-analyze verify on this unit).
   if ((NODES > 1)); then
     shared=$CLUSTER_SHARED_DIR
     mounts="RequiresMountsFor=$shared"
 
     # A cluster ends together: a run that finished or checkpointed on a notice (the trainer
     # stops every process at once) powers off, which terminates; "up" again resumes.
-    when_done="# finished or checkpointed: power off (= terminate); \"up\" again resumes
+    unit_end="# finished or checkpointed: power off (= terminate); \"up\" again resumes
 SuccessAction=poweroff"
+    service_end=""
   else
-    # One node resumes by itself after a spot stop, so only a finished run powers off.
-    when_done="# a finished run powers the instance off; \"down\" then removes it
-ExecStopPost=/bin/sh -c 'test -e /opt/cxrjax/work/$(run_name)/done.json && systemctl --no-block poweroff || true'"
+    # One node resumes by itself after a spot stop, so only a finished run whose results
+    # went up to S3 (the run exited 0) powers off.
+    unit_end=""
+    service_end="# a finished and uploaded run powers the instance off; \"down\" then removes it
+ExecStopPost=/bin/sh -c 'test \"\$\$SERVICE_RESULT\" = success && test -e /opt/cxrjax/work/$(run_name)/done.json && systemctl --no-block poweroff || true'"
   fi
   {
     cat <<'HEAD'
@@ -376,18 +381,19 @@ After=network-online.target
 $mounts
 StartLimitIntervalSec=6h
 StartLimitBurst=5
+# a run that keeps failing stops paying for the GPUs
+FailureAction=poweroff
+$unit_end
 
 [Service]
 Environment=HOME=/root
 ExecStart=/opt/cxrjax/src/launch/g5_24xlarge.sh run --config $ENV_FILE
-$when_done
+$service_end
 Restart=on-failure
 RestartSec=60
 # the trainer gets SIGTERM and time to checkpoint and upload before SIGKILL
 KillMode=mixed
 TimeoutStopSec=170
-# a run that keeps failing stops paying for the GPUs
-FailureAction=poweroff
 
 [Install]
 WantedBy=multi-user.target
