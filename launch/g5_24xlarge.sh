@@ -44,7 +44,7 @@ S3_PREFIX=""
 RUN_CONFIG=chexnet
 NODES=1
 INSTANCE_TYPE=g5.24xlarge
-HOP_LIMIT=2
+HOP_LIMIT=1
 WANDB_PARAMETER=/cxrjax/wandb-api-key
 SYNC_INTERVAL=600
 PROCESS_ID=0
@@ -151,7 +151,10 @@ validate_up() {
   validate_common
   need AMI SUBNET RUN_CONFIG INSTANCE_TYPE
   [[ $AMI =~ ^ami-[0-9a-f]+$|^resolve:ssm:/ ]] || die "AMI must be ami-... or resolve:ssm:/parameter, got '$AMI'"
-  [[ $SUBNET =~ ^subnet-[0-9a-f]+$ ]] || die "SUBNET must be subnet-..., got '$SUBNET'"
+  [[ $SUBNET =~ ^subnet-[0-9a-f]+(,subnet-[0-9a-f]+)*$ ]] \
+    || die "SUBNET must be subnet-... or several, comma-separated (tried in order), got '$SUBNET'"
+  [[ $INSTANCE_TYPE =~ ^[a-z0-9-]+\.[a-z0-9]+(,[a-z0-9-]+\.[a-z0-9]+)*$ ]] \
+    || die "INSTANCE_TYPE must be a type such as g5.24xlarge or several, comma-separated (tried in order), got '$INSTANCE_TYPE'"
   [[ -z $SECURITY_GROUP || $SECURITY_GROUP =~ ^sg-[0-9a-f]+$ ]] || die "SECURITY_GROUP must be sg-..., got '$SECURITY_GROUP'"
   [[ $HOP_LIMIT == 1 || $HOP_LIMIT == 2 ]] || die "HOP_LIMIT must be 1 (no containers) or 2 (containers), got '$HOP_LIMIT'"
   [[ -z $MAX_PRICE || $MAX_PRICE =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "MAX_PRICE must be dollars per hour such as 4.50, got '$MAX_PRICE'"
@@ -274,8 +277,8 @@ no_mount_targets() {  # FS: as its deletion needs
   [[ -z $(aws_text '' efs describe-mount-targets --file-system-id "$1" --query 'MountTargets[].MountTargetId') ]]
 }
 
-shared_file_system() {  # SG: the run's encrypted EFS with a mount target in SUBNET; prints the target's address
-  local sg=$1 fs out target ip groups
+shared_file_system() {  # SG SUBNET: the run's encrypted EFS with a mount target in SUBNET; prints the target's address
+  local sg=$1 subnet=$2 fs out target ip groups
   fs=$(run_file_system None)
   if [[ $fs == None || -z $fs ]]; then
     fs=$(aws_text '<new-efs-id>' efs create-file-system --creation-token "$(efs_token)" --encrypted \
@@ -287,11 +290,11 @@ shared_file_system() {  # SG: the run's encrypted EFS with a mount target in SUB
   fi
   retry 60 5 file_system_available "$fs" || die "EFS file system $fs is not available after 5 minutes"
   out=$(aws_text None efs describe-mount-targets --file-system-id "$fs" \
-    --query "MountTargets[?SubnetId=='$SUBNET'] | [0].[MountTargetId,IpAddress]")
+    --query "MountTargets[?SubnetId=='$subnet'] | [0].[MountTargetId,IpAddress]")
   read -r target ip <<<"$out"
   if [[ $target == None || -z $target ]]; then
     # Its address is fixed for its life; members mount it by address, so no VPC DNS is needed.
-    ip=$(aws_text '<efs-mount-ip>' efs create-mount-target --file-system-id "$fs" --subnet-id "$SUBNET" \
+    ip=$(aws_text '<efs-mount-ip>' efs create-mount-target --file-system-id "$fs" --subnet-id "$subnet" \
       --security-groups "$sg" --query IpAddress)
   else
     groups=$(aws_text - efs describe-mount-target-security-groups --mount-target-id "$target" --query SecurityGroups)
@@ -406,8 +409,8 @@ UNIT
 
 # launch_node is called in a condition, where bash ignores set -e inside it, so every step
 # that can fail returns its status itself.
-launch_node() {  # PROCESS-ID COORDINATOR SG ROOT-DEVICE IMAGE SOURCE-URL NFS-ADDRESS: prints "id private-ip"
-  local pid=$1 coordinator=$2 sg=$3 root=$4 image=$5 src=$6 nfs=$7 user_data spot args=() status=0
+launch_node() {  # TYPE SUBNET PROCESS-ID COORDINATOR SG ROOT-DEVICE IMAGE SOURCE-URL NFS-ADDRESS: prints "id private-ip"
+  local type=$1 subnet=$2 pid=$3 coordinator=$4 sg=$5 root=$6 image=$7 src=$8 nfs=$9 user_data spot args=() status=0
   user_data=$(mktemp) || return
   write_user_data "$user_data" "$src" "$pid" "$coordinator" "$nfs" || { rm -f "$user_data"; return 1; }
   if ((DRY_RUN)); then
@@ -420,9 +423,9 @@ launch_node() {  # PROCESS-ID COORDINATOR SG ROOT-DEVICE IMAGE SOURCE-URL NFS-AD
   local kind=persistent interruption=stop shutdown=stop
   ((NODES == 1)) || { kind=one-time; interruption=terminate; shutdown=terminate; }
   spot="{\"MarketType\":\"spot\",\"SpotOptions\":{\"SpotInstanceType\":\"$kind\",\"InstanceInterruptionBehavior\":\"$interruption\"${MAX_PRICE:+,\"MaxPrice\":\"$MAX_PRICE\"}}}"
-  args=(ec2 run-instances --image-id "$image" --instance-type "$INSTANCE_TYPE" --count 1
+  args=(ec2 run-instances --image-id "$image" --instance-type "$type" --count 1
     --instance-initiated-shutdown-behavior "$shutdown"
-    --subnet-id "$SUBNET" --security-group-ids "$sg"
+    --subnet-id "$subnet" --security-group-ids "$sg"
     --iam-instance-profile "Name=cxrjax-$(run_name)"
     --instance-market-options "$spot"
     --metadata-options "HttpTokens=required,HttpPutResponseHopLimit=$HOP_LIMIT,HttpEndpoint=enabled"
@@ -439,7 +442,9 @@ launch_node() {  # PROCESS-ID COORDINATOR SG ROOT-DEVICE IMAGE SOURCE-URL NFS-AD
 
 cmd_up() {
   validate_up
-  local image=$AMI root vpc sg src node coordinator="" out id ip nfs=""
+  local image=$AMI root vpc sg src out nfs="" types subnets
+  IFS=, read -ra types <<<"$INSTANCE_TYPE"
+  IFS=, read -ra subnets <<<"$SUBNET"
   out=$(aws_text '' ec2 describe-instances --filters "Name=tag:$RUN_TAG,Values=$(run_name)" \
     "Name=instance-state-name,Values=pending,running,stopping,stopped" --query 'Reservations[].Instances[].InstanceId')
   [[ -z $out ]] || die "run $(run_name) already has instances ($out); use status, or down first"
@@ -455,30 +460,58 @@ cmd_up() {
     audit_security_group "$SECURITY_GROUP"
     sg=$SECURITY_GROUP
   else
-    vpc=$(aws_text '<vpc-of-subnet>' ec2 describe-subnets --subnet-ids "$SUBNET" --query 'Subnets[0].VpcId')
+    vpc=$(aws_text '<vpc-of-subnet>' ec2 describe-subnets --subnet-ids "${subnets[@]}" --query 'Subnets[].VpcId')
+    vpc=$(printf '%s\n' "$vpc" | tr '\t' '\n' | sort -u)
+    [[ $vpc != *$'\n'* ]] || die "the subnets $SUBNET lie in several VPCs ($(echo "$vpc" | tr '\n' ' ')); give subnets of one VPC"
     sg=$(cluster_security_group "$vpc")
   fi
-  ((NODES == 1)) || nfs=$(shared_file_system "$sg")
   src=$(ship_source)
-  local launched=()
+  # Capacity fallback: each instance type (in order of preference) in each subnet, until one
+  # launches. A refusal for capacity moves on; any other refusal ends up here.
+  local type subnet plan=""
+  for type in "${types[@]}"; do for subnet in "${subnets[@]}"; do plan+="${plan:+, then }$type in $subnet"; done; done
+  ((DRY_RUN)) && printf '[dry-run] plan: %s; the calls below are the first attempt, a refusal for capacity moves on\n' "$plan" >&3
+  for type in "${types[@]}"; do
+    for subnet in "${subnets[@]}"; do
+      ((NODES == 1)) || nfs=$(shared_file_system "$sg" "$subnet")
+      if launch_members "$type" "$subnet" "$sg" "$root" "$image" "$src" "$nfs"; then
+        ((DRY_RUN)) && return 0
+        log "run $(run_name) is up ($type in $subnet); watch it with: $0 status --s3-prefix $S3_PREFIX"
+        return 0
+      fi
+    done
+  done
+  die "no capacity: every instance type and subnet was refused ($plan; AWS's reasons above)." \
+    "Allow more with INSTANCE_TYPE=a,b and SUBNET=x,y (other zones), or try again later"
+}
+
+# The refusals that another type or zone may not meet; anything else is an error to fix.
+readonly CAPACITY_ERRORS='InsufficientInstanceCapacity|InsufficientCapacity|InsufficientHostCapacity|SpotMaxPriceTooLow|MaxSpotInstanceCountExceeded|Unsupported|InsufficientFreeAddressesInSubnet|VcpuLimitExceeded'
+
+launch_members() {  # TYPE SUBNET SG ROOT IMAGE SRC NFS: all NODES members, or none (returns 1 on a capacity refusal)
+  local type=$1 subnet=$2 sg=$3 root=$4 image=$5 src=$6 nfs=$7 node out id ip coordinator="" launched=() err reason
+  err=$(mktemp)
   for ((node = 0; node < NODES; node++)); do
     # Process 0 learns its own address from IMDS; the others get it from its launch.
-    if out=$(launch_node "$node" "$coordinator" "$sg" "$root" "$image" "$src" "$nfs"); then
+    id="" ip=""
+    if out=$(launch_node "$type" "$subnet" "$node" "$coordinator" "$sg" "$root" "$image" "$src" "$nfs" 2>"$err"); then
       read -r id ip <<<"$out"
-    else
-      id="" ip=""
     fi
     if [[ $id != i-* && $id != '<instance-id-'* ]]; then
+      reason=$(grep -v '^[[:space:]]*$' "$err" | tail -n 1)
+      rm -f "$err"
       # A cluster is whole or nothing: members already launched would wait for this one forever.
       ((${#launched[@]} == 0)) || terminate "${launched[@]}"
-      die "launching process $node of $NODES failed (AWS's answer above)${launched[*]:+; terminated ${launched[*]}}"
+      [[ $reason =~ $CAPACITY_ERRORS ]] \
+        || die "launching process $node of $NODES ($type in $subnet) failed: ${reason:-no answer}"
+      log "refused: $type in $subnet for process $node of $NODES: $reason"
+      return 1
     fi
     launched+=("$id")
     ((node == 0)) && coordinator="$ip:$COORDINATOR_PORT"
-    log "launched process $node of $NODES: $id ($ip)"
+    log "launched process $node of $NODES: $id ($ip), $type in $subnet"
   done
-  ((DRY_RUN)) && return 0
-  log "run $(run_name) is up; watch it with: $0 status --s3-prefix $S3_PREFIX"
+  rm -f "$err"
 }
 
 # ---------------------------------------------------------------- status, logs, down
@@ -588,19 +621,19 @@ delete_security_group() {  # SG: retried while a deleted mount target's interfac
 cmd_cost() {  # the current spot price times what the run measured (launch/run_cost.py)
   validate_common
   check_int NODES 1
-  local zone="" filters=() out price priced_zone when tmp
-  if [[ -n $SUBNET ]]; then
-    zone=$(aws_text '<zone-of-subnet>' ec2 describe-subnets --subnet-ids "$SUBNET" --query 'Subnets[0].AvailabilityZone')
+  local zone="" filters=() out price priced_zone when tmp type=${INSTANCE_TYPE%%,*}
+  if [[ -n $SUBNET ]]; then  # of several, the first (the run's first choice)
+    zone=$(aws_text '<zone-of-subnet>' ec2 describe-subnets --subnet-ids "${SUBNET%%,*}" --query 'Subnets[0].AvailabilityZone')
     filters=(--filters "Name=availability-zone,Values=$zone")
   fi
   # The newest price per zone; without a subnet, the cheapest zone's.
-  out=$(aws_text '<spot-price> <zone> <time>' ec2 describe-spot-price-history --instance-types "$INSTANCE_TYPE" \
+  out=$(aws_text '<spot-price> <zone> <time>' ec2 describe-spot-price-history --instance-types "$type" \
     --product-descriptions Linux/UNIX --start-time "$(date -u +%FT%TZ)" "${filters[@]}" \
     --query 'sort_by(SpotPriceHistory, &to_number(SpotPrice))[0].[SpotPrice,AvailabilityZone,Timestamp]')
   read -r price priced_zone when <<<"$out"
   ((DRY_RUN)) || [[ $price =~ ^[0-9.]+$ ]] \
-    || die "no spot price for $INSTANCE_TYPE in ${zone:-$REGION} (is it offered there?): AWS answered '$out'"
-  ((DRY_RUN)) || echo "spot price of $INSTANCE_TYPE in $priced_zone at $when: \$$price per hour"
+    || die "no spot price for $type in ${zone:-$REGION} (is it offered there?): AWS answered '$out'"
+  ((DRY_RUN)) || echo "spot price of $type in $priced_zone at $when: \$$price per hour"
   tmp=$(mktemp -d)
   # shellcheck disable=SC2064  # the path is fixed now
   trap "rm -rf '$tmp'" EXIT

@@ -117,11 +117,11 @@ def test_config_file_is_data_and_bad_lines_are_refused(repo, tmp_path, line, mes
 
 def test_flags_override_config_file(repo, tmp_path):
     config = tmp_path / "run.env"
-    config.write_text("EBS_GB=500\nHOP_LIMIT=2\n")
-    result = script(repo, "up", "--config", str(config), *DRY, "--hop-limit", "1")
+    config.write_text("EBS_GB=500\nHOP_LIMIT=1\n")
+    result = script(repo, "up", "--config", str(config), *DRY, "--hop-limit", "2")
     assert result.returncode == 0, result.stderr
     (run,) = _calls(result.stdout, "run-instances")
-    assert "HttpPutResponseHopLimit=1" in run["--metadata-options"]
+    assert "HttpPutResponseHopLimit=2" in run["--metadata-options"]
     assert json.loads(run["--block-device-mappings"])[0]["Ebs"]["VolumeSize"] == 500
 
 
@@ -164,7 +164,7 @@ def test_dry_run_request_is_locked_down_and_prints_no_credential(repo):
     assert len(runs) == 2
     for run in runs:
         options = dict(kv.split("=") for kv in run["--metadata-options"].split(","))
-        assert options == {"HttpTokens": "required", "HttpPutResponseHopLimit": "2", "HttpEndpoint": "enabled"}
+        assert options == {"HttpTokens": "required", "HttpPutResponseHopLimit": "1", "HttpEndpoint": "enabled"}
         (disk,) = json.loads(run["--block-device-mappings"])
         assert disk["Ebs"]["Encrypted"] is True
         assert disk["DeviceName"] == "<root-device-of-ami>"  # the AMI's own root device

@@ -93,3 +93,51 @@ def test_a_failed_workdir_upload_is_reported_though_the_log_upload_succeeds(repo
     assert f"uploading {home}/work/upload to s3://cxrjax-bucket/runs/upload/workdir/ failed" in output
     assert "runs/upload/workdir/checkpoints/step" not in {
         o["Key"] for o in s3.list_objects_v2(Bucket="cxrjax-bucket", Prefix="runs/upload/").get("Contents", [])}
+
+
+def _second_subnet(aws) -> str:
+    """A subnet in another zone of the fixture's VPC (made once per moto server)."""
+    ec2 = aws["ec2"]
+    found = ec2.describe_subnets(Filters=[{"Name": "cidr-block", "Values": ["10.0.2.0/24"]}])["Subnets"]
+    if found:
+        return found[0]["SubnetId"]
+    return ec2.create_subnet(VpcId=aws["vpc"], CidrBlock="10.0.2.0/24", AvailabilityZone="us-east-1b")["Subnet"]["SubnetId"]
+
+
+def test_capacity_fallback_tries_each_type_in_each_subnet_until_one_launches(repo, aws, tmp_path):
+    first, second = aws["subnet"], _second_subnet(aws)
+    prefix = ["--s3-prefix", "s3://cxrjax-bucket/runs/fallback", "--run-config", "demo", "--ami", aws["ami"],
+              "--subnet", f"{first},{second}", "--instance-type", "g5.24xlarge,g5.48xlarge"]
+    aws["iam"].create_instance_profile(InstanceProfileName="cxrjax-fallback")
+    dry = script(repo, "up", *prefix, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert (f"[dry-run] plan: g5.24xlarge in {first}, then g5.24xlarge in {second}, "
+            f"then g5.48xlarge in {first}, then g5.48xlarge in {second};") in dry.stdout
+
+    # g5.24xlarge nowhere, and nothing in the first subnet: the fourth choice launches.
+    refusals = {"--instance-type g5.24xlarge": CAPACITY_ERROR, f"--subnet-id {first}": CAPACITY_ERROR}
+    up = script(repo, "up", *prefix, env=dict(aws["env"], **refusing_aws(tmp_path, refusals)))
+    assert up.returncode == 0, up.stderr
+    refused = [line for line in up.stderr.splitlines() if "refused: " in line]
+    assert [line.split("refused: ")[1].split(" for ")[0] for line in refused] == [
+        f"g5.24xlarge in {first}", f"g5.24xlarge in {second}", f"g5.48xlarge in {first}"]
+    assert all("InsufficientInstanceCapacity" in line for line in refused)
+    assert f"is up (g5.48xlarge in {second})" in up.stderr
+    (instance,) = _live(aws["ec2"], "fallback")
+    assert (instance["InstanceType"], instance["SubnetId"]) == ("g5.48xlarge", second)
+    aws["ec2"].terminate_instances(InstanceIds=[instance["InstanceId"]])
+
+    # All refused: a clear error naming what was tried, and nothing launched.
+    nothing = script(repo, "up", *prefix, env=dict(aws["env"], **refusing_aws(
+        tmp_path / "all", {"ec2 run-instances": CAPACITY_ERROR})))
+    assert nothing.returncode == 2, nothing.stderr
+    assert "no capacity: every instance type and subnet was refused" in nothing.stderr
+    assert nothing.stderr.count("refused: ") == 4
+    assert _live(aws["ec2"], "fallback") == []
+
+    # Any other refusal is not a capacity problem: it ends up at once, with AWS's words.
+    denied = "An error occurred (UnauthorizedOperation) when calling the RunInstances operation: not allowed"
+    stop = script(repo, "up", *prefix, env=dict(aws["env"], **refusing_aws(
+        tmp_path / "denied", {"ec2 run-instances": denied})))
+    assert stop.returncode == 2 and "UnauthorizedOperation" in stop.stderr
+    assert "refused: " not in stop.stderr
