@@ -2,6 +2,7 @@
 # Train cxrjax on AWS spot GPU instances (g5.24xlarge by default) that survive preemption.
 #
 #   g5_24xlarge.sh up [--config FILE] [--KEY value ...] [--dry-run]   launch the run's instance(s)
+#   g5_24xlarge.sh keep [--config FILE] [--KEY value ...]             up, and again after each interruption
 #   g5_24xlarge.sh status|logs|down [--config FILE] [--KEY value ...]  watch or end the run
 #   g5_24xlarge.sh cost [--config FILE] [--KEY value ...]             $/hour and $/epoch, measured
 #   g5_24xlarge.sh iam-policy|iam-setup [--config FILE] [--dry-run]    the instance's IAM role
@@ -20,6 +21,7 @@ REPO_DIR=$(dirname "$SCRIPT_DIR")
 readonly SCRIPT_DIR REPO_DIR
 readonly IMDS="${CXRJAX_IMDS_ENDPOINT:-http://169.254.169.254}"
 readonly SPOT_POLL_SECONDS="${CXRJAX_SPOT_POLL_SECONDS:-5}"
+readonly KEEP_POLL_SECONDS="${CXRJAX_KEEP_POLL_SECONDS:-60}"
 # The trainer config field that names the prepared dataset directory.
 readonly DATA_FIELD=data.prepared
 readonly RUN_TAG=cxrjax-run
@@ -30,7 +32,7 @@ readonly CLUSTER_SHARED_DIR=/opt/cxrjax/shared
 # Every key a config file or flag may set. Anything else, credentials above all, is refused.
 readonly KEYS="AMI KEY_NAME SUBNET SECURITY_GROUP SSH_CIDR EBS_GB MAX_PRICE REGION S3_PREFIX \
 RUN_CONFIG NODES INSTANCE_TYPE HOP_LIMIT WANDB_PARAMETER SYNC_INTERVAL PROCESS_ID COORDINATOR \
-COORDINATOR_PORT SHARED_DIR"
+COORDINATOR_PORT SHARED_DIR MAX_RELAUNCHES"
 
 AMI="resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
 KEY_NAME=""
@@ -51,7 +53,9 @@ PROCESS_ID=0
 COORDINATOR=""
 COORDINATOR_PORT=1234
 SHARED_DIR=""
+MAX_RELAUNCHES=10
 DRY_RUN=0
+ARGS=()
 PID=""
 CONSOLE=0
 
@@ -568,9 +572,8 @@ terminate() {  # INSTANCE-ID...: and wait until they are gone
   ((DRY_RUN)) || log "terminated $*"
 }
 
-cmd_down() {  # cancel the persistent spot requests first, or AWS would relaunch the instances
-  validate_common
-  local ids=() requests=() id _state request sg
+end_instances() {  # cancel the persistent spot requests first, or AWS would relaunch the instances
+  local ids=() requests=() id _state request
   while read -r id _state request; do
     [[ -n $id ]] || continue
     ids+=("$id")
@@ -582,6 +585,12 @@ cmd_down() {  # cancel the persistent spot requests first, or AWS would relaunch
   else
     log "run $(run_name) has no live instances"
   fi
+}
+
+cmd_down() {
+  validate_common
+  local sg
+  end_instances
   # A cluster's EFS goes once the run has finished (its last upload is then in S3); an
   # unfinished run keeps it, and the group its mount target sits in, for "up" to resume from.
   local fs kept=0
@@ -614,6 +623,48 @@ delete_security_group() {  # SG: retried while a deleted mount target's interfac
   ((DRY_RUN)) && { aws_do ec2 delete-security-group --group-id "$sg"; return 0; }
   retry 24 5 aws --region "$REGION" ec2 delete-security-group --group-id "$sg" 2>/dev/null \
     || aws --region "$REGION" ec2 delete-security-group --group-id "$sg"  # once more, to show why
+}
+
+# ---------------------------------------------------------------- keep
+
+cmd_keep() {  # launch, then relaunch (with fallback) whenever the run lost a member, until done.json
+  validate_up
+  check_int MAX_RELAUNCHES 0
+  ((!DRY_RUN)) || die "keep makes its launches with up, whose --dry-run shows them"
+  local relaunches=0 looked=0 states running busy
+  log "keep: run $(run_name), $NODES member(s), at most $MAX_RELAUNCHES relaunch(es), a look every ${KEEP_POLL_SECONDS}s"
+  while :; do
+    if finished; then
+      log "keep: training finished ($S3_PREFIX/workdir/done.json); end the run with: $0 down --s3-prefix $S3_PREFIX"
+      return 0
+    fi
+    states=$(run_instances | awk '{print $2}')
+    running=$(grep -cE '^(pending|running)$' <<<"$states" || true)
+    busy=$(grep -cE '^(stopping|shutting-down)$' <<<"$states" || true)
+    # A member that is stopping may still be uploading its checkpoint: let it finish first.
+    if ((running < NODES && busy == 0)); then
+      if [[ -n $states ]] || ((looked)); then
+        log "keep: interruption: $running of $NODES member(s) running (states: $(echo "$states" | tr '\n' ' '))"
+        ((relaunches < MAX_RELAUNCHES)) \
+          || die "keep: the retry budget of $MAX_RELAUNCHES relaunch(es) is spent; the checkpoints are in $S3_PREFIX/workdir/, \"keep\" again resumes from them"
+        relaunches=$((relaunches + 1))
+        # A cluster cannot go on without a member, and a stopped single node may wait long
+        # for capacity in its zone: end what is left (a cluster's EFS stays), launch anew.
+        end_instances
+        log "keep: relaunch $relaunches of $MAX_RELAUNCHES"
+      else
+        log "keep: launching"
+      fi
+      # up as its own process, so that set -e holds in it; a refusal is retried at the next look.
+      if "$0" up "${ARGS[@]}"; then
+        log "keep: run $(run_name) launched; it resumes from $S3_PREFIX/workdir/"
+      else
+        log "keep: launching failed (above); next try in ${KEEP_POLL_SECONDS}s"
+      fi
+    fi
+    looked=1
+    sleep "$KEEP_POLL_SECONDS"
+  done
 }
 
 # ---------------------------------------------------------------- cost
@@ -874,9 +925,11 @@ main() {
   (($#)) || usage 2
   local command=$1
   shift
+  ARGS=("$@")
   parse_args "$@"
   case $command in
     up) cmd_up ;;
+    keep) cmd_keep ;;
     status) cmd_status ;;
     logs) cmd_logs ;;
     down) cmd_down ;;

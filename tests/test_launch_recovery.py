@@ -7,6 +7,7 @@ reports a service error. Nothing here reaches a network beyond 127.0.0.1.
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 
@@ -141,3 +142,42 @@ def test_capacity_fallback_tries_each_type_in_each_subnet_until_one_launches(rep
         tmp_path / "denied", {"ec2 run-instances": denied})))
     assert stop.returncode == 2 and "UnauthorizedOperation" in stop.stderr
     assert "refused: " not in stop.stderr
+
+
+def test_keep_relaunches_an_interrupted_run_until_done_within_its_budget(repo, aws, tmp_path):
+    """keep: launches, sees a member gone (a spot interruption), relaunches it with the same
+    S3 prefix to resume from, and gives up with a clear error once its budget is spent."""
+    ec2 = aws["ec2"]
+    aws["iam"].create_instance_profile(InstanceProfileName="cxrjax-kept")
+    args = ["keep", "--s3-prefix", "s3://cxrjax-bucket/runs/kept", "--run-config", "demo",
+            "--subnet", aws["subnet"], "--ami", aws["ami"], "--max-relaunches", "1"]
+    env = dict(aws["env"], CXRJAX_KEEP_POLL_SECONDS="0.5")
+    keeper = subprocess.Popen([str(repo / "launch" / "g5_24xlarge.sh"), *args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def running() -> list[str]:
+        return [i["InstanceId"] for i in _live(ec2, "kept") if i["State"]["Name"] in ("pending", "running")]
+
+    try:
+        wait_for(lambda: running() or keeper.poll() is not None, 120, "the first launch")
+        (first,) = running()
+        ec2.terminate_instances(InstanceIds=[first])  # what a spot interruption leaves
+        wait_for(lambda: (running() and running() != [first]) or keeper.poll() is not None, 120, "the relaunch")
+        (second,) = running()
+        user_data = ec2.describe_instance_attribute(InstanceId=second, Attribute="userData")["UserData"]["Value"]
+        assert "S3_PREFIX=s3://cxrjax-bucket/runs/kept\n" in base64.b64decode(user_data).decode()
+        ec2.terminate_instances(InstanceIds=[second])  # the budget (one relaunch) is spent now
+        output, _ = keeper.communicate(timeout=120)
+    finally:
+        keeper.kill()
+    assert keeper.returncode == 2, output
+    assert output.count("keep: interruption: 0 of 1 member(s) running") == 2
+    assert "keep: relaunch 1 of 1" in output and "relaunch 2" not in output
+    assert "the retry budget of 1 relaunch(es) is spent" in output
+    assert _live(ec2, "kept") == []
+
+    # Once the run uploaded done.json, keep has nothing to do.
+    aws["s3"].put_object(Bucket="cxrjax-bucket", Key="runs/kept/workdir/done.json", Body=b"{}")
+    done = script(repo, *args, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "keep: training finished" in done.stderr and "launching" not in done.stderr
