@@ -742,8 +742,12 @@ imds_get() {  # PATH under latest/
   curl -sS -f --max-time 2 -H "X-aws-ec2-metadata-token: $token" "$IMDS/latest/$1"
 }
 
-spot_watch() {  # PID: SIGTERM it on a spot interruption notice (IMDSv2, every SPOT_POLL_SECONDS)
-  local pid=$1 token="" code notice warned=0
+# spot_watch polls IMDSv2 every SPOT_POLL_SECONDS. On an interruption notice it sends
+# SIGTERM to PID (the trainer checkpoints and exits); on the first rebalance recommendation
+# (an elevated risk of interruption) SIGUSR1 (a checkpoint, training goes on), or where the
+# caller defines on_rebalance PID, that in the background (run: signal, then upload it).
+spot_watch() {  # PID
+  local pid=$1 token="" code notice warned=0 rebalanced=0
   notice=$(mktemp)
   while kill -0 "$pid" 2>/dev/null; do
     [[ -n $token ]] || token=$(imds_token 2>/dev/null) || token=""
@@ -751,7 +755,7 @@ spot_watch() {  # PID: SIGTERM it on a spot interruption notice (IMDSv2, every S
       -H "X-aws-ec2-metadata-token: $token" "$IMDS/latest/meta-data/spot/instance-action") || code=000
     case $code in
       200)
-        log "spot interruption notice $(tr -d '\n' <"$notice"); sending SIGTERM to the trainer ($pid)"
+        log "spot interruption notice $(tr -d '\n' <"$notice"); sending SIGTERM to $pid"
         kill -TERM "$pid" 2>/dev/null || true
         rm -f "$notice"
         return 0 ;;
@@ -759,6 +763,16 @@ spot_watch() {  # PID: SIGTERM it on a spot interruption notice (IMDSv2, every S
       401) token="" ;;  # the token expired: take a new one
       *) ((warned)) || log "warning: instance metadata at $IMDS answered HTTP $code; still polling"; warned=1 ;;
     esac
+    if ((!rebalanced)) && [[ -n $token ]]; then
+      code=$(curl -s --max-time 2 -o "$notice" -w '%{http_code}' \
+        -H "X-aws-ec2-metadata-token: $token" "$IMDS/latest/meta-data/events/recommendations/rebalance") || code=000
+      [[ $code != 401 ]] || token=""
+      if [[ $code == 200 ]]; then
+        rebalanced=1
+        log "spot rebalance recommendation $(tr -d '\n' <"$notice"); sending SIGUSR1 to $pid for a checkpoint"
+        if declare -F on_rebalance >/dev/null; then on_rebalance "$pid" & else kill -USR1 "$pid" 2>/dev/null || true; fi
+      fi
+    fi
     sleep "$SPOT_POLL_SECONDS"
   done
   rm -f "$notice"
@@ -770,6 +784,19 @@ cmd_watch_spot() {
 }
 
 s3_sync() { aws --region "$REGION" s3 sync --only-show-errors "$@"; }
+
+newest_checkpoint() {  # WORKDIR: the newest finished orbax step in WORKDIR/checkpoints, or nothing
+  local dir
+  dir=$(find "$1/checkpoints" -mindepth 2 -maxdepth 2 -name _CHECKPOINT_METADATA 2>/dev/null \
+    | sed 's|/_CHECKPOINT_METADATA$||; s|.*/||' | grep -E '^[0-9]+$' | sort -n | tail -n 1) || true
+  printf '%s\n' "$dir"
+}
+
+newer_checkpoint() {  # WORKDIR STEP: whether a finished step newer than STEP is there
+  local newest
+  newest=$(newest_checkpoint "$1")
+  [[ -n $newest && ( -z $2 || $newest -gt $2 ) ]]
+}
 
 wait_for_pull() {  # WORKDIR: until process 0 has pulled it (an hour at most)
   local work=$1
@@ -798,6 +825,32 @@ cmd_run() {
   mkdir -p "$nih" "$cache" "$logs"
   exec > >(tee -a "$logs/run.log") 2>&1
   log "run $(run_name): config $RUN_CONFIG, process $PROCESS_ID of $NODES, home $home, workdir $work"
+
+  # Called in conditions, where set -e is off inside: each upload's status is kept by hand.
+  sync_up() {  # every process its log; process 0 the workdir, which all of them share
+    local failed=0
+    if ((PROCESS_ID == 0)); then
+      s3_sync "$work/" "$S3_PREFIX/workdir/" --exclude '*.orbax-checkpoint-tmp*' \
+        || { log "uploading $work to $S3_PREFIX/workdir/ failed"; failed=1; }
+    fi
+    s3_sync "$logs/" "$S3_PREFIX/logs/process-$PROCESS_ID/" \
+      || { log "uploading $logs to $S3_PREFIX/logs/process-$PROCESS_ID/ failed"; failed=1; }
+    return "$failed"
+  }
+  on_rebalance() {  # PID: SIGUSR1 it, then upload the checkpoint the trainer saves (within 10 minutes)
+    local before
+    before=$(newest_checkpoint "$work")
+    kill -USR1 "$1" 2>/dev/null || true
+    retry 300 2 newer_checkpoint "$work" "$before" || { log "no checkpoint after the rebalance recommendation"; return 0; }
+    log "rebalance: checkpoint $(newest_checkpoint "$work") saved; uploading it"
+    sync_up || log "rebalance: upload failed; the periodic sync tries again"
+  }
+  # The watcher starts now, so a notice during set-up (pip, data) stops the run too; this
+  # script passes SIGTERM and SIGUSR1 on to the trainer once it runs. SIGUSR1 is ignored
+  # until then, and the trainer starts with it ignored until its own handler is in place.
+  trap '' USR1
+  spot_watch "$$" &
+  watcher=$!
   cd "$REPO_DIR"
   [[ -f configs/$config.py ]] || die "configs/$config.py not found in $REPO_DIR"
 
@@ -859,17 +912,6 @@ print(load_config(sys.argv[1], []).data.image_size)' "$config_arg")
     log "no readable SSM parameter $WANDB_PARAMETER: wandb stays as the config says (offline by default)"
   fi
 
-  # Called in conditions, where set -e is off inside: each upload's status is kept by hand.
-  sync_up() {  # every process its log; process 0 the workdir, which all of them share
-    local failed=0
-    if ((PROCESS_ID == 0)); then
-      s3_sync "$work/" "$S3_PREFIX/workdir/" --exclude '*.orbax-checkpoint-tmp*' \
-        || { log "uploading $work to $S3_PREFIX/workdir/ failed"; failed=1; }
-    fi
-    s3_sync "$logs/" "$S3_PREFIX/logs/process-$PROCESS_ID/" \
-      || { log "uploading $logs to $S3_PREFIX/logs/process-$PROCESS_ID/ failed"; failed=1; }
-    return "$failed"
-  }
   sync_loop() {  # its sleep dies with it, so nothing lingers on the log pipe after the run
     local nap
     trap 'kill "$nap" 2>/dev/null; exit 0' TERM
@@ -894,14 +936,14 @@ print(load_config(sys.argv[1], []).data.image_size)' "$config_arg")
   wandb_key=""
   # A stop of this script (systemd, shutdown) reaches the trainer as the same request to checkpoint.
   trap 'log "stop requested: the trainer checkpoints and exits"; kill -TERM "$trainer" 2>/dev/null || true' TERM INT
-  spot_watch "$trainer" &
-  watcher=$!
+  trap 'kill -USR1 "$trainer" 2>/dev/null || true' USR1
   while :; do
     status=0
     wait "$trainer" || status=$?
     kill -0 "$trainer" 2>/dev/null || break  # else a trapped signal interrupted the wait
   done
   trap - TERM INT
+  trap '' USR1
   kill "$syncer" "$watcher" 2>/dev/null || true
   local upload="uploading $work to $S3_PREFIX/workdir/"
   ((PROCESS_ID == 0)) || upload="process 0 uploads the shared $work"

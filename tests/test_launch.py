@@ -264,7 +264,7 @@ def test_watcher_sigterms_the_trainer_on_a_spot_notice(repo):
             wait_for(lambda: imds.count("GET", NOTICE_PATH, 404) >= 2, 30, "two polls")
             assert trainer.poll() is None and watcher.poll() is None
             imds.expire_token()  # a stale token gets 401; the watcher must take a new one
-            wait_for(lambda: imds.count("GET", NOTICE_PATH, 401) >= 1, 10, "a 401")
+            wait_for(lambda: imds.unauthorized_gets >= 1, 10, "a 401")
             wait_for(lambda: imds.count("GET", NOTICE_PATH, 404) >= 3, 10, "a poll after 401")
             assert trainer.poll() is None
 

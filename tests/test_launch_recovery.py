@@ -8,6 +8,7 @@ reports a service error. Nothing here reaches a network beyond 127.0.0.1.
 from __future__ import annotations
 
 import base64
+import signal
 import subprocess
 import sys
 
@@ -181,3 +182,85 @@ def test_keep_relaunches_an_interrupted_run_until_done_within_its_budget(repo, a
     done = script(repo, *args, env=env)
     assert done.returncode == 0, done.stderr
     assert "keep: training finished" in done.stderr and "launching" not in done.stderr
+
+
+PYTHON_TRAINER = r"""#!{python}
+# The venv's cxrjax on the instance: a trainer that saves an orbax-like checkpoint step on
+# SIGUSR1 and trains on, and checkpoints and exits on SIGTERM. Python, because a bash
+# script cannot trap a signal that it started with ignored (as run starts the trainer).
+import os, pathlib, signal, sys, time
+work = pathlib.Path(sys.argv[sys.argv.index("--workdir") + 1])
+record = pathlib.Path(os.environ["FAKE_RECORD"])
+def step(n):
+    (work / "checkpoints" / str(n)).mkdir(parents=True, exist_ok=True)
+    (work / "checkpoints" / str(n) / "_CHECKPOINT_METADATA").write_text("{{}}")
+def on_usr1(*_):
+    step(3)
+    print("saved a checkpoint on SIGUSR1; training goes on", flush=True)
+def on_term(*_):
+    step(4)
+    print("saved a checkpoint on SIGTERM", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGUSR1, on_usr1)
+signal.signal(signal.SIGTERM, on_term)
+(record / "training").touch()
+while True:
+    time.sleep(0.1)
+"""
+
+
+def _instance_volume(home, record):
+    (home / "venv" / "bin").mkdir(parents=True)
+    for name, text in (("cxrjax", PYTHON_TRAINER.format(python=sys.executable)),
+                       ("python", f'#!/bin/sh\nexec {sys.executable} "$@"\n')):
+        (home / "venv" / "bin" / name).write_text(text)
+        (home / "venv" / "bin" / name).chmod(0o755)
+    record.mkdir()
+
+
+def test_a_rebalance_recommendation_uploads_a_checkpoint_and_training_goes_on(repo, aws, tmp_path):
+    s3 = aws["s3"]
+    s3.put_object(Bucket="cxrjax-bucket", Key="runs/rebalance/prepared-40/manifest.json", Body=b"{}")
+    home, record = tmp_path / "home", tmp_path / "record"
+    _instance_volume(home, record)
+    config = tmp_path / "run.env"
+    config.write_text("S3_PREFIX=s3://cxrjax-bucket/runs/rebalance\nREGION=us-east-1\nRUN_CONFIG=demo\n"
+                      "SYNC_INTERVAL=3600\n")
+    keys = lambda: {o["Key"] for o in s3.list_objects_v2(  # noqa: E731
+        Bucket="cxrjax-bucket", Prefix="runs/rebalance/workdir/").get("Contents", [])}
+    with FakeImds() as imds:
+        env = dict(aws["env"], CXRJAX_HOME=str(home), CXRJAX_IMDS_ENDPOINT=imds.endpoint,
+                   CXRJAX_SPOT_POLL_SECONDS="0.3", FAKE_RECORD=str(record))
+        run = subprocess.Popen([str(repo / "launch" / "g5_24xlarge.sh"), "run", "--config", str(config)],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_for(lambda: (record / "training").exists() or run.poll() is not None, 60, "training")
+            imds.rebalance()
+            step = "runs/rebalance/workdir/checkpoints/3/_CHECKPOINT_METADATA"
+            wait_for(lambda: step in keys() or run.poll() is not None, 60, "the rebalance checkpoint in S3")
+            assert run.poll() is None  # training goes on
+            assert "runs/rebalance/workdir/checkpoints/4/_CHECKPOINT_METADATA" not in keys()
+            imds.notice()
+            output, _ = run.communicate(timeout=60)
+        finally:
+            run.kill()
+    assert run.returncode == 0, output
+    assert "spot rebalance recommendation" in output and "saved a checkpoint on SIGUSR1" in output
+    assert output.index("rebalance: checkpoint 3 saved; uploading it") < output.index("spot interruption notice")
+    assert "runs/rebalance/workdir/checkpoints/4/_CHECKPOINT_METADATA" in keys()
+
+
+def test_a_notice_during_set_up_stops_the_run_before_training(repo, aws, tmp_path):
+    """The watcher starts with the run: a notice already there stops it in its set-up."""
+    home, record = tmp_path / "home", tmp_path / "record"
+    _instance_volume(home, record)
+    config = tmp_path / "run.env"
+    config.write_text("S3_PREFIX=s3://cxrjax-bucket/runs/setup\nREGION=us-east-1\nRUN_CONFIG=demo\n")
+    with FakeImds() as imds:
+        imds.notice()
+        env = dict(aws["env"], CXRJAX_HOME=str(home), CXRJAX_IMDS_ENDPOINT=imds.endpoint,
+                   CXRJAX_SPOT_POLL_SECONDS="0.3", FAKE_RECORD=str(record))
+        result = script(repo, "run", "--config", str(config), env=env, timeout=60)
+    assert result.returncode == -signal.SIGTERM, result.stdout + result.stderr
+    assert not (record / "training").exists()
+    assert "spot interruption notice" in (home / "logs" / "run.log").read_text()

@@ -19,14 +19,14 @@ from cxrjax.cli import load_config
 from cxrjax.train import loop
 
 
-def _signal_on_call(monkeypatch, name: str, call: int) -> list[int]:
-    """Wrap loop.<name> so that its `call`-th call sends SIGTERM to this process first."""
+def _signal_on_call(monkeypatch, name: str, call: int, sig=signal.SIGTERM) -> list[int]:
+    """Wrap loop.<name> so that its `call`-th call sends `sig` to this process first."""
     real, calls = getattr(loop, name), []
 
     def wrapped(*args, **kwargs):
         calls.append(1)
         if len(calls) == call:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop, name, wrapped)
@@ -34,11 +34,18 @@ def _signal_on_call(monkeypatch, name: str, call: int) -> list[int]:
 
 
 @pytest.mark.skipif(os.name != "posix", reason="needs POSIX signals")
-def test_a_stop_during_validation_or_the_final_evaluation_ends_the_pass_and_resumes(prepared, tmp_path, monkeypatch):
+def test_a_stop_during_validation_or_the_final_evaluation_ends_the_pass_and_resumes(
+        prepared, tmp_path, monkeypatch, capsys):
     config = load_config(SMOKE, [f"--config.data.prepared={prepared}", "--config.epochs=1",
                                  "--config.wandb.mode=disabled"])
     whole, work = tmp_path / "whole", tmp_path / "stopped"
-    reference = loop.train(config, whole)
+    # The uninterrupted run gets a SIGUSR1 (a rebalance recommendation) in its second step:
+    # it saves a checkpoint there and trains on.
+    with monkeypatch.context() as patch:
+        _signal_on_call(patch, "to_global", 2, signal.SIGUSR1)
+        reference = loop.train(config, whole)
+    assert "SIGUSR1 (rebalance recommendation): checkpoint saved at step 2; training goes on" in capsys.readouterr().out
+    assert "stopped" not in reference and (whole / "done.json").exists()
 
     with monkeypatch.context() as patch:
         _signal_on_call(patch, "validate", 1)

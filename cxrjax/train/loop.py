@@ -60,16 +60,32 @@ class _StopFlag:
     def __init__(self):
         self.signal = None
         self.reason = ""
+        self.checkpoint_wanted = False  # SIGUSR1: a checkpoint now, training goes on
         self._multi = jax.process_count() > 1
         self._previous = {}
 
     def __enter__(self):
         for sig in (signal.SIGINT,) if self._multi else (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._handle_checkpoint)
         return self
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
+
+    def _handle_checkpoint(self, signum, frame):
+        self.checkpoint_wanted = True
+
+    def checkpoint_requested(self, log_step: bool) -> bool:
+        """Whether SIGUSR1 (a spot rebalance recommendation) asked for a checkpoint; several
+        processes compare at log steps, so all save the same step."""
+        wanted = self.checkpoint_wanted
+        if self._multi:
+            if not log_step:
+                return False
+            wanted = bool(multihost_utils.process_allgather(np.int32(wanted)).max())
+        self.checkpoint_wanted = False
+        return wanted
 
     def __exit__(self, *exc):
         self.release()
@@ -364,9 +380,12 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
                     break
                 if step % steps_per_epoch == 0:
                     break
-                if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
+                asked = stop.checkpoint_requested(log_step=step % config.log_every_steps == 0)
+                if asked or (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0):
                     _check_finite(_host(metrics), step, workdir)
                     save(step)
+                    if asked and jax.process_index() == 0:
+                        print(f"SIGUSR1 (rebalance recommendation): checkpoint saved at step {step}; training goes on")
             bar.close()
             if stopped:
                 break
