@@ -4,6 +4,7 @@
 #   g5_24xlarge.sh up [--config FILE] [--KEY value ...] [--dry-run]   launch the run's instance(s)
 #   g5_24xlarge.sh keep [--config FILE] [--KEY value ...]             up, and again after each interruption
 #   g5_24xlarge.sh status|logs|down [--config FILE] [--KEY value ...]  watch or end the run
+#                                               (logs --follow: new lines until done; --console)
 #   g5_24xlarge.sh cost [--config FILE] [--KEY value ...]             $/hour and $/epoch, measured
 #   g5_24xlarge.sh iam-policy|iam-setup [--config FILE] [--dry-run]    the instance's IAM role
 #   g5_24xlarge.sh run --config /etc/cxrjax/run.env                    on the instance (systemd)
@@ -22,6 +23,7 @@ readonly SCRIPT_DIR REPO_DIR
 readonly IMDS="${CXRJAX_IMDS_ENDPOINT:-http://169.254.169.254}"
 readonly SPOT_POLL_SECONDS="${CXRJAX_SPOT_POLL_SECONDS:-5}"
 readonly KEEP_POLL_SECONDS="${CXRJAX_KEEP_POLL_SECONDS:-60}"
+readonly LOGS_POLL_SECONDS="${CXRJAX_LOGS_POLL_SECONDS:-30}"
 # The trainer config field that names the prepared dataset directory.
 readonly DATA_FIELD=data.prepared
 readonly RUN_TAG=cxrjax-run
@@ -58,6 +60,7 @@ DRY_RUN=0
 ARGS=()
 PID=""
 CONSOLE=0
+FOLLOW=0
 
 log() { printf '[cxrjax %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { printf 'g5_24xlarge.sh: error: %s\n' "$*" >&2; exit 2; }
@@ -101,6 +104,7 @@ parse_args() {  # config file first, then flags on top of it
       --config) config=${2:?--config needs a file}; shift 2 ;;
       --dry-run) DRY_RUN=1; shift ;;
       --console) CONSOLE=1; shift ;;
+      --follow) FOLLOW=1; shift ;;
       --pid) PID=${2:?--pid needs a process id}; shift 2 ;;
       -h | --help) usage 0 ;;
       --*=*) flags+=("${1%%=*}" "${1#*=}"); shift ;;
@@ -544,26 +548,63 @@ cmd_status() {
   fi
 }
 
-cmd_logs() {  # tail each instance's run log through SSM Run Command, or its console output
-  validate_common
-  local id state _ command _try
-  while read -r id state _; do
-    [[ -n $id ]] || continue
-    echo "=== $id ($state)"
-    if ((CONSOLE)); then
-      aws_do ec2 get-console-output --instance-id "$id" --latest --output text --query Output
-      continue
+instance_log() {  # INSTANCE-ID [FROM-LINE]: the log's line count, then its last 200 lines (or 500 from FROM-LINE on), through SSM
+  local id=$1 lines="tail -n 200" command state _try
+  [[ -z ${2:-} ]] || lines="tail -n +$2 | head -n 500"
+  command=$(aws_text '<command-id>' ssm send-command --instance-ids "$id" --document-name AWS-RunShellScript \
+    --parameters "commands=[\"wc -l </opt/cxrjax/logs/run.log; $lines /opt/cxrjax/logs/run.log\"]" --query Command.CommandId)
+  ((DRY_RUN)) && { aws_do ssm get-command-invocation --command-id "$command" --instance-id "$id"; return 0; }
+  for _try in $(seq 30); do
+    state=$(aws_text - ssm get-command-invocation --command-id "$command" --instance-id "$id" --query Status 2>/dev/null || echo Pending)
+    [[ $state == Pending || $state == InProgress || $state == Delayed ]] || break
+    sleep 2
+  done
+  aws_text - ssm get-command-invocation --command-id "$command" --instance-id "$id" --query StandardOutputContent
+}
+
+uploaded_logs() {  # the last 200 lines of each process's log in S3 (what terminated instances left)
+  local process
+  for process in $(aws_text 'process-0/' s3 ls "$S3_PREFIX/logs/" | awk '$1 == "PRE" {print $2}'); do
+    echo "=== $S3_PREFIX/logs/${process}run.log (uploaded every SYNC_INTERVAL seconds and at the end)"
+    if ((DRY_RUN)); then aws_do s3 cp "$S3_PREFIX/logs/${process}run.log" -; else
+      aws --region "$REGION" s3 cp "$S3_PREFIX/logs/${process}run.log" - | tail -n 200
     fi
-    command=$(aws_text '<command-id>' ssm send-command --instance-ids "$id" --document-name AWS-RunShellScript \
-      --parameters 'commands=["tail -n 200 /opt/cxrjax/logs/run.log"]' --query Command.CommandId)
-    ((DRY_RUN)) && { aws_do ssm get-command-invocation --command-id "$command" --instance-id "$id"; continue; }
-    for _try in $(seq 30); do
-      state=$(aws_text - ssm get-command-invocation --command-id "$command" --instance-id "$id" --query Status 2>/dev/null || echo Pending)
-      [[ $state == Pending || $state == InProgress || $state == Delayed ]] || break
-      sleep 2
-    done
-    aws_text - ssm get-command-invocation --command-id "$command" --instance-id "$id" --query StandardOutputContent
-  done < <(run_instances)
+  done
+}
+
+cmd_logs() {  # each live instance's run log through SSM (or its console); else the logs in S3
+  validate_common
+  local id state _ out live=0
+  local -A seen=()
+  while :; do
+    live=0
+    while read -r id state _; do
+      [[ -n $id ]] || continue
+      live=1
+      if ((CONSOLE)); then
+        echo "=== $id ($state)"
+        aws_do ec2 get-console-output --instance-id "$id" --latest --output text --query Output
+        continue
+      fi
+      # The first look shows the last 200 lines; --follow then only what is new.
+      if [[ -z ${seen[$id]:-} ]]; then
+        echo "=== $id ($state)"
+        out=$(instance_log "$id")
+        seen[$id]=$(($(head -n 1 <<<"$out" | tr -cd 0-9) + 1))
+        tail -n +2 <<<"$out"
+      else
+        out=$(instance_log "$id" "${seen[$id]}" | tail -n +2)
+        [[ -z $out ]] || { awk -v id="$id" '{print "[" id "] " $0}' <<<"$out"; seen[$id]=$((seen[$id] + $(wc -l <<<"$out"))); }
+      fi
+    done < <(run_instances)
+    if ((!live)) && ((${#seen[@]} == 0)); then
+      log "run $(run_name) has no live instances; showing the logs its instances uploaded to S3"
+      uploaded_logs
+    fi
+    ((FOLLOW && !DRY_RUN)) || return 0
+    if finished; then log "training finished"; return 0; fi
+    sleep "$LOGS_POLL_SECONDS"
+  done
 }
 
 terminate() {  # INSTANCE-ID...: and wait until they are gone
@@ -830,8 +871,14 @@ cmd_run() {
   sync_up() {  # every process its log; process 0 the workdir, which all of them share
     local failed=0
     if ((PROCESS_ID == 0)); then
-      s3_sync "$work/" "$S3_PREFIX/workdir/" --exclude '*.orbax-checkpoint-tmp*' \
+      s3_sync "$work/" "$S3_PREFIX/workdir/" --exclude '*.orbax-checkpoint-tmp*' --exclude 'checkpoints/*' \
         || { log "uploading $work to $S3_PREFIX/workdir/ failed"; failed=1; }
+      # S3 keeps the checkpoints orbax keeps: the steps it deleted here go there too (the
+      # workdir was pulled from S3 first, so nothing that S3 alone holds is deleted).
+      if [[ -d $work/checkpoints ]]; then
+        s3_sync "$work/checkpoints/" "$S3_PREFIX/workdir/checkpoints/" --delete --exclude '*.orbax-checkpoint-tmp*' \
+          || { log "uploading $work to $S3_PREFIX/workdir/ failed"; failed=1; }
+      fi
     fi
     s3_sync "$logs/" "$S3_PREFIX/logs/process-$PROCESS_ID/" \
       || { log "uploading $logs to $S3_PREFIX/logs/process-$PROCESS_ID/ failed"; failed=1; }

@@ -57,6 +57,9 @@ def test_iam_policy_template_reaches_only_the_run_prefix(repo):
                 assert _list(statement["Action"]) == ["s3:ListBucket"]
                 prefixes = statement["Condition"]["StringLike"]["s3:prefix"]
                 assert set(prefixes) == {"runs/demo", "runs/demo/*"}
+            elif "s3:DeleteObject" in _list(statement["Action"]):  # only checkpoints orbax deleted
+                assert _list(statement["Action"]) == ["s3:DeleteObject"]
+                assert resource == "arn:aws:s3:::cxrjax-bucket/runs/demo/workdir/checkpoints/*"
             else:
                 assert resource == "arn:aws:s3:::cxrjax-bucket/runs/demo/*"
     ssm = [s for s in policy["Statement"] if "ssm:GetParameter" in _list(s["Action"])]
@@ -231,7 +234,7 @@ def test_logs_and_down_dry_run(repo):
     assert logs.returncode == 0, logs.stderr
     (send,) = _calls(logs.stdout, "send-command")
     assert send["--document-name"] == "AWS-RunShellScript"
-    assert send["--parameters"] == 'commands=["tail -n 200 /opt/cxrjax/logs/run.log"]'
+    assert send["--parameters"] == 'commands=["wc -l </opt/cxrjax/logs/run.log; tail -n 200 /opt/cxrjax/logs/run.log"]'
     console = script(repo, "logs", *BASE, "--dry-run", "--console")
     assert _calls(console.stdout, "get-console-output")[0]["--instance-id"] == "<instance-id>"
     down = script(repo, "down", *BASE, "--dry-run")

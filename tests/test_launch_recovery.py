@@ -188,7 +188,7 @@ PYTHON_TRAINER = r"""#!{python}
 # The venv's cxrjax on the instance: a trainer that saves an orbax-like checkpoint step on
 # SIGUSR1 and trains on, and checkpoints and exits on SIGTERM. Python, because a bash
 # script cannot trap a signal that it started with ignored (as run starts the trainer).
-import os, pathlib, signal, sys, time
+import os, pathlib, shutil, signal, sys, time
 work = pathlib.Path(sys.argv[sys.argv.index("--workdir") + 1])
 record = pathlib.Path(os.environ["FAKE_RECORD"])
 def step(n):
@@ -199,6 +199,7 @@ def on_usr1(*_):
     print("saved a checkpoint on SIGUSR1; training goes on", flush=True)
 def on_term(*_):
     step(4)
+    shutil.rmtree(work / "checkpoints" / "3")  # as orbax does beyond its keep
     print("saved a checkpoint on SIGTERM", flush=True)
     sys.exit(0)
 signal.signal(signal.SIGUSR1, on_usr1)
@@ -221,6 +222,7 @@ def _instance_volume(home, record):
 def test_a_rebalance_recommendation_uploads_a_checkpoint_and_training_goes_on(repo, aws, tmp_path):
     s3 = aws["s3"]
     s3.put_object(Bucket="cxrjax-bucket", Key="runs/rebalance/prepared-40/manifest.json", Body=b"{}")
+    s3.put_object(Bucket="cxrjax-bucket", Key="runs/rebalance/workdir/only-in-s3.txt", Body=b"kept")
     home, record = tmp_path / "home", tmp_path / "record"
     _instance_volume(home, record)
     config = tmp_path / "run.env"
@@ -247,7 +249,14 @@ def test_a_rebalance_recommendation_uploads_a_checkpoint_and_training_goes_on(re
     assert run.returncode == 0, output
     assert "spot rebalance recommendation" in output and "saved a checkpoint on SIGUSR1" in output
     assert output.index("rebalance: checkpoint 3 saved; uploading it") < output.index("spot interruption notice")
-    assert "runs/rebalance/workdir/checkpoints/4/_CHECKPOINT_METADATA" in keys()
+    # S3 keeps what orbax keeps: step 3 went there too, nothing outside checkpoints/ did.
+    assert {k for k in keys() if "/checkpoints/" in k} == {"runs/rebalance/workdir/checkpoints/4/_CHECKPOINT_METADATA"}
+    assert "runs/rebalance/workdir/only-in-s3.txt" in keys()
+
+    # The instance is gone: logs shows what it uploaded.
+    logs = script(repo, "logs", "--s3-prefix", "s3://cxrjax-bucket/runs/rebalance", env=aws["env"])
+    assert logs.returncode == 0, logs.stderr
+    assert "logs/process-0/run.log" in logs.stdout and "spot rebalance recommendation" in logs.stdout
 
 
 def test_a_notice_during_set_up_stops_the_run_before_training(repo, aws, tmp_path):
