@@ -73,7 +73,9 @@ def test_a_failed_workdir_upload_is_reported_though_the_log_upload_succeeds(repo
     config.write_text("S3_PREFIX=s3://cxrjax-bucket/runs/upload\nREGION=us-east-1\nRUN_CONFIG=demo\n"
                       "SYNC_INTERVAL=10\n")
     refused = "upload failed: AccessDenied when calling the PutObject operation"
-    env = dict(aws["env"], **refusing_aws(tmp_path, {"workdir/ --exclude": refused}))
+    # Both calls that upload the workdir (the checkpoints go with --delete) are refused.
+    env = dict(aws["env"], **refusing_aws(tmp_path, {"workdir/ --exclude": refused,
+                                                     "workdir/checkpoints/ --delete": refused}))
     with FakeImds() as imds:
         env.update(CXRJAX_HOME=str(home), CXRJAX_IMDS_ENDPOINT=imds.endpoint, CXRJAX_SPOT_POLL_SECONDS="0.3",
                    FAKE_RECORD=str(record))
@@ -228,8 +230,11 @@ def test_a_rebalance_recommendation_uploads_a_checkpoint_and_training_goes_on(re
     config = tmp_path / "run.env"
     config.write_text("S3_PREFIX=s3://cxrjax-bucket/runs/rebalance\nREGION=us-east-1\nRUN_CONFIG=demo\n"
                       "SYNC_INTERVAL=3600\n")
-    keys = lambda: {o["Key"] for o in s3.list_objects_v2(  # noqa: E731
-        Bucket="cxrjax-bucket", Prefix="runs/rebalance/workdir/").get("Contents", [])}
+
+    def keys() -> set[str]:
+        listing = s3.list_objects_v2(Bucket="cxrjax-bucket", Prefix="runs/rebalance/workdir/")
+        return {o["Key"] for o in listing.get("Contents", [])}
+
     with FakeImds() as imds:
         env = dict(aws["env"], CXRJAX_HOME=str(home), CXRJAX_IMDS_ENDPOINT=imds.endpoint,
                    CXRJAX_SPOT_POLL_SECONDS="0.3", FAKE_RECORD=str(record))
