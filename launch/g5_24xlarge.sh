@@ -2,7 +2,9 @@
 # Train cxrjax on AWS spot GPU instances (g5.24xlarge by default) that survive preemption.
 #
 #   g5_24xlarge.sh up [--config FILE] [--KEY value ...] [--dry-run]   launch the run's instance(s)
+#   g5_24xlarge.sh keep [--config FILE] [--KEY value ...]             up, and again after each interruption
 #   g5_24xlarge.sh status|logs|down [--config FILE] [--KEY value ...]  watch or end the run
+#                                               (logs --follow: new lines until done; --console)
 #   g5_24xlarge.sh cost [--config FILE] [--KEY value ...]             $/hour and $/epoch, measured
 #   g5_24xlarge.sh iam-policy|iam-setup [--config FILE] [--dry-run]    the instance's IAM role
 #   g5_24xlarge.sh run --config /etc/cxrjax/run.env                    on the instance (systemd)
@@ -20,6 +22,8 @@ REPO_DIR=$(dirname "$SCRIPT_DIR")
 readonly SCRIPT_DIR REPO_DIR
 readonly IMDS="${CXRJAX_IMDS_ENDPOINT:-http://169.254.169.254}"
 readonly SPOT_POLL_SECONDS="${CXRJAX_SPOT_POLL_SECONDS:-5}"
+readonly KEEP_POLL_SECONDS="${CXRJAX_KEEP_POLL_SECONDS:-60}"
+readonly LOGS_POLL_SECONDS="${CXRJAX_LOGS_POLL_SECONDS:-30}"
 # The trainer config field that names the prepared dataset directory.
 readonly DATA_FIELD=data.prepared
 readonly RUN_TAG=cxrjax-run
@@ -30,7 +34,7 @@ readonly CLUSTER_SHARED_DIR=/opt/cxrjax/shared
 # Every key a config file or flag may set. Anything else, credentials above all, is refused.
 readonly KEYS="AMI KEY_NAME SUBNET SECURITY_GROUP SSH_CIDR EBS_GB MAX_PRICE REGION S3_PREFIX \
 RUN_CONFIG NODES INSTANCE_TYPE HOP_LIMIT WANDB_PARAMETER SYNC_INTERVAL PROCESS_ID COORDINATOR \
-COORDINATOR_PORT SHARED_DIR"
+COORDINATOR_PORT SHARED_DIR MAX_RELAUNCHES"
 
 AMI="resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
 KEY_NAME=""
@@ -44,16 +48,19 @@ S3_PREFIX=""
 RUN_CONFIG=chexnet
 NODES=1
 INSTANCE_TYPE=g5.24xlarge
-HOP_LIMIT=2
+HOP_LIMIT=1
 WANDB_PARAMETER=/cxrjax/wandb-api-key
 SYNC_INTERVAL=600
 PROCESS_ID=0
 COORDINATOR=""
 COORDINATOR_PORT=1234
 SHARED_DIR=""
+MAX_RELAUNCHES=10
 DRY_RUN=0
+ARGS=()
 PID=""
 CONSOLE=0
+FOLLOW=0
 
 log() { printf '[cxrjax %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { printf 'g5_24xlarge.sh: error: %s\n' "$*" >&2; exit 2; }
@@ -97,6 +104,7 @@ parse_args() {  # config file first, then flags on top of it
       --config) config=${2:?--config needs a file}; shift 2 ;;
       --dry-run) DRY_RUN=1; shift ;;
       --console) CONSOLE=1; shift ;;
+      --follow) FOLLOW=1; shift ;;
       --pid) PID=${2:?--pid needs a process id}; shift 2 ;;
       -h | --help) usage 0 ;;
       --*=*) flags+=("${1%%=*}" "${1#*=}"); shift ;;
@@ -151,7 +159,10 @@ validate_up() {
   validate_common
   need AMI SUBNET RUN_CONFIG INSTANCE_TYPE
   [[ $AMI =~ ^ami-[0-9a-f]+$|^resolve:ssm:/ ]] || die "AMI must be ami-... or resolve:ssm:/parameter, got '$AMI'"
-  [[ $SUBNET =~ ^subnet-[0-9a-f]+$ ]] || die "SUBNET must be subnet-..., got '$SUBNET'"
+  [[ $SUBNET =~ ^subnet-[0-9a-f]+(,subnet-[0-9a-f]+)*$ ]] \
+    || die "SUBNET must be subnet-... or several, comma-separated (tried in order), got '$SUBNET'"
+  [[ $INSTANCE_TYPE =~ ^[a-z0-9-]+\.[a-z0-9]+(,[a-z0-9-]+\.[a-z0-9]+)*$ ]] \
+    || die "INSTANCE_TYPE must be a type such as g5.24xlarge or several, comma-separated (tried in order), got '$INSTANCE_TYPE'"
   [[ -z $SECURITY_GROUP || $SECURITY_GROUP =~ ^sg-[0-9a-f]+$ ]] || die "SECURITY_GROUP must be sg-..., got '$SECURITY_GROUP'"
   [[ $HOP_LIMIT == 1 || $HOP_LIMIT == 2 ]] || die "HOP_LIMIT must be 1 (no containers) or 2 (containers), got '$HOP_LIMIT'"
   [[ -z $MAX_PRICE || $MAX_PRICE =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "MAX_PRICE must be dollars per hour such as 4.50, got '$MAX_PRICE'"
@@ -274,8 +285,8 @@ no_mount_targets() {  # FS: as its deletion needs
   [[ -z $(aws_text '' efs describe-mount-targets --file-system-id "$1" --query 'MountTargets[].MountTargetId') ]]
 }
 
-shared_file_system() {  # SG: the run's encrypted EFS with a mount target in SUBNET; prints the target's address
-  local sg=$1 fs out target ip groups
+shared_file_system() {  # SG SUBNET: the run's encrypted EFS with a mount target in SUBNET; prints the target's address
+  local sg=$1 subnet=$2 fs out target ip groups
   fs=$(run_file_system None)
   if [[ $fs == None || -z $fs ]]; then
     fs=$(aws_text '<new-efs-id>' efs create-file-system --creation-token "$(efs_token)" --encrypted \
@@ -287,11 +298,11 @@ shared_file_system() {  # SG: the run's encrypted EFS with a mount target in SUB
   fi
   retry 60 5 file_system_available "$fs" || die "EFS file system $fs is not available after 5 minutes"
   out=$(aws_text None efs describe-mount-targets --file-system-id "$fs" \
-    --query "MountTargets[?SubnetId=='$SUBNET'] | [0].[MountTargetId,IpAddress]")
+    --query "MountTargets[?SubnetId=='$subnet'] | [0].[MountTargetId,IpAddress]")
   read -r target ip <<<"$out"
   if [[ $target == None || -z $target ]]; then
     # Its address is fixed for its life; members mount it by address, so no VPC DNS is needed.
-    ip=$(aws_text '<efs-mount-ip>' efs create-mount-target --file-system-id "$fs" --subnet-id "$SUBNET" \
+    ip=$(aws_text '<efs-mount-ip>' efs create-mount-target --file-system-id "$fs" --subnet-id "$subnet" \
       --security-groups "$sg" --query IpAddress)
   else
     groups=$(aws_text - efs describe-mount-target-security-groups --mount-target-id "$target" --query SecurityGroups)
@@ -326,19 +337,24 @@ ship_source() {  # upload the committed tree; prints its S3 address
 }
 
 write_user_data() {  # FILE SOURCE-URL PROCESS-ID COORDINATOR NFS-ADDRESS: the instance bootstrap
-  local file=$1 src=$2 pid=$3 coordinator=$4 nfs=$5 key when_done mounts="" shared=""
+  local file=$1 src=$2 pid=$3 coordinator=$4 nfs=$5 key unit_end service_end mounts="" shared=""
+  # SuccessAction= and FailureAction= belong to [Unit]: in [Service] systemd ignores them
+  # with a mere warning (tests/test_launch.py runs systemd-analyze verify on this unit).
   if ((NODES > 1)); then
     shared=$CLUSTER_SHARED_DIR
     mounts="RequiresMountsFor=$shared"
 
     # A cluster ends together: a run that finished or checkpointed on a notice (the trainer
     # stops every process at once) powers off, which terminates; "up" again resumes.
-    when_done="# finished or checkpointed: power off (= terminate); \"up\" again resumes
+    unit_end="# finished or checkpointed: power off (= terminate); \"up\" again resumes
 SuccessAction=poweroff"
+    service_end=""
   else
-    # One node resumes by itself after a spot stop, so only a finished run powers off.
-    when_done="# a finished run powers the instance off; \"down\" then removes it
-ExecStopPost=/bin/sh -c 'test -e /opt/cxrjax/work/$(run_name)/done.json && systemctl --no-block poweroff || true'"
+    # One node resumes by itself after a spot stop, so only a finished run whose results
+    # went up to S3 (the run exited 0) powers off.
+    unit_end=""
+    service_end="# a finished and uploaded run powers the instance off; \"down\" then removes it
+ExecStopPost=/bin/sh -c 'test \"\$\$SERVICE_RESULT\" = success && test -e /opt/cxrjax/work/$(run_name)/done.json && systemctl --no-block poweroff || true'"
   fi
   {
     cat <<'HEAD'
@@ -376,18 +392,19 @@ After=network-online.target
 $mounts
 StartLimitIntervalSec=6h
 StartLimitBurst=5
+# a run that keeps failing stops paying for the GPUs
+FailureAction=poweroff
+$unit_end
 
 [Service]
 Environment=HOME=/root
 ExecStart=/opt/cxrjax/src/launch/g5_24xlarge.sh run --config $ENV_FILE
-$when_done
+$service_end
 Restart=on-failure
 RestartSec=60
 # the trainer gets SIGTERM and time to checkpoint and upload before SIGKILL
 KillMode=mixed
 TimeoutStopSec=170
-# a run that keeps failing stops paying for the GPUs
-FailureAction=poweroff
 
 [Install]
 WantedBy=multi-user.target
@@ -398,10 +415,12 @@ UNIT
   } >"$file"
 }
 
-launch_node() {  # PROCESS-ID COORDINATOR SG ROOT-DEVICE IMAGE SOURCE-URL NFS-ADDRESS: prints "id private-ip"
-  local pid=$1 coordinator=$2 sg=$3 root=$4 image=$5 src=$6 nfs=$7 user_data spot args=()
-  user_data=$(mktemp)
-  write_user_data "$user_data" "$src" "$pid" "$coordinator" "$nfs"
+# launch_node is called in a condition, where bash ignores set -e inside it, so every step
+# that can fail returns its status itself.
+launch_node() {  # TYPE SUBNET PROCESS-ID COORDINATOR SG ROOT-DEVICE IMAGE SOURCE-URL NFS-ADDRESS: prints "id private-ip"
+  local type=$1 subnet=$2 pid=$3 coordinator=$4 sg=$5 root=$6 image=$7 src=$8 nfs=$9 user_data spot args=() status=0
+  user_data=$(mktemp) || return
+  write_user_data "$user_data" "$src" "$pid" "$coordinator" "$nfs" || { rm -f "$user_data"; return 1; }
   if ((DRY_RUN)); then
     printf '[dry-run] user-data of process %s:\n' "$pid" >&3
     sed 's/^/  | /' "$user_data" >&3
@@ -412,9 +431,9 @@ launch_node() {  # PROCESS-ID COORDINATOR SG ROOT-DEVICE IMAGE SOURCE-URL NFS-AD
   local kind=persistent interruption=stop shutdown=stop
   ((NODES == 1)) || { kind=one-time; interruption=terminate; shutdown=terminate; }
   spot="{\"MarketType\":\"spot\",\"SpotOptions\":{\"SpotInstanceType\":\"$kind\",\"InstanceInterruptionBehavior\":\"$interruption\"${MAX_PRICE:+,\"MaxPrice\":\"$MAX_PRICE\"}}}"
-  args=(ec2 run-instances --image-id "$image" --instance-type "$INSTANCE_TYPE" --count 1
+  args=(ec2 run-instances --image-id "$image" --instance-type "$type" --count 1
     --instance-initiated-shutdown-behavior "$shutdown"
-    --subnet-id "$SUBNET" --security-group-ids "$sg"
+    --subnet-id "$subnet" --security-group-ids "$sg"
     --iam-instance-profile "Name=cxrjax-$(run_name)"
     --instance-market-options "$spot"
     --metadata-options "HttpTokens=required,HttpPutResponseHopLimit=$HOP_LIMIT,HttpEndpoint=enabled"
@@ -424,13 +443,16 @@ launch_node() {  # PROCESS-ID COORDINATOR SG ROOT-DEVICE IMAGE SOURCE-URL NFS-AD
     "$(tag_spec volume)"
     --query 'Instances[0].[InstanceId,PrivateIpAddress]')
   [[ -z $KEY_NAME ]] || args+=(--key-name "$KEY_NAME")
-  aws_text "<instance-id-$pid> <private-ip-$pid>" "${args[@]}"
+  aws_text "<instance-id-$pid> <private-ip-$pid>" "${args[@]}" || status=$?
   rm -f "$user_data"
+  return "$status"
 }
 
 cmd_up() {
   validate_up
-  local image=$AMI root vpc sg src node coordinator="" out id ip nfs=""
+  local image=$AMI root vpc sg src out nfs="" types subnets
+  IFS=, read -ra types <<<"$INSTANCE_TYPE"
+  IFS=, read -ra subnets <<<"$SUBNET"
   out=$(aws_text '' ec2 describe-instances --filters "Name=tag:$RUN_TAG,Values=$(run_name)" \
     "Name=instance-state-name,Values=pending,running,stopping,stopped" --query 'Reservations[].Instances[].InstanceId')
   [[ -z $out ]] || die "run $(run_name) already has instances ($out); use status, or down first"
@@ -446,21 +468,58 @@ cmd_up() {
     audit_security_group "$SECURITY_GROUP"
     sg=$SECURITY_GROUP
   else
-    vpc=$(aws_text '<vpc-of-subnet>' ec2 describe-subnets --subnet-ids "$SUBNET" --query 'Subnets[0].VpcId')
+    vpc=$(aws_text '<vpc-of-subnet>' ec2 describe-subnets --subnet-ids "${subnets[@]}" --query 'Subnets[].VpcId')
+    vpc=$(printf '%s\n' "$vpc" | tr '\t' '\n' | sort -u)
+    [[ $vpc != *$'\n'* ]] || die "the subnets $SUBNET lie in several VPCs ($(echo "$vpc" | tr '\n' ' ')); give subnets of one VPC"
     sg=$(cluster_security_group "$vpc")
   fi
-  ((NODES == 1)) || nfs=$(shared_file_system "$sg")
   src=$(ship_source)
+  # Capacity fallback: each instance type (in order of preference) in each subnet, until one
+  # launches. A refusal for capacity moves on; any other refusal ends up here.
+  local type subnet plan=""
+  for type in "${types[@]}"; do for subnet in "${subnets[@]}"; do plan+="${plan:+, then }$type in $subnet"; done; done
+  ((DRY_RUN)) && printf '[dry-run] plan: %s; the calls below are the first attempt, a refusal for capacity moves on\n' "$plan" >&3
+  for type in "${types[@]}"; do
+    for subnet in "${subnets[@]}"; do
+      ((NODES == 1)) || nfs=$(shared_file_system "$sg" "$subnet")
+      if launch_members "$type" "$subnet" "$sg" "$root" "$image" "$src" "$nfs"; then
+        ((DRY_RUN)) && return 0
+        log "run $(run_name) is up ($type in $subnet); watch it with: $0 status --s3-prefix $S3_PREFIX"
+        return 0
+      fi
+    done
+  done
+  die "no capacity: every instance type and subnet was refused ($plan; AWS's reasons above)." \
+    "Allow more with INSTANCE_TYPE=a,b and SUBNET=x,y (other zones), or try again later"
+}
+
+# The refusals that another type or zone may not meet; anything else is an error to fix.
+readonly CAPACITY_ERRORS='InsufficientInstanceCapacity|InsufficientCapacity|InsufficientHostCapacity|SpotMaxPriceTooLow|MaxSpotInstanceCountExceeded|Unsupported|InsufficientFreeAddressesInSubnet|VcpuLimitExceeded'
+
+launch_members() {  # TYPE SUBNET SG ROOT IMAGE SRC NFS: all NODES members, or none (returns 1 on a capacity refusal)
+  local type=$1 subnet=$2 sg=$3 root=$4 image=$5 src=$6 nfs=$7 node out id ip coordinator="" launched=() err reason
+  err=$(mktemp)
   for ((node = 0; node < NODES; node++)); do
     # Process 0 learns its own address from IMDS; the others get it from its launch.
-    out=$(launch_node "$node" "$coordinator" "$sg" "$root" "$image" "$src" "$nfs") \
-      || die "launching process $node failed; end what is up with: $0 down --s3-prefix $S3_PREFIX"
-    read -r id ip <<<"$out"
+    id="" ip=""
+    if out=$(launch_node "$type" "$subnet" "$node" "$coordinator" "$sg" "$root" "$image" "$src" "$nfs" 2>"$err"); then
+      read -r id ip <<<"$out"
+    fi
+    if [[ $id != i-* && $id != '<instance-id-'* ]]; then
+      reason=$(grep -v '^[[:space:]]*$' "$err" | tail -n 1)
+      rm -f "$err"
+      # A cluster is whole or nothing: members already launched would wait for this one forever.
+      ((${#launched[@]} == 0)) || terminate "${launched[@]}"
+      [[ $reason =~ $CAPACITY_ERRORS ]] \
+        || die "launching process $node of $NODES ($type in $subnet) failed: ${reason:-no answer}"
+      log "refused: $type in $subnet for process $node of $NODES: $reason"
+      return 1
+    fi
+    launched+=("$id")
     ((node == 0)) && coordinator="$ip:$COORDINATOR_PORT"
-    log "launched process $node of $NODES: $id ($ip)"
+    log "launched process $node of $NODES: $id ($ip), $type in $subnet"
   done
-  ((DRY_RUN)) && return 0
-  log "run $(run_name) is up; watch it with: $0 status --s3-prefix $S3_PREFIX"
+  rm -f "$err"
 }
 
 # ---------------------------------------------------------------- status, logs, down
@@ -489,31 +548,73 @@ cmd_status() {
   fi
 }
 
-cmd_logs() {  # tail each instance's run log through SSM Run Command, or its console output
-  validate_common
-  local id state _ command _try
-  while read -r id state _; do
-    [[ -n $id ]] || continue
-    echo "=== $id ($state)"
-    if ((CONSOLE)); then
-      aws_do ec2 get-console-output --instance-id "$id" --latest --output text --query Output
-      continue
-    fi
-    command=$(aws_text '<command-id>' ssm send-command --instance-ids "$id" --document-name AWS-RunShellScript \
-      --parameters 'commands=["tail -n 200 /opt/cxrjax/logs/run.log"]' --query Command.CommandId)
-    ((DRY_RUN)) && { aws_do ssm get-command-invocation --command-id "$command" --instance-id "$id"; continue; }
-    for _try in $(seq 30); do
-      state=$(aws_text - ssm get-command-invocation --command-id "$command" --instance-id "$id" --query Status 2>/dev/null || echo Pending)
-      [[ $state == Pending || $state == InProgress || $state == Delayed ]] || break
-      sleep 2
-    done
-    aws_text - ssm get-command-invocation --command-id "$command" --instance-id "$id" --query StandardOutputContent
-  done < <(run_instances)
+instance_log() {  # INSTANCE-ID [FROM-LINE]: the log's line count, then its last 200 lines (or 500 from FROM-LINE on), through SSM
+  local id=$1 lines="tail -n 200" command state _try
+  [[ -z ${2:-} ]] || lines="tail -n +$2 | head -n 500"
+  command=$(aws_text '<command-id>' ssm send-command --instance-ids "$id" --document-name AWS-RunShellScript \
+    --parameters "commands=[\"wc -l </opt/cxrjax/logs/run.log; $lines /opt/cxrjax/logs/run.log\"]" --query Command.CommandId)
+  ((DRY_RUN)) && { aws_do ssm get-command-invocation --command-id "$command" --instance-id "$id"; return 0; }
+  for _try in $(seq 30); do
+    state=$(aws_text - ssm get-command-invocation --command-id "$command" --instance-id "$id" --query Status 2>/dev/null || echo Pending)
+    [[ $state == Pending || $state == InProgress || $state == Delayed ]] || break
+    sleep 2
+  done
+  aws_text - ssm get-command-invocation --command-id "$command" --instance-id "$id" --query StandardOutputContent
 }
 
-cmd_down() {  # cancel the persistent spot requests first, or AWS would relaunch the instances
+uploaded_logs() {  # the last 200 lines of each process's log in S3 (what terminated instances left)
+  local process
+  for process in $(aws_text 'process-0/' s3 ls "$S3_PREFIX/logs/" | awk '$1 == "PRE" {print $2}'); do
+    echo "=== $S3_PREFIX/logs/${process}run.log (uploaded every SYNC_INTERVAL seconds and at the end)"
+    if ((DRY_RUN)); then aws_do s3 cp "$S3_PREFIX/logs/${process}run.log" -; else
+      aws --region "$REGION" s3 cp "$S3_PREFIX/logs/${process}run.log" - | tail -n 200
+    fi
+  done
+}
+
+cmd_logs() {  # each live instance's run log through SSM (or its console); else the logs in S3
   validate_common
-  local ids=() requests=() id _state request sg
+  local id state _ out live=0
+  local -A seen=()
+  while :; do
+    live=0
+    while read -r id state _; do
+      [[ -n $id ]] || continue
+      live=1
+      if ((CONSOLE)); then
+        echo "=== $id ($state)"
+        aws_do ec2 get-console-output --instance-id "$id" --latest --output text --query Output
+        continue
+      fi
+      # The first look shows the last 200 lines; --follow then only what is new.
+      if [[ -z ${seen[$id]:-} ]]; then
+        echo "=== $id ($state)"
+        out=$(instance_log "$id")
+        seen[$id]=$(($(head -n 1 <<<"$out" | tr -cd 0-9) + 1))
+        tail -n +2 <<<"$out"
+      else
+        out=$(instance_log "$id" "${seen[$id]}" | tail -n +2)
+        [[ -z $out ]] || { awk -v id="$id" '{print "[" id "] " $0}' <<<"$out"; seen[$id]=$((seen[$id] + $(wc -l <<<"$out"))); }
+      fi
+    done < <(run_instances)
+    if ((!live)) && ((${#seen[@]} == 0)); then
+      log "run $(run_name) has no live instances; showing the logs its instances uploaded to S3"
+      uploaded_logs
+    fi
+    ((FOLLOW && !DRY_RUN)) || return 0
+    if finished; then log "training finished"; return 0; fi
+    sleep "$LOGS_POLL_SECONDS"
+  done
+}
+
+terminate() {  # INSTANCE-ID...: and wait until they are gone
+  aws_do ec2 terminate-instances --instance-ids "$@" >/dev/null
+  aws_do ec2 wait instance-terminated --instance-ids "$@"
+  ((DRY_RUN)) || log "terminated $*"
+}
+
+end_instances() {  # cancel the persistent spot requests first, or AWS would relaunch the instances
+  local ids=() requests=() id _state request
   while read -r id _state request; do
     [[ -n $id ]] || continue
     ids+=("$id")
@@ -521,12 +622,16 @@ cmd_down() {  # cancel the persistent spot requests first, or AWS would relaunch
   done < <(run_instances)
   ((${#requests[@]} == 0)) || aws_do ec2 cancel-spot-instance-requests --spot-instance-request-ids "${requests[@]}" >/dev/null
   if ((${#ids[@]})); then
-    aws_do ec2 terminate-instances --instance-ids "${ids[@]}" >/dev/null
-    aws_do ec2 wait instance-terminated --instance-ids "${ids[@]}"
-    ((DRY_RUN)) || log "terminated ${ids[*]}"
+    terminate "${ids[@]}"
   else
     log "run $(run_name) has no live instances"
   fi
+}
+
+cmd_down() {
+  validate_common
+  local sg
+  end_instances
   # A cluster's EFS goes once the run has finished (its last upload is then in S3); an
   # unfinished run keeps it, and the group its mount target sits in, for "up" to resume from.
   local fs kept=0
@@ -561,24 +666,66 @@ delete_security_group() {  # SG: retried while a deleted mount target's interfac
     || aws --region "$REGION" ec2 delete-security-group --group-id "$sg"  # once more, to show why
 }
 
+# ---------------------------------------------------------------- keep
+
+cmd_keep() {  # launch, then relaunch (with fallback) whenever the run lost a member, until done.json
+  validate_up
+  check_int MAX_RELAUNCHES 0
+  ((!DRY_RUN)) || die "keep makes its launches with up, whose --dry-run shows them"
+  local relaunches=0 looked=0 states running busy
+  log "keep: run $(run_name), $NODES member(s), at most $MAX_RELAUNCHES relaunch(es), a look every ${KEEP_POLL_SECONDS}s"
+  while :; do
+    if finished; then
+      log "keep: training finished ($S3_PREFIX/workdir/done.json); end the run with: $0 down --s3-prefix $S3_PREFIX"
+      return 0
+    fi
+    states=$(run_instances | awk '{print $2}')
+    running=$(grep -cE '^(pending|running)$' <<<"$states" || true)
+    busy=$(grep -cE '^(stopping|shutting-down)$' <<<"$states" || true)
+    # A member that is stopping may still be uploading its checkpoint: let it finish first.
+    if ((running < NODES && busy == 0)); then
+      if [[ -n $states ]] || ((looked)); then
+        log "keep: interruption: $running of $NODES member(s) running (states: $(echo "$states" | tr '\n' ' '))"
+        ((relaunches < MAX_RELAUNCHES)) \
+          || die "keep: the retry budget of $MAX_RELAUNCHES relaunch(es) is spent; the checkpoints are in $S3_PREFIX/workdir/, \"keep\" again resumes from them"
+        relaunches=$((relaunches + 1))
+        # A cluster cannot go on without a member, and a stopped single node may wait long
+        # for capacity in its zone: end what is left (a cluster's EFS stays), launch anew.
+        end_instances
+        log "keep: relaunch $relaunches of $MAX_RELAUNCHES"
+      else
+        log "keep: launching"
+      fi
+      # up as its own process, so that set -e holds in it; a refusal is retried at the next look.
+      if "$0" up "${ARGS[@]}"; then
+        log "keep: run $(run_name) launched; it resumes from $S3_PREFIX/workdir/"
+      else
+        log "keep: launching failed (above); next try in ${KEEP_POLL_SECONDS}s"
+      fi
+    fi
+    looked=1
+    sleep "$KEEP_POLL_SECONDS"
+  done
+}
+
 # ---------------------------------------------------------------- cost
 
 cmd_cost() {  # the current spot price times what the run measured (launch/run_cost.py)
   validate_common
   check_int NODES 1
-  local zone="" filters=() out price priced_zone when tmp
-  if [[ -n $SUBNET ]]; then
-    zone=$(aws_text '<zone-of-subnet>' ec2 describe-subnets --subnet-ids "$SUBNET" --query 'Subnets[0].AvailabilityZone')
+  local zone="" filters=() out price priced_zone when tmp type=${INSTANCE_TYPE%%,*}
+  if [[ -n $SUBNET ]]; then  # of several, the first (the run's first choice)
+    zone=$(aws_text '<zone-of-subnet>' ec2 describe-subnets --subnet-ids "${SUBNET%%,*}" --query 'Subnets[0].AvailabilityZone')
     filters=(--filters "Name=availability-zone,Values=$zone")
   fi
   # The newest price per zone; without a subnet, the cheapest zone's.
-  out=$(aws_text '<spot-price> <zone> <time>' ec2 describe-spot-price-history --instance-types "$INSTANCE_TYPE" \
+  out=$(aws_text '<spot-price> <zone> <time>' ec2 describe-spot-price-history --instance-types "$type" \
     --product-descriptions Linux/UNIX --start-time "$(date -u +%FT%TZ)" "${filters[@]}" \
     --query 'sort_by(SpotPriceHistory, &to_number(SpotPrice))[0].[SpotPrice,AvailabilityZone,Timestamp]')
   read -r price priced_zone when <<<"$out"
   ((DRY_RUN)) || [[ $price =~ ^[0-9.]+$ ]] \
-    || die "no spot price for $INSTANCE_TYPE in ${zone:-$REGION} (is it offered there?): AWS answered '$out'"
-  ((DRY_RUN)) || echo "spot price of $INSTANCE_TYPE in $priced_zone at $when: \$$price per hour"
+    || die "no spot price for $type in ${zone:-$REGION} (is it offered there?): AWS answered '$out'"
+  ((DRY_RUN)) || echo "spot price of $type in $priced_zone at $when: \$$price per hour"
   tmp=$(mktemp -d)
   # shellcheck disable=SC2064  # the path is fixed now
   trap "rm -rf '$tmp'" EXIT
@@ -636,8 +783,12 @@ imds_get() {  # PATH under latest/
   curl -sS -f --max-time 2 -H "X-aws-ec2-metadata-token: $token" "$IMDS/latest/$1"
 }
 
-spot_watch() {  # PID: SIGTERM it on a spot interruption notice (IMDSv2, every SPOT_POLL_SECONDS)
-  local pid=$1 token="" code notice warned=0
+# spot_watch polls IMDSv2 every SPOT_POLL_SECONDS. On an interruption notice it sends
+# SIGTERM to PID (the trainer checkpoints and exits); on the first rebalance recommendation
+# (an elevated risk of interruption) SIGUSR1 (a checkpoint, training goes on), or where the
+# caller defines on_rebalance PID, that in the background (run: signal, then upload it).
+spot_watch() {  # PID
+  local pid=$1 token="" code notice warned=0 rebalanced=0
   notice=$(mktemp)
   while kill -0 "$pid" 2>/dev/null; do
     [[ -n $token ]] || token=$(imds_token 2>/dev/null) || token=""
@@ -645,7 +796,7 @@ spot_watch() {  # PID: SIGTERM it on a spot interruption notice (IMDSv2, every S
       -H "X-aws-ec2-metadata-token: $token" "$IMDS/latest/meta-data/spot/instance-action") || code=000
     case $code in
       200)
-        log "spot interruption notice $(tr -d '\n' <"$notice"); sending SIGTERM to the trainer ($pid)"
+        log "spot interruption notice $(tr -d '\n' <"$notice"); sending SIGTERM to $pid"
         kill -TERM "$pid" 2>/dev/null || true
         rm -f "$notice"
         return 0 ;;
@@ -653,6 +804,16 @@ spot_watch() {  # PID: SIGTERM it on a spot interruption notice (IMDSv2, every S
       401) token="" ;;  # the token expired: take a new one
       *) ((warned)) || log "warning: instance metadata at $IMDS answered HTTP $code; still polling"; warned=1 ;;
     esac
+    if ((!rebalanced)) && [[ -n $token ]]; then
+      code=$(curl -s --max-time 2 -o "$notice" -w '%{http_code}' \
+        -H "X-aws-ec2-metadata-token: $token" "$IMDS/latest/meta-data/events/recommendations/rebalance") || code=000
+      [[ $code != 401 ]] || token=""
+      if [[ $code == 200 ]]; then
+        rebalanced=1
+        log "spot rebalance recommendation $(tr -d '\n' <"$notice"); sending SIGUSR1 to $pid for a checkpoint"
+        if declare -F on_rebalance >/dev/null; then on_rebalance "$pid" & else kill -USR1 "$pid" 2>/dev/null || true; fi
+      fi
+    fi
     sleep "$SPOT_POLL_SECONDS"
   done
   rm -f "$notice"
@@ -664,6 +825,19 @@ cmd_watch_spot() {
 }
 
 s3_sync() { aws --region "$REGION" s3 sync --only-show-errors "$@"; }
+
+newest_checkpoint() {  # WORKDIR: the newest finished orbax step in WORKDIR/checkpoints, or nothing
+  local dir
+  dir=$(find "$1/checkpoints" -mindepth 2 -maxdepth 2 -name _CHECKPOINT_METADATA 2>/dev/null \
+    | sed 's|/_CHECKPOINT_METADATA$||; s|.*/||' | grep -E '^[0-9]+$' | sort -n | tail -n 1) || true
+  printf '%s\n' "$dir"
+}
+
+newer_checkpoint() {  # WORKDIR STEP: whether a finished step newer than STEP is there
+  local newest
+  newest=$(newest_checkpoint "$1")
+  [[ -n $newest && ( -z $2 || $newest -gt $2 ) ]]
+}
 
 wait_for_pull() {  # WORKDIR: until process 0 has pulled it (an hour at most)
   local work=$1
@@ -692,6 +866,38 @@ cmd_run() {
   mkdir -p "$nih" "$cache" "$logs"
   exec > >(tee -a "$logs/run.log") 2>&1
   log "run $(run_name): config $RUN_CONFIG, process $PROCESS_ID of $NODES, home $home, workdir $work"
+
+  # Called in conditions, where set -e is off inside: each upload's status is kept by hand.
+  sync_up() {  # every process its log; process 0 the workdir, which all of them share
+    local failed=0
+    if ((PROCESS_ID == 0)); then
+      s3_sync "$work/" "$S3_PREFIX/workdir/" --exclude '*.orbax-checkpoint-tmp*' --exclude 'checkpoints/*' \
+        || { log "uploading $work to $S3_PREFIX/workdir/ failed"; failed=1; }
+      # S3 keeps the checkpoints orbax keeps: the steps it deleted here go there too (the
+      # workdir was pulled from S3 first, so nothing that S3 alone holds is deleted).
+      if [[ -d $work/checkpoints ]]; then
+        s3_sync "$work/checkpoints/" "$S3_PREFIX/workdir/checkpoints/" --delete --exclude '*.orbax-checkpoint-tmp*' \
+          || { log "uploading $work to $S3_PREFIX/workdir/ failed"; failed=1; }
+      fi
+    fi
+    s3_sync "$logs/" "$S3_PREFIX/logs/process-$PROCESS_ID/" \
+      || { log "uploading $logs to $S3_PREFIX/logs/process-$PROCESS_ID/ failed"; failed=1; }
+    return "$failed"
+  }
+  on_rebalance() {  # PID: SIGUSR1 it, then upload the checkpoint the trainer saves (within 10 minutes)
+    local before
+    before=$(newest_checkpoint "$work")
+    kill -USR1 "$1" 2>/dev/null || true
+    retry 300 2 newer_checkpoint "$work" "$before" || { log "no checkpoint after the rebalance recommendation"; return 0; }
+    log "rebalance: checkpoint $(newest_checkpoint "$work") saved; uploading it"
+    sync_up || log "rebalance: upload failed; the periodic sync tries again"
+  }
+  # The watcher starts now, so a notice during set-up (pip, data) stops the run too; this
+  # script passes SIGTERM and SIGUSR1 on to the trainer once it runs. SIGUSR1 is ignored
+  # until then, and the trainer starts with it ignored until its own handler is in place.
+  trap '' USR1
+  spot_watch "$$" &
+  watcher=$!
   cd "$REPO_DIR"
   [[ -f configs/$config.py ]] || die "configs/$config.py not found in $REPO_DIR"
 
@@ -753,10 +959,6 @@ print(load_config(sys.argv[1], []).data.image_size)' "$config_arg")
     log "no readable SSM parameter $WANDB_PARAMETER: wandb stays as the config says (offline by default)"
   fi
 
-  sync_up() {  # every process its log; process 0 the workdir, which all of them share
-    ((PROCESS_ID > 0)) || s3_sync "$work/" "$S3_PREFIX/workdir/" --exclude '*.orbax-checkpoint-tmp*'
-    s3_sync "$logs/" "$S3_PREFIX/logs/process-$PROCESS_ID/"
-  }
   sync_loop() {  # its sleep dies with it, so nothing lingers on the log pipe after the run
     local nap
     trap 'kill "$nap" 2>/dev/null; exit 0' TERM
@@ -781,14 +983,14 @@ print(load_config(sys.argv[1], []).data.image_size)' "$config_arg")
   wandb_key=""
   # A stop of this script (systemd, shutdown) reaches the trainer as the same request to checkpoint.
   trap 'log "stop requested: the trainer checkpoints and exits"; kill -TERM "$trainer" 2>/dev/null || true' TERM INT
-  spot_watch "$trainer" &
-  watcher=$!
+  trap 'kill -USR1 "$trainer" 2>/dev/null || true' USR1
   while :; do
     status=0
     wait "$trainer" || status=$?
     kill -0 "$trainer" 2>/dev/null || break  # else a trapped signal interrupted the wait
   done
   trap - TERM INT
+  trap '' USR1
   kill "$syncer" "$watcher" 2>/dev/null || true
   local upload="uploading $work to $S3_PREFIX/workdir/"
   ((PROCESS_ID == 0)) || upload="process 0 uploads the shared $work"
@@ -799,7 +1001,10 @@ print(load_config(sys.argv[1], []).data.image_size)' "$config_arg")
   else
     log "trainer failed with status $status; $upload"
   fi
-  sync_up
+  if ! sync_up && ((status == 0)); then
+    status=1  # systemd starts the run again, and its first act is this upload's retry
+    log "the final upload failed; exiting with status $status so that it is retried"
+  fi
   return "$status"
 }
 
@@ -809,9 +1014,11 @@ main() {
   (($#)) || usage 2
   local command=$1
   shift
+  ARGS=("$@")
   parse_args "$@"
   case $command in
     up) cmd_up ;;
+    keep) cmd_keep ;;
     status) cmd_status ;;
     logs) cmd_logs ;;
     down) cmd_down ;;

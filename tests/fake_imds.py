@@ -2,7 +2,8 @@
 
 It behaves like the real one where launch/g5_24xlarge.sh depends on it: a session token
 from PUT /latest/api/token (with the TTL header), 401 for any GET without that token,
-404 on spot/instance-action until `notice()`, then the JSON notice AWS documents.
+404 on spot/instance-action until `notice()`, then the JSON notice AWS documents; the same
+for events/recommendations/rebalance and `rebalance()`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 TOKEN_PATH = "/latest/api/token"
 NOTICE_PATH = "/latest/meta-data/spot/instance-action"
+REBALANCE_PATH = "/latest/meta-data/events/recommendations/rebalance"
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN_HEADER = "X-aws-ec2-metadata-token"
 
@@ -24,6 +26,7 @@ class FakeImds:
         self.local_ipv4 = local_ipv4
         self.token = secrets.token_hex(16)
         self.notice_body: bytes | None = None
+        self.rebalance_body: bytes | None = None
         self.log: list[tuple[str, str, int]] = []  # (method, path, status) of every request
         self.unauthorized_gets = 0
         self._lock = threading.Lock()
@@ -48,6 +51,12 @@ class FakeImds:
         body = {"action": action, "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")}
         with self._lock:
             self.notice_body = json.dumps(body).encode()
+
+    def rebalance(self) -> None:
+        """From now on events/recommendations/rebalance recommends a rebalance."""
+        when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        with self._lock:
+            self.rebalance_body = json.dumps({"noticeTime": when}).encode()
 
     def expire_token(self) -> None:
         """Invalidate the issued token, as its TTL running out would."""
@@ -90,11 +99,13 @@ class FakeImds:
                     authorized = self.headers.get(TOKEN_HEADER) == imds.token
                     if not authorized:
                         imds.unauthorized_gets += 1
-                    notice = imds.notice_body
+                    notice, rebalance = imds.notice_body, imds.rebalance_body
                 if not authorized:
                     return self._reply(401)
                 if self.path == NOTICE_PATH:
                     return self._reply(200, notice) if notice else self._reply(404)
+                if self.path == REBALANCE_PATH:
+                    return self._reply(200, rebalance) if rebalance else self._reply(404)
                 if self.path == "/latest/meta-data/local-ipv4":
                     return self._reply(200, imds.local_ipv4.encode())
                 self._reply(404)

@@ -147,3 +147,22 @@ def recording_aws(directory: Path) -> tuple[dict[str, str], Path]:
 def dry_run_calls(stdout: str) -> list[str]:
     """'SERVICE ACTION' of each call a --dry-run printed."""
     return [" ".join(line.split()[4:6]) for line in stdout.splitlines() if line.startswith("[dry-run] aws ")]
+
+
+def refusing_aws(directory: Path, refusals: dict[str, str]) -> dict[str, str]:
+    """A PATH whose `aws` fails any call whose words contain a key of `refusals`, printing
+    that key's message as the AWS CLI prints a service error (exit 254); every other call
+    runs the real CLI. Stands in for AWS refusing a launch or an upload."""
+    real = shutil.which("aws")
+    assert real, "the aws CLI is not installed: install the dev extras (awscli)"
+    bin_dir = directory / "refusing-bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    cases = "".join(f"  *{shlex.quote(pattern)}*) printf '%s\\n' {shlex.quote(message)} >&2; exit 254 ;;\n"
+                    for pattern, message in refusals.items())
+    (bin_dir / "aws").write_text(f'#!/bin/bash\ncase "$*" in\n{cases}esac\nexec {shlex.quote(real)} "$@"\n')
+    (bin_dir / "aws").chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+CAPACITY_ERROR = ("An error occurred (InsufficientInstanceCapacity) when calling the RunInstances operation: "
+                  "We currently do not have sufficient g5.24xlarge capacity in the Availability Zone you requested")

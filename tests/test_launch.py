@@ -57,6 +57,9 @@ def test_iam_policy_template_reaches_only_the_run_prefix(repo):
                 assert _list(statement["Action"]) == ["s3:ListBucket"]
                 prefixes = statement["Condition"]["StringLike"]["s3:prefix"]
                 assert set(prefixes) == {"runs/demo", "runs/demo/*"}
+            elif "s3:DeleteObject" in _list(statement["Action"]):  # only checkpoints orbax deleted
+                assert _list(statement["Action"]) == ["s3:DeleteObject"]
+                assert resource == "arn:aws:s3:::cxrjax-bucket/runs/demo/workdir/checkpoints/*"
             else:
                 assert resource == "arn:aws:s3:::cxrjax-bucket/runs/demo/*"
     ssm = [s for s in policy["Statement"] if "ssm:GetParameter" in _list(s["Action"])]
@@ -117,11 +120,11 @@ def test_config_file_is_data_and_bad_lines_are_refused(repo, tmp_path, line, mes
 
 def test_flags_override_config_file(repo, tmp_path):
     config = tmp_path / "run.env"
-    config.write_text("EBS_GB=500\nHOP_LIMIT=2\n")
-    result = script(repo, "up", "--config", str(config), *DRY, "--hop-limit", "1")
+    config.write_text("EBS_GB=500\nHOP_LIMIT=1\n")
+    result = script(repo, "up", "--config", str(config), *DRY, "--hop-limit", "2")
     assert result.returncode == 0, result.stderr
     (run,) = _calls(result.stdout, "run-instances")
-    assert "HttpPutResponseHopLimit=1" in run["--metadata-options"]
+    assert "HttpPutResponseHopLimit=2" in run["--metadata-options"]
     assert json.loads(run["--block-device-mappings"])[0]["Ebs"]["VolumeSize"] == 500
 
 
@@ -164,7 +167,7 @@ def test_dry_run_request_is_locked_down_and_prints_no_credential(repo):
     assert len(runs) == 2
     for run in runs:
         options = dict(kv.split("=") for kv in run["--metadata-options"].split(","))
-        assert options == {"HttpTokens": "required", "HttpPutResponseHopLimit": "2", "HttpEndpoint": "enabled"}
+        assert options == {"HttpTokens": "required", "HttpPutResponseHopLimit": "1", "HttpEndpoint": "enabled"}
         (disk,) = json.loads(run["--block-device-mappings"])
         assert disk["Ebs"]["Encrypted"] is True
         assert disk["DeviceName"] == "<root-device-of-ami>"  # the AMI's own root device
@@ -218,7 +221,9 @@ def test_single_node_without_ssh_opens_no_port_and_resumes_in_place(repo):
     assert json.loads(run["--instance-market-options"])["SpotOptions"] == {
         "SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"}
     assert "SuccessAction" not in result.stdout
-    assert "ExecStopPost=/bin/sh -c 'test -e /opt/cxrjax/work/demo/done.json && systemctl" in result.stdout
+    # only a run that exited 0 (its final upload went through) and finished powers off
+    assert ("ExecStopPost=/bin/sh -c 'test \"$$SERVICE_RESULT\" = success && "
+            "test -e /opt/cxrjax/work/demo/done.json && systemctl") in result.stdout
     # one node keeps its workdir on its own volume: no shared file system
     assert " efs " not in result.stdout and "RequiresMountsFor" not in result.stdout
     assert "  | SHARED_DIR=\n" in result.stdout
@@ -229,7 +234,7 @@ def test_logs_and_down_dry_run(repo):
     assert logs.returncode == 0, logs.stderr
     (send,) = _calls(logs.stdout, "send-command")
     assert send["--document-name"] == "AWS-RunShellScript"
-    assert send["--parameters"] == 'commands=["tail -n 200 /opt/cxrjax/logs/run.log"]'
+    assert send["--parameters"] == 'commands=["wc -l </opt/cxrjax/logs/run.log; tail -n 200 /opt/cxrjax/logs/run.log"]'
     console = script(repo, "logs", *BASE, "--dry-run", "--console")
     assert _calls(console.stdout, "get-console-output")[0]["--instance-id"] == "<instance-id>"
     down = script(repo, "down", *BASE, "--dry-run")
@@ -262,7 +267,7 @@ def test_watcher_sigterms_the_trainer_on_a_spot_notice(repo):
             wait_for(lambda: imds.count("GET", NOTICE_PATH, 404) >= 2, 30, "two polls")
             assert trainer.poll() is None and watcher.poll() is None
             imds.expire_token()  # a stale token gets 401; the watcher must take a new one
-            wait_for(lambda: imds.count("GET", NOTICE_PATH, 401) >= 1, 10, "a 401")
+            wait_for(lambda: imds.unauthorized_gets >= 1, 10, "a 401")
             wait_for(lambda: imds.count("GET", NOTICE_PATH, 404) >= 3, 10, "a poll after 401")
             assert trainer.poll() is None
 
@@ -638,3 +643,36 @@ def test_run_on_the_instance_against_moto(repo, aws, tmp_path):
     uploaded = s3_objects(s3, "runs/flow/workdir/")
     assert uploaded["runs/flow/workdir/done.json"] == b"{}\n"
     assert uploaded["runs/flow/workdir/checkpoints/step"] == b"2\n"
+
+
+def _user_data(stdout: str) -> list[str]:
+    """Each process's user-data as a --dry-run printed it."""
+    blocks = stdout.split("[dry-run] user-data of process ")[1:]
+    return ["".join(line[4:] + "\n" for line in block.splitlines() if line.startswith("  | ")) for block in blocks]
+
+
+@pytest.mark.parametrize("nodes", ["1", "2"])
+def test_user_data_is_valid_bash_and_its_unit_passes_systemd_analyze(repo, tmp_path, nodes):
+    """systemd ignores a key in the wrong section with only a warning (SuccessAction= in
+    [Service] once left a finished cluster's GPUs idle), so the unit must verify cleanly."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not found (apt-get install systemd; .ci/run installs it)")
+    result = script(repo, "up", *DRY, "--nodes", nodes)
+    assert result.returncode == 0, result.stderr
+    for n, user_data in enumerate(_user_data(result.stdout)):
+        path = tmp_path / f"user-data-{n}.sh"
+        path.write_text(user_data)
+        syntax = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert syntax.returncode == 0, syntax.stderr
+        unit = user_data.split("cat >/etc/systemd/system/cxrjax-run.service <<'CXRJAX_UNIT'\n")[1]
+        unit = unit.split("\nCXRJAX_UNIT\n")[0]
+        # verify checks that ExecStart= exists: point it at the script it will run
+        unit = unit.replace("/opt/cxrjax/src/launch/g5_24xlarge.sh", str(repo / "launch" / "g5_24xlarge.sh"))
+        (tmp_path / "cxrjax-run.service").write_text(unit + "\n")
+        verify = subprocess.run([analyze, "verify", str(tmp_path / "cxrjax-run.service")],
+                                capture_output=True, text=True, timeout=60)
+        complaints = [line for line in (verify.stdout + verify.stderr).splitlines() if "cxrjax-run" in line]
+        assert verify.returncode == 0 and complaints == [], verify.stdout + verify.stderr
+        if nodes == "2":  # a cluster ends together: its members power off when the run ends well
+            assert "\nSuccessAction=poweroff\n" in unit.split("[Service]")[0]

@@ -42,6 +42,10 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class EvaluationStopped(Exception):
+    """A stop request arrived during an evaluation pass, which was abandoned."""
+
+
 class _StopFlag:
     """SIGTERM/SIGINT ask for a checkpoint and a clean exit at a step boundary.
 
@@ -56,16 +60,32 @@ class _StopFlag:
     def __init__(self):
         self.signal = None
         self.reason = ""
+        self.checkpoint_wanted = False  # SIGUSR1: a checkpoint now, training goes on
         self._multi = jax.process_count() > 1
         self._previous = {}
 
     def __enter__(self):
         for sig in (signal.SIGINT,) if self._multi else (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._handle_checkpoint)
         return self
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
+
+    def _handle_checkpoint(self, signum, frame):
+        self.checkpoint_wanted = True
+
+    def checkpoint_requested(self, log_step: bool) -> bool:
+        """Whether SIGUSR1 (a spot rebalance recommendation) asked for a checkpoint; several
+        processes compare at log steps, so all save the same step."""
+        wanted = self.checkpoint_wanted
+        if self._multi:
+            if not log_step:
+                return False
+            wanted = bool(multihost_utils.process_allgather(np.int32(wanted)).max())
+        self.checkpoint_wanted = False
+        return wanted
 
     def __exit__(self, *exc):
         self.release()
@@ -75,6 +95,12 @@ class _StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+    def during_evaluation(self) -> bool:
+        """Whether to abandon an evaluation pass now, so a spot notice's two minutes hold at
+        1024 px. One process only: a cluster's processes would have to agree, and jax's
+        preemption service answers only at training steps."""
+        return not self._multi and self.signal is not None
 
     def requested(self, step: int, log_step: bool) -> bool:
         """Whether to stop after `step`; every process gets the same answer."""
@@ -126,9 +152,10 @@ def _host(metrics) -> dict:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def predict(state, eval_step, source, config, mesh, image_size: int):
+def predict(state, eval_step, source, config, mesh, image_size: int, should_stop=None):
     """(keys, probs, logits, labels) over every record of `source`, in record order; the
-    labels are the records' own (CRC-checked), not the index's."""
+    labels are the records' own (CRC-checked), not the index's. Raises EvaluationStopped
+    when `should_stop()` says so after a batch."""
     global_batch = config.eval.batch_size or config.global_batch_size
     local = per_process_batch(global_batch, mesh)
     loader = make_loader(source, batch_size=local, image_size=image_size, seed=config.seed, train=False)
@@ -153,6 +180,8 @@ def predict(state, eval_step, source, config, mesh, image_size: int):
         probs.append(np.asarray(gathered["probs"], np.float64))
         logits.append(np.asarray(gathered["logits"], np.float32))
         labels.append(np.asarray(gathered["labels"], np.float32))
+        if should_stop is not None and should_stop():
+            raise EvaluationStopped
     keys, probs, logits, labels = (np.concatenate(a) for a in (keys, probs, logits, labels))
     valid = keys >= 0
     order = np.argsort(keys[valid], kind="stable")
@@ -166,8 +195,8 @@ def _to_host(tree):
     return jax.device_get(tree)
 
 
-def validate(state, eval_step, source, loss_fn, config, mesh, workdir: Path) -> dict:
-    _, probs, logits, labels = predict(state, eval_step, source, config, mesh, config.data.image_size)
+def validate(state, eval_step, source, loss_fn, config, mesh, workdir: Path, should_stop=None) -> dict:
+    _, probs, logits, labels = predict(state, eval_step, source, config, mesh, config.data.image_size, should_stop)
     if not np.isfinite(logits).all():
         raise TrainingDiverged(
             f"validation outputs are not finite at step {int(state.step)} although training was. {_kept(workdir)}"
@@ -284,14 +313,46 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
 
     log = MetricsLog(workdir, config.wandb, _config_dict(config), workdir.name)
 
-    def save(step, metrics=None):
-        meta = {"plateau": vars(plateau), "early": vars(early)}
+    def save(step, metrics=None, validation_pending=False):
+        meta = {"plateau": vars(plateau), "early": vars(early), "validation_pending": validation_pending}
         checkpoint.save(manager, step, state, data_iter, meta, metrics)
+
+    def end_epoch(epoch):
+        """Validate the epoch that ended at `step` and checkpoint it with its metrics."""
+        nonlocal state
+        val = validate(state, eval_step, val_src, loss_fn, config, mesh, workdir,
+                       should_stop=stop.during_evaluation)
+        if config.optim.schedule == "plateau":
+            scale = np.float32(plateau.update(val["val_loss"]))
+            state = state.replace(lr_scale=jax.device_put(scale, replicated(mesh)))
+        early.update(val["val_mean_auc"], step)
+        val.update(epoch=epoch + 1, lr_scale=plateau.scale)
+        log.write(step, "val", val)
+        if manager.latest_step() == step:  # saved without metrics when a stop cut this validation short
+            manager.wait_until_finished()
+            manager.delete(step)
+        save(step, {"val_mean_auc": val["val_mean_auc"]})
+        if jax.process_index() == 0:
+            print(f"epoch {epoch + 1}: val loss {val['val_loss']:.4f}, val mean AUC {val['val_mean_auc']:.4f}")
+            if early.stopped:
+                print(f"early stopping: no better val mean AUC for {early.patience} epochs")
+
+    def stop_in_validation():
+        """A stop during validation: the epoch's training is kept, its validation runs first on resume."""
+        stop.reason = f"{stop.signal} received during validation"
+        if manager.latest_step() != step:
+            save(step, validation_pending=True)
 
     step = int(state.step)
     # A signal during start-up: stop before the first step; the last checkpoint stands.
     stopped = stop.requested(step, log_step=True)
     try:
+        if meta.get("validation_pending") and not stopped:
+            try:
+                end_epoch(step // steps_per_epoch - 1)
+            except EvaluationStopped:
+                stop_in_validation()
+                stopped = True
         while step < total_steps and not stopped and not early.stopped:
             epoch = step // steps_per_epoch
             bar = tqdm(total=steps_per_epoch, initial=step % steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -321,25 +382,21 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
                     break
                 if step % steps_per_epoch == 0:
                     break
-                if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
+                asked = stop.checkpoint_requested(log_step=step % config.log_every_steps == 0)
+                if asked or (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0):
                     _check_finite(_host(metrics), step, workdir)
                     save(step)
+                    if asked and jax.process_index() == 0:
+                        print(f"SIGUSR1 (rebalance recommendation): checkpoint saved at step {step}; training goes on")
             bar.close()
             if stopped:
                 break
             _check_finite(_host(metrics), step, workdir)
-            val = validate(state, eval_step, val_src, loss_fn, config, mesh, workdir)
-            if config.optim.schedule == "plateau":
-                scale = np.float32(plateau.update(val["val_loss"]))
-                state = state.replace(lr_scale=jax.device_put(scale, replicated(mesh)))
-            early.update(val["val_mean_auc"], step)
-            val.update(epoch=epoch + 1, lr_scale=plateau.scale)
-            log.write(step, "val", val)
-            save(step, {"val_mean_auc": val["val_mean_auc"]})
-            if jax.process_index() == 0:
-                print(f"epoch {epoch + 1}: val loss {val['val_loss']:.4f}, val mean AUC {val['val_mean_auc']:.4f}")
-                if early.stopped:
-                    print(f"early stopping: no better val mean AUC for {early.patience} epochs")
+            try:
+                end_epoch(epoch)
+            except EvaluationStopped:
+                stop_in_validation()
+                stopped = True
     finally:
         manager.wait_until_finished()
         log.close()
@@ -352,13 +409,20 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
         manager.close()
         return {"stopped": stop.reason, "step": step}
 
-    stop.release()  # no step boundary is left to stop at: signals act as usual again
-    summary = _finish(config, workdir, manager, state, eval_step, mesh, prepared, manifest)
-    manager.close()
+    if jax.process_count() > 1:
+        stop.release()  # the processes could not agree on a stop mid-pass: signals act as usual
+    try:
+        summary = _finish(config, workdir, manager, state, eval_step, mesh, prepared, manifest, stop)
+    except EvaluationStopped:
+        print(f"{stop.signal} received during the final evaluation: every checkpoint is saved; "
+              "rerun the same command to evaluate again")
+        return {"stopped": f"{stop.signal} received during the final evaluation", "step": step}
+    finally:
+        manager.close()
     return summary
 
 
-def _finish(config, workdir, manager, state, eval_step, mesh, prepared, manifest) -> dict:
+def _finish(config, workdir, manager, state, eval_step, mesh, prepared, manifest, stop) -> dict:
     """Restore the best checkpoint (by val mean AUC), export its weights, predict and score the test part."""
     from cxrjax.eval.evaluate import evaluate_predictions
     from cxrjax.eval.predictions import write_predictions
@@ -372,8 +436,10 @@ def _finish(config, workdir, manager, state, eval_step, mesh, prepared, manifest
                "image_size": config.data.image_size}
     if config.eval.test:
         test_src, val_src = ShardedRecords(prepared / "test"), ShardedRecords(prepared / "val")
-        keys, probs, _, labels = predict(state, eval_step, test_src, config, mesh, config.data.image_size)
-        val_keys, val_probs, _, val_labels = predict(state, eval_step, val_src, config, mesh, config.data.image_size)
+        keys, probs, _, labels = predict(state, eval_step, test_src, config, mesh, config.data.image_size,
+                                         stop.during_evaluation)
+        val_keys, val_probs, _, val_labels = predict(state, eval_step, val_src, config, mesh,
+                                                     config.data.image_size, stop.during_evaluation)
         if jax.process_index() == 0:
             # Ids and labels as the records hold them (each read checks the id against the index).
             ids, val_ids = test_src.image_ids[keys], val_src.image_ids[val_keys]
