@@ -11,6 +11,7 @@ from cxrjax.eval.paths import UnsafePathError
 from cxrjax.eval.predictions import PredictionsError
 from cxrjax.eval.runinfo import RunInfoError
 from cxrjax.models.errors import WeightsError
+from cxrjax.workdir import WorkdirError
 
 INPUT_ERRORS = (MetadataError, PredictionsError, RunInfoError, LeaderboardError, UnsafePathError,
-                ImageError, WeightsError, InferenceError, PreparedDataError, LeakageError)
+                ImageError, WeightsError, InferenceError, PreparedDataError, LeakageError, WorkdirError)
