@@ -276,7 +276,7 @@ def _add_train(sub) -> None:
     p.set_defaults(accepts_overrides=True)
 
     def run(args):
-        from cxrjax.train.ensemble import train_members
+        from cxrjax.experiment import train_members
 
         from cxrjax.train.loop import TrainingDiverged
 

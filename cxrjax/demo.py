@@ -26,7 +26,7 @@ def run_demo(out: Path, config, nih_dir: Path | None = None, prepare_workers: in
     from cxrjax.data.prepare import PrepareOptions, prepare
     from cxrjax.data.synth import MARKER, write_synthetic_nih
     from cxrjax.eval.leaderboard import write_leaderboard
-    from cxrjax.train.ensemble import train_members
+    from cxrjax.experiment import train_members
 
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,8 @@ from cxrjax.bench.quick import SMOKE, quick_plan
 from cxrjax.bench.run import BenchOptions, derive, plan, run_cases, run_in_subprocess
 from cxrjax.bench.spec import CaseSpec, empty_result
 from cxrjax.cli import main as cli_main
+from cxrjax.mesh import make_mesh
 from cxrjax.models.densenet import arch_spec
-from cxrjax.train.mesh import make_mesh
 
 SIZE, BATCH = 32, 2
 REPO = Path(__file__).resolve().parents[1]

@@ -142,7 +142,7 @@ def test_two_process_step_equals_one_process_step(train_env, tmp_path):
         import distributed_worker
     finally:
         sys.path.remove(str(WORKER.parent))
-    from cxrjax.train.mesh import make_mesh
+    from cxrjax.mesh import make_mesh
 
     state = distributed_worker.train(make_mesh(jax.devices()[:4]))
     one = flat(jax.device_get({"params": state.params, "batch_stats": state.batch_stats}))

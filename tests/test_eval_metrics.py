@@ -12,6 +12,7 @@ from sklearn.metrics import (
 )
 
 from cxrjax.eval.delong import delong_covariance, delong_test
+from cxrjax.auc import roc_auc
 from cxrjax.eval.metrics import (
     bootstrap_aucs,
     multilabel_summary,
@@ -19,7 +20,6 @@ from cxrjax.eval.metrics import (
     patient_weights,
     percentile_ci,
     pooled_rates,
-    roc_auc,
     threshold_for_sensitivity,
     weighted_auc,
     youden_threshold,

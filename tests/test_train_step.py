@@ -13,9 +13,9 @@ import optax
 import pytest
 
 from cxrjax.data.normalize import stats_for
+from cxrjax.mesh import make_mesh, replicated, to_global
 from cxrjax.models import build_model, default_model_config
 from cxrjax.train import losses, optim
-from cxrjax.train.mesh import make_mesh, replicated, to_global
 from cxrjax.train.state import TrainState
 from cxrjax.train.step import make_steps
 from distributed_worker import SmallNet

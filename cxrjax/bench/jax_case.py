@@ -30,11 +30,11 @@ from cxrjax.bench.spec import SCALING_DEVICES, CaseSpec
 from cxrjax.bench.timing import time_steps
 from cxrjax.data.normalize import stats_for
 from cxrjax.findings import NUM_FINDINGS
+from cxrjax.mesh import batch_sharded, make_mesh, replicated, to_global
 from cxrjax.models import build_model
 from cxrjax.models.memory import saved_activation_bytes_per_image
 from cxrjax.train import losses, optim
 from cxrjax.train.defaults import base_config
-from cxrjax.train.mesh import batch_sharded, make_mesh, replicated, to_global
 from cxrjax.train.state import TrainState
 from cxrjax.train.step import make_steps
 
@@ -194,7 +194,7 @@ def _measure_fed(spec: CaseSpec, trainer: _Trainer, mesh, common: dict, syntheti
     """The same compiled step fed by the real grain pipeline over `spec.prepared`."""
     from cxrjax.data.augment import AugmentConfig
     from cxrjax.data.pipeline import ShardedRecords, make_loader
-    from cxrjax.train.mesh import per_process_batch
+    from cxrjax.mesh import per_process_batch
 
     global_batch = common["global_batch"]
     source = ShardedRecords(Path(spec.prepared) / "train")

@@ -253,8 +253,3 @@ def record_labels(part_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     source = ShardedRecords(part_dir)
     labels = [source[k]["labels"] for k in range(len(source))]
     return source.image_ids, np.stack(labels) if labels else np.zeros((0, len(FINDINGS)), np.float32)
-
-
-def label_prevalence(part_dir: str | Path) -> np.ndarray:
-    """Positive share per finding of a prepared part, in FINDINGS order."""
-    return read_index(part_dir)[list(FINDINGS)].to_numpy(np.float64).mean(0)

@@ -69,7 +69,7 @@ def _is_plain_gray8(data: bytes) -> bool:
     return len(data) > 26 and data[12:16] == b"IHDR" and data[24] == 8 and data[25] == 0
 
 
-def _load(path: Path, image_id: str, size: int, source_size: int) -> tuple[bytes, bool]:
+def _load(path: Path, size: int, source_size: int) -> tuple[bytes, bool]:
     """(record PNG, whether the source had colour)."""
     source = str(path)
     try:
@@ -96,7 +96,7 @@ def write_shard(task: dict) -> dict:
     with open(tmp, "wb") as f:
         for row in task["rows"]:
             try:
-                png, color = _load(Path(row["file"]), row["image_id"], task["image_size"], task["source_size"])
+                png, color = _load(Path(row["file"]), task["image_size"], task["source_size"])
             except images.ImageError as e:
                 if not task["skip_bad"]:
                     raise

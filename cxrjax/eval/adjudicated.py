@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxrjax.auc import roc_auc
 from cxrjax.data.metadata import MetadataError, read_metadata
 from cxrjax.eval.labels import METADATA_COLUMNS, Labels
-from cxrjax.eval.metrics import bootstrap_aucs, percentile_ci, roc_auc
+from cxrjax.eval.metrics import bootstrap_aucs, percentile_ci
 from cxrjax.findings import FINDINGS
 
 # Adjudicated finding <- ChestX-ray14 outputs whose maximum scores it (empty: none).

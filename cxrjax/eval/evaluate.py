@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_curve
 
+from cxrjax.auc import roc_auc
 from cxrjax.eval.adjudicated import adjudicated_metrics
 from cxrjax.eval.baselines import load_baselines
 from cxrjax.eval.calibration import calibration
@@ -27,7 +28,6 @@ from cxrjax.eval.metrics import (
     operating_point,
     percentile_ci,
     pooled_rates,
-    roc_auc,
     threshold_for_sensitivity,
     youden_threshold,
 )

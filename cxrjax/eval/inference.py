@@ -3,7 +3,8 @@
 Images leave the host as uint8 [B, S, S, 1], as in training; normalization runs on the
 device (`cxrjax.data.normalize`). Batches are padded to one fixed size (a multiple of
 the device count) so each command compiles once, and sharded over this host's devices
-along the `data` axis of `cxrjax.train.mesh`.
+along the `data` axis of `cxrjax.mesh`; the forward pass and the padding are the
+trainer's own (`cxrjax.forward`).
 
 Test-time augmentation (`tta=n`) averages the probabilities of n views: the image
 itself and n-1 fixed affine warps (rotation, shift, zoom, shear, and a flip only if the
@@ -13,7 +14,6 @@ warp is the same for every image and every call, so results are reproducible.
 
 from __future__ import annotations
 
-import functools
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,13 +21,14 @@ import jax
 import numpy as np
 
 from cxrjax.data.augment import AugmentConfig, random_affine
-from cxrjax.data.normalize import to_model_input
 from cxrjax.data.images import to_model_size
 from cxrjax.eval.image_files import collect_pngs, read_gray
-from cxrjax.eval.model_source import InferenceError, TrainedModel, load_trained, locate, read_run_config
+from cxrjax.eval.model_source import InferenceError, TrainedModel, load_trained, locate
 from cxrjax.findings import FINDINGS
+from cxrjax.forward import pad_rows, predict_batch, predict_records
+from cxrjax.mesh import batch_sharded, make_mesh, replicated
 from cxrjax.models import build_model
-from cxrjax.train.mesh import batch_sharded, make_mesh, replicated
+from cxrjax.workdir import read_run_config, run_info
 
 TTA_SEED = 0
 DEFAULT_BATCH = 32
@@ -43,14 +44,6 @@ def tta_views(images: np.ndarray, n: int, augment: AugmentConfig) -> list[np.nda
         warp = [random_affine(img[..., 0], augment, np.random.default_rng((TTA_SEED, k))) for img in images]
         views.append(np.stack(warp)[..., None] if len(warp) else images.copy())
     return views
-
-
-@functools.partial(jax.jit, static_argnums=0)  # one compile per model and batch shape
-def probabilities(model, mean, std, variables, images):
-    """Sigmoid outputs [B, 14] for uint8 images [B, H, W, 1], in inference mode;
-    mean and std are per-channel arrays."""
-    x = to_model_input(images, mean, std, model.dtype)
-    return jax.nn.sigmoid(model.apply(variables, x, train=False))
 
 
 class Predictor:
@@ -70,22 +63,14 @@ class Predictor:
 
     def put(self, *arrays: np.ndarray) -> list[jax.Array]:
         """Pad each array's batch axis to the fixed batch size and shard it over devices."""
-        out = []
-        for a in arrays:
-            a = np.asarray(a)
-            if len(a) > self.batch_size:
-                raise ValueError(f"batch of {len(a)} exceeds the batch size {self.batch_size}")
-            padded = np.zeros((self.batch_size, *a.shape[1:]), a.dtype)
-            padded[: len(a)] = a
-            out.append(jax.device_put(padded, batch_sharded(self.mesh)))
-        return out
+        return [jax.device_put(pad_rows(a, self.batch_size), batch_sharded(self.mesh)) for a in arrays]
 
     def probs(self, images: np.ndarray, tta: int = 1) -> np.ndarray:
         """float64 [B, 14] for uint8 [B, S, S, 1], averaged over `tta` views."""
         total = np.zeros((len(images), len(FINDINGS)), np.float64)
         for view in tta_views(images, tta, self.trained.augment):
             (x,) = self.put(view)
-            p = probabilities(self.model, *self.stats, self.variables, x)
+            p = predict_batch(self.model, *self.stats, self.variables, x)["probs"]
             total += np.asarray(jax.device_get(p), np.float64)[: len(images)]
         return total / tta
 
@@ -119,21 +104,16 @@ def predict_part(predictor: Predictor, part_dir: str | Path, tta: int = 1):
     """(ids, probs [N, 14], labels [N, 14]) over every record of a prepared part, in
     index order, read and resized by the training loader (`make_loader`, evaluation
     mode); ids and labels are the records' own."""
-    from cxrjax.data.pipeline import ShardedRecords, make_loader
+    from cxrjax.data.pipeline import ShardedRecords
 
     source = ShardedRecords(part_dir)
     if len(source) == 0:
         raise InferenceError(f"{part_dir}: the part holds no images")
-    loader = make_loader(source, batch_size=predictor.batch_size, image_size=predictor.trained.image_size,
-                         seed=0, train=False, process_index=0, process_count=1)  # fmt: skip
-    keys, probs, labels = [], [], []
-    for batch in loader:
-        keys.append(np.asarray(batch["key"]))
-        probs.append(predictor.probs(np.asarray(batch["image"]), tta))
-        labels.append(np.asarray(batch["labels"]))
-    keys, probs, labels = np.concatenate(keys), np.concatenate(probs), np.concatenate(labels)
-    order = np.argsort(keys, kind="stable")
-    return source.image_ids[keys[order]], probs[order], labels[order]
+    out = predict_records(
+        source, lambda images: {"probs": predictor.probs(images, tta)}, mesh=predictor.mesh,
+        batch_size=predictor.batch_size, image_size=predictor.trained.image_size, local=True,
+    )
+    return source.image_ids[out["key"]], out["probs"], out["labels"]
 
 
 def run_predict(weights, paths, out_csv, *, heatmaps=None, top_k: int = 1, tta: int = 1,
@@ -206,11 +186,8 @@ def predict_for_evaluation(checkpoint, data=None, part: str = "test", *, labels=
                "labels": str(labels or f"{part_dir} (labels stored in the records)"), "tta": str(tta)}  # fmt: skip
     skip_val = part == "val" and not val_predictions
     val = None if skip_val else _validation(predictor, data / "val", val_predictions, val_labels or labels, tta, sources)
-    run = None
-    if workdir is not None:  # described for the leaderboard as the trainer does
-        from cxrjax.train.loop import _run_info
-
-        run = _run_info(trained.run_config, manifest, workdir)
+    # Described for the leaderboard as the trainer does.
+    run = run_info(trained.run_config, manifest, workdir) if workdir is not None else None
     return {"ids": ids, "probs": probs, "labels": label_table, "val": val, "sources": sources,
             "run": run, "trained": trained}  # fmt: skip
 

@@ -15,24 +15,15 @@ from sklearn.metrics import (
     confusion_matrix,
     f1_score,
     hamming_loss,
-    roc_auc_score,
     roc_curve,
 )
 
+from cxrjax.auc import defined, roc_auc
 from cxrjax.findings import FINDINGS
 
 CONFIDENCE = 0.95
 # Bootstrap chunks hold about this many weights at once (bounded memory on 22k x 14).
 _CHUNK_ELEMENTS = 4_000_000
-
-
-def defined(y: np.ndarray) -> bool:
-    """AUC, Youden's J and sensitivity/specificity pairs need both classes present."""
-    return 0 < int(np.sum(y)) < len(y)
-
-
-def roc_auc(y: np.ndarray, p: np.ndarray) -> float | None:
-    return float(roc_auc_score(y, p)) if defined(y) else None
 
 
 def micro_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:

@@ -13,20 +13,18 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import ml_collections
 
 from cxrjax.data.augment import AugmentConfig
-from cxrjax.data.normalize import stats_for
 from cxrjax.models.weights import CONFIG_FILE, VARIABLES_DIR, load_weights
 from cxrjax.errors import InputError
+from cxrjax.workdir import (
+    BEST_WEIGHTS, CHECKPOINTS, MEMBER_PREFIX, RUN_CONFIG, augment_ranges, input_stats, is_run, read_run_config,
+)
 
-RUN_CONFIG = "config.json"
-NORMALIZATION = "normalization.json"
-BEST_WEIGHTS = "best_weights"  # as written by cxrjax.train.loop
 DEFAULT_IMAGE_SIZE = 224  # CheXNet's input size, for weights without a run
 
 
@@ -62,51 +60,22 @@ def locate(path: str | Path) -> tuple[Path, Path | None]:
         raise InferenceError(f"{path}: weights not found (no such directory)")
     if _is_weights_dir(path):
         parent = path.parent
-        in_run = path.name == BEST_WEIGHTS and (parent / RUN_CONFIG).is_file()
+        in_run = path.name == BEST_WEIGHTS and is_run(parent)
         return path, parent if in_run else None
-    if (path / RUN_CONFIG).is_file():
+    if is_run(path):
         weights = path / BEST_WEIGHTS
         if not _is_weights_dir(weights):
             state = ("its checkpoints/ hold a run that has not finished; resume it with "
                      "`cxrjax train` (the best checkpoint is exported when training ends)"
-                     if (path / "checkpoints").is_dir() else "it has no checkpoints either")
+                     if (path / CHECKPOINTS).is_dir() else "it has no checkpoints either")
             raise InferenceError(f"{path}: training workdir without {BEST_WEIGHTS}/: {state}")
         return weights, path
-    if any(path.glob("member_*/" + RUN_CONFIG)):
-        raise InferenceError(f"{path}: an ensemble workdir; name one member_<i> folder")
+    if any(path.glob(f"{MEMBER_PREFIX}*/{RUN_CONFIG}")):
+        raise InferenceError(f"{path}: an ensemble workdir; name one {MEMBER_PREFIX}<i> folder")
     raise InferenceError(
         f"{path}: not a weights directory ({CONFIG_FILE} + {VARIABLES_DIR}/) nor a training "
         f"workdir ({RUN_CONFIG} + {BEST_WEIGHTS}/)"
     )
-
-
-def read_run_config(workdir: Path) -> ml_collections.ConfigDict:
-    path = workdir / RUN_CONFIG
-    try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise InferenceError(f"{path}: not valid JSON: {e}") from e
-
-
-def _normalization(run: ml_collections.ConfigDict | None, workdir: Path | None, channels: int):
-    kind = run.data.normalization if run is not None else "imagenet"
-    if kind != "dataset":
-        return stats_for(kind, channels)
-    path = workdir / NORMALIZATION
-    if not path.is_file():
-        raise InferenceError(
-            f"{path} not found: the run used dataset normalization, whose statistics "
-            "were measured on its training part and are needed to preprocess alike"
-        )
-    stats = json.loads(path.read_text())
-    return stats_for("dataset", channels, stats["mean"], stats["std"])
-
-
-def _augment(run: ml_collections.ConfigDict | None) -> AugmentConfig:
-    if run is None:
-        return AugmentConfig()
-    d = run.data
-    return AugmentConfig(d.rotation_deg, d.shift, d.zoom, d.shear_deg, d.horizontal_flip)
 
 
 def load_trained(path: str | Path, image_size: int | None = None) -> TrainedModel:
@@ -126,6 +95,7 @@ def load_trained(path: str | Path, image_size: int | None = None) -> TrainedMode
     image_size = int(image_size or DEFAULT_IMAGE_SIZE)
     if image_size < 1:
         raise InferenceError(f"image size must be positive, got {image_size}")
-    mean, std = _normalization(run, workdir, model_cfg.in_channels)
-    return TrainedModel(model_cfg, variables, image_size, mean, std, _augment(run),
+    mean, std = input_stats(run, workdir, model_cfg.in_channels)
+    augment = augment_ranges(run.data) if run is not None else AugmentConfig()
+    return TrainedModel(model_cfg, variables, image_size, mean, std, augment,
                         weights_dir, run, workdir)  # fmt: skip

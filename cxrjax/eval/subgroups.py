@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cxrjax.eval.metrics import patient_weights, percentile_ci, roc_auc, weighted_auc
+from cxrjax.auc import roc_auc
+from cxrjax.eval.metrics import patient_weights, percentile_ci, weighted_auc
 from cxrjax.findings import FINDINGS
 
 AGE_EDGES = (0, 20, 40, 60, 80)

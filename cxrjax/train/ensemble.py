@@ -1,12 +1,9 @@
-"""Train N ensemble members from one command, each in its own workdir, and average
-their test predictions."""
+"""The configs of N ensemble members trained from one command (`cxrjax.experiment`
+trains each in its own workdir and averages their test predictions)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-from cxrjax.train.loop import train
 
 
 def member_configs(config) -> list:
@@ -32,19 +29,3 @@ def member_configs(config) -> list:
         members.append(member)
     return members
 
-
-def train_members(config, workdir: str | Path) -> dict:
-    workdir = Path(workdir)
-    if config.ensemble.members <= 1:
-        return train(config, workdir)
-    from cxrjax.eval.ensemble import ensemble_files
-
-    summaries = []
-    for i, member in enumerate(member_configs(config)):
-        summaries.append(train(member, workdir / f"member_{i}"))
-        if "stopped" in summaries[-1]:  # a signal: the rerun resumes this member, then the rest
-            return {"members": summaries, "stopped": summaries[-1]["stopped"]}
-    preds = [workdir / f"member_{i}" / "test" / "predictions.csv" for i in range(len(summaries))]
-    if all(p.exists() for p in preds):
-        ensemble_files(preds, workdir / "ensemble_predictions.csv")
-    return {"members": summaries, "ensemble_predictions": str(workdir / "ensemble_predictions.csv")}

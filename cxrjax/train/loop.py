@@ -19,23 +19,23 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from cxrjax.data.augment import AugmentConfig
+from cxrjax.auc import roc_auc
 from cxrjax.data.normalize import measure_mean_std, stats_for
-from cxrjax.data.pipeline import Balance, ShardedRecords, labels_table, make_loader, training_table
+from cxrjax.data.pipeline import Balance, ShardedRecords, make_loader, training_table
 from cxrjax.data.prepare import PreparedDataError, read_manifest
-from cxrjax.eval.metrics import roc_auc
 from cxrjax.findings import FINDINGS
+from cxrjax.forward import predict_batch, predict_records
+from cxrjax.mesh import make_mesh, per_process_batch, replicated, to_global
 from cxrjax.models import build_model
 from cxrjax.models.weights import load_weights, merge_pretrained
 from cxrjax.train import checkpoint, losses, optim
 from cxrjax.train.distributed import maybe_initialize
-from cxrjax.train.mesh import make_mesh, per_process_batch, replicated, to_global
 from cxrjax.train.monitor import MetricsLog
 from cxrjax.train.state import TrainState
 from cxrjax.train.step import make_steps
-
-DONE = "done.json"
-BEST_WEIGHTS = "best_weights"
+from cxrjax.workdir import (
+    BEST_WEIGHTS, CHECKPOINTS, augment_ranges, input_stats, save_statistics, saved_statistics, write_run_config,
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -113,25 +113,15 @@ class _StopFlag:
         return bool(self.reason)
 
 
-def _augment(cfg) -> AugmentConfig | None:
-    if not cfg.augment:
-        return None
-    return AugmentConfig(cfg.rotation_deg, cfg.shift, cfg.zoom, cfg.shear_deg, cfg.horizontal_flip)
-
-
 def _normalization(config, workdir: Path, train_src) -> tuple[tuple, tuple]:
     channels = config.model.in_channels
-    if config.data.normalization != "dataset":
-        return stats_for(config.data.normalization, channels)
-    path = workdir / "normalization.json"
-    if path.exists():  # measured once, reused on resume so the inputs never shift
-        stats = json.loads(path.read_text())
-    else:
+    # Measured once, reused on resume so the inputs never shift.
+    if config.data.normalization == "dataset" and saved_statistics(workdir) is None:
         mean, std = measure_mean_std(train_src, config.data.image_size, seed=config.seed)
-        stats = {"mean": mean, "std": std, "measured_on": "train"}
         if jax.process_index() == 0:
-            path.write_text(json.dumps(stats))
-    return stats_for("dataset", channels, stats["mean"], stats["std"])
+            save_statistics(workdir, mean, std)
+        return stats_for("dataset", channels, mean, std)
+    return input_stats(config, workdir, channels)
 
 
 def _check_finite(values: dict, step: int, workdir: Path) -> None:
@@ -145,7 +135,7 @@ def _check_finite(values: dict, step: int, workdir: Path) -> None:
 
 
 def _kept(workdir: Path) -> str:
-    return f"The last good checkpoint in {workdir / 'checkpoints'} is kept (nothing after the divergence was saved)."
+    return f"The last good checkpoint in {workdir / CHECKPOINTS} is kept (nothing after the divergence was saved)."
 
 
 def _host(metrics) -> dict:
@@ -157,42 +147,17 @@ def predict(state, eval_step, source, config, mesh, image_size: int, should_stop
     labels are the records' own (CRC-checked), not the index's. Raises EvaluationStopped
     when `should_stop()` says so after a batch."""
     global_batch = config.eval.batch_size or config.global_batch_size
-    local = per_process_batch(global_batch, mesh)
-    loader = make_loader(source, batch_size=local, image_size=image_size, seed=config.seed, train=False)
-    # Every process must run the same number of steps: pad with empty batches. Each
-    # process reads a contiguous range of at most ceil(n / P) records.
-    n_batches = -(-(-(-len(source) // jax.process_count())) // local)
-    it = iter(loader)
-    keys, probs, logits, labels = [], [], [], []
-    for _ in range(n_batches):
-        batch = next(it, None)
-        n = 0 if batch is None else len(batch["key"])
-        images = np.zeros((local, image_size, image_size, 1), np.uint8)
-        key = np.full(local, -1, np.int32)
-        label = np.zeros((local, len(FINDINGS)), np.float32)
-        if n:
-            images[:n], key[:n], label[:n] = batch["image"], batch["key"], batch["labels"]
-        batch = to_global({"image": images, "key": key, "labels": label}, mesh)
-        out = eval_step(state, {"image": batch["image"]})
-        # Keys and labels travel as global arrays too, so they line up with the outputs by construction.
-        gathered = _to_host({"key": batch["key"], "labels": batch["labels"], **out})
-        keys.append(gathered["key"])
-        probs.append(np.asarray(gathered["probs"], np.float64))
-        logits.append(np.asarray(gathered["logits"], np.float32))
-        labels.append(np.asarray(gathered["labels"], np.float32))
+    def after_batch():
         if should_stop is not None and should_stop():
             raise EvaluationStopped
-    keys, probs, logits, labels = (np.concatenate(a) for a in (keys, probs, logits, labels))
-    valid = keys >= 0
-    order = np.argsort(keys[valid], kind="stable")
-    return keys[valid][order], probs[valid][order], logits[valid][order], labels[valid][order]
 
-
-def _to_host(tree):
-    """Full numpy values of (possibly multi-process) global arrays, on every process."""
-    if jax.process_count() > 1:
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
+    out = predict_records(
+        source, lambda images: eval_step(state, to_global({"image": images}, mesh)), mesh=mesh,
+        batch_size=per_process_batch(global_batch, mesh), image_size=image_size, seed=config.seed,
+        after_batch=after_batch,
+    )
+    probs, logits = np.asarray(out["probs"], np.float64), np.asarray(out["logits"], np.float32)
+    return out["key"], probs, logits, np.asarray(out["labels"], np.float32)
 
 
 def validate(state, eval_step, source, loss_fn, config, mesh, workdir: Path, should_stop=None) -> dict:
@@ -238,9 +203,9 @@ def _abstract(state):
 
 
 def train(config, workdir: str | Path) -> dict:
-    """Train (or resume) in `workdir`; returns the final summary also written to done.json.
-
-    A finished workdir (done.json present) returns its summary without training.
+    """Train (or resume) in `workdir`. Returns {"stopped", "step"} when a signal stopped
+    it; else the summary of the best checkpoint (exported to best_weights), holding, when
+    `config.eval.test`, its "predictions" of the test and val parts (`_finish`).
     """
     maybe_initialize(config.distributed)
     # From here on a SIGTERM during start-up (compiling, restoring) also ends cleanly;
@@ -250,13 +215,9 @@ def train(config, workdir: str | Path) -> dict:
 
 
 def _train(config, workdir: Path, stop: _StopFlag) -> dict:
-    if (workdir / DONE).exists():
-        if jax.process_index() == 0:
-            print(f"{workdir / DONE} exists: already trained (delete it to run the final evaluation again)")
-        return json.loads((workdir / DONE).read_text())
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(json.dumps(_config_dict(config), indent=1))
+        write_run_config(workdir, config)
     prepared = Path(config.data.prepared)
     manifest = read_manifest(prepared)
     mesh = make_mesh()
@@ -284,7 +245,7 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
 
     loader = make_loader(
         train_src, batch_size=local_batch, image_size=size, seed=config.seed, train=True,
-        augment=_augment(config.data), workers=config.data.workers,
+        augment=augment_ranges(config.data) if config.data.augment else None, workers=config.data.workers,
     )
     data_iter = iter(loader)
     mean, std = _normalization(config, workdir, train_src)
@@ -295,17 +256,20 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
     schedule = optim.make_schedule(config.optim, steps_per_epoch, total_steps)
     tx = optim.make_optimizer(config.optim, schedule)
     state, state_sharding = _initial_state(config, model, tx, mesh)
-    train_step, eval_step = make_steps(model, loss_fn, mesh, state_sharding, mean=mean, std=std, l2=config.loss.l2)
+    train_step, _ = make_steps(model, loss_fn, mesh, state_sharding, mean=mean, std=std, l2=config.loss.l2)
+
+    def eval_step(state, batch):  # the one jitted forward of every prediction (cxrjax.forward)
+        return predict_batch(model, mean, std, state.variables, batch["image"])
 
     plateau = optim.Plateau(config.optim.plateau_factor, config.optim.plateau_patience,
                             config.optim.min_lr, config.optim.learning_rate)
     early = optim.EarlyStopping(config.early_stopping_patience)
-    manager = checkpoint.make_manager(workdir / "checkpoints", config.checkpoint.keep)
+    manager = checkpoint.make_manager(workdir / CHECKPOINTS, config.checkpoint.keep)
     meta = {"plateau": {}, "early": {}}
     if manager.latest_step() is not None:
         state, meta = checkpoint.restore(manager, manager.latest_step(), _abstract(state), data_iter)
         if jax.process_index() == 0:
-            print(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}")
+            print(f"resumed from step {int(state.step)} in {workdir / CHECKPOINTS}")
     for key, value in meta["plateau"].items():
         setattr(plateau, key, value)
     for key, value in meta["early"].items():
@@ -423,46 +387,23 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
 
 
 def _finish(config, workdir, manager, state, eval_step, mesh, prepared, manifest, stop) -> dict:
-    """Restore the best checkpoint (by val mean AUC), export its weights, predict and score the test part."""
-    from cxrjax.eval.evaluate import evaluate_predictions
-    from cxrjax.eval.predictions import write_predictions
-
+    """Restore the best checkpoint (by val mean AUC), export its weights, and predict the
+    test and val parts with it (every process takes part; each gets all predictions). A
+    stop during the predictions raises EvaluationStopped."""
     best = manager.best_step()
-    state = checkpoint.restore_state(workdir / "checkpoints", best, _abstract(state))
+    state = checkpoint.restore_state(workdir / CHECKPOINTS, best, _abstract(state))
     weights_dir = workdir / BEST_WEIGHTS
     if jax.process_index() == 0:
         checkpoint.export_weights(weights_dir, jax.device_get(state.variables), config.model)
     summary = {"best_step": int(best), "weights": str(weights_dir), "split": manifest["split"],
                "image_size": config.data.image_size}
     if config.eval.test:
-        test_src, val_src = ShardedRecords(prepared / "test"), ShardedRecords(prepared / "val")
-        keys, probs, _, labels = predict(state, eval_step, test_src, config, mesh, config.data.image_size,
-                                         stop.during_evaluation)
-        val_keys, val_probs, _, val_labels = predict(state, eval_step, val_src, config, mesh,
-                                                     config.data.image_size, stop.during_evaluation)
-        if jax.process_index() == 0:
+        predictions = {}
+        for part in ("test", "val"):
+            source = ShardedRecords(prepared / part)
+            keys, probs, _, labels = predict(state, eval_step, source, config, mesh, config.data.image_size,
+                                             stop.during_evaluation)
             # Ids and labels as the records hold them (each read checks the id against the index).
-            ids, val_ids = test_src.image_ids[keys], val_src.image_ids[val_keys]
-            out = workdir / "test"
-            out.mkdir(exist_ok=True)
-            write_predictions(out / "predictions.csv", ids, probs)
-            metrics = evaluate_predictions(
-                ids, probs, labels_table(ids, labels, prepared / "test"), out_dir=out,
-                val=(val_ids, val_probs, labels_table(val_ids, val_labels, prepared / "val")),
-                n_bootstrap=config.eval.bootstrap, seed=config.seed,
-                run=_run_info(config, manifest, workdir),
-            )
-            summary["test_mean_auc"] = metrics["mean_auc"]
-    if jax.process_index() == 0:
-        (workdir / DONE).write_text(json.dumps(summary, indent=1))
+            predictions[part] = (source.image_ids[keys], probs, labels)
+        summary["predictions"] = predictions
     return summary
-
-
-def _run_info(config, manifest, workdir: Path) -> dict:
-    if manifest.get("synthetic"):  # never ranked against published NIH results
-        family = "synthetic"
-    else:
-        family = "official" if manifest["split"] == "official" else "random"
-    backbone = config.model.arch + (" + CBAM" if config.model.cbam else "")
-    return {"name": workdir.name, "split_family": family, "split": manifest["split"],
-            "px": config.data.image_size, "backbone": backbone}

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import jax
 
+from cxrjax.workdir import METRICS_LOG
+
 
 class MetricsLog:
     def __init__(self, workdir: Path, wandb_cfg, config_dict: dict, run_name: str):
         self.active = jax.process_index() == 0
-        self.jsonl = workdir / "metrics.jsonl"
+        self.jsonl = workdir / METRICS_LOG
         self.workdir = workdir
         self._columns: dict[str, list[str]] = {}  # per kind: the CSV's header, read or written once
         self._run = None

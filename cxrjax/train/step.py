@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from cxrjax.data.normalize import to_model_input
+from cxrjax.forward import forward
+from cxrjax.mesh import batch_sharded, replicated
 from cxrjax.models import l2_penalty
-from cxrjax.train.mesh import batch_sharded, replicated
 from cxrjax.train.state import TrainState
 
 
@@ -53,15 +54,15 @@ def _count_nonfinite(tree) -> jax.Array:
     return sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(tree)).astype(jnp.float32)
 
 
-def eval_step(state: TrainState, batch: dict, *, model, loss_fn, mean, std):
-    """Probabilities and per-batch loss in inference mode."""
-    images = to_model_input(batch["image"], mean, std, model.dtype)
-    logits = model.apply(state.variables, images, train=False)
-    return {"probs": jax.nn.sigmoid(logits), "logits": logits}
+def eval_step(state: TrainState, batch: dict, *, model, mean, std):
+    """Probabilities and logits in inference mode: the shared forward (`cxrjax.forward`)."""
+    return forward(model, mean, std, state.variables, batch["image"])
 
 
 def make_steps(model, loss_fn, mesh, state_sharding, *, mean, std, l2: float):
-    """jit both steps: batch sharded over `data`, state replicated, state buffers donated."""
+    """jit both steps: batch sharded over `data`, state replicated, state buffers donated.
+    The trainer predicts through `cxrjax.forward.predict_batch`; this evaluation step jits
+    the same forward with the trainer's shardings, for lowering and timing (`cxrjax bench`)."""
     data = batch_sharded(mesh)
     train = jax.jit(
         functools.partial(train_step, model=model, loss_fn=loss_fn, mean=mean, std=std, l2=l2),
@@ -70,7 +71,7 @@ def make_steps(model, loss_fn, mesh, state_sharding, *, mean, std, l2: float):
         donate_argnums=0,
     )
     evaluate = jax.jit(
-        functools.partial(eval_step, model=model, loss_fn=loss_fn, mean=mean, std=std),
+        functools.partial(eval_step, model=model, mean=mean, std=std),
         in_shardings=(state_sharding, data),
         out_shardings=data,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
@@ -38,3 +39,10 @@ def to_global(batch: dict, mesh: Mesh) -> dict:
     """Assemble each process's numpy batch into one global array per key."""
     sharding = batch_sharded(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def to_host(tree):
+    """Full numpy values of (possibly multi-process) global arrays, on every process."""
+    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(tree)):
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)

@@ -1,0 +1,120 @@
+"""The training folder contract: what `cxrjax train` writes into its workdir, and how
+training (on resume) and inference (later) read it back. Nothing else spells these names.
+
+    WORKDIR/config.json         the run's full config (image size, normalization, augmentation)
+    WORKDIR/normalization.json  the measured mean/std, when the run used dataset normalization
+    WORKDIR/checkpoints/        orbax checkpoints; the best by val mean AUC is exported to
+    WORKDIR/best_weights/       the weights artifact (`cxrjax.models.weights`) of the best step
+    WORKDIR/metrics.jsonl       training and validation metrics, one JSON line each
+    WORKDIR/test/               the final test evaluation (predictions.csv, metrics.json, report)
+    WORKDIR/done.json           the run's summary, written last: the run is finished
+    WORKDIR/member_<i>/         one such folder per member of an ensemble run, and
+    WORKDIR/ensemble_predictions.csv  their test predictions averaged
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_collections
+
+from cxrjax.data.augment import AugmentConfig
+from cxrjax.data.normalize import stats_for
+from cxrjax.errors import InputError
+
+RUN_CONFIG = "config.json"
+NORMALIZATION = "normalization.json"
+CHECKPOINTS = "checkpoints"
+BEST_WEIGHTS = "best_weights"
+METRICS_LOG = "metrics.jsonl"
+TEST_DIR = "test"
+PREDICTIONS = "predictions.csv"
+DONE = "done.json"
+MEMBER_PREFIX = "member_"
+ENSEMBLE_PREDICTIONS = "ensemble_predictions.csv"
+
+
+class WorkdirError(InputError):
+    """A training folder file that cannot be read as training wrote it."""
+
+
+def member_dir(workdir: Path, index: int) -> Path:
+    return Path(workdir) / f"{MEMBER_PREFIX}{index}"
+
+
+def is_run(path: Path) -> bool:
+    """Whether `path` is a training workdir (it holds the run's config)."""
+    return (Path(path) / RUN_CONFIG).is_file()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WorkdirError(f"{path}: not valid JSON: {e}") from e
+
+
+def write_run_config(workdir: Path, config) -> None:
+    (workdir / RUN_CONFIG).write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=1))
+
+
+def read_run_config(workdir: Path) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(_read_json(Path(workdir) / RUN_CONFIG))
+
+
+def saved_statistics(workdir: Path) -> dict | None:
+    """The dataset mean/std measured on the run's training part, or None before it is measured."""
+    path = Path(workdir) / NORMALIZATION
+    return _read_json(path) if path.is_file() else None
+
+
+def save_statistics(workdir: Path, mean, std) -> None:
+    stats = {"mean": mean, "std": std, "measured_on": "train"}
+    (Path(workdir) / NORMALIZATION).write_text(json.dumps(stats))
+
+
+def input_stats(run: ml_collections.ConfigDict | None, workdir: Path | None, channels: int):
+    """Per-channel (mean, std) the run's model takes its inputs with; ImageNet's
+    without a run (e.g. imported weights)."""
+    kind = run.data.normalization if run is not None else "imagenet"
+    if kind != "dataset":
+        return stats_for(kind, channels)
+    stats = saved_statistics(workdir)
+    if stats is None:
+        raise WorkdirError(
+            f"{Path(workdir) / NORMALIZATION} not found: the run used dataset normalization, whose "
+            "statistics were measured on its training part and are needed to preprocess alike"
+        )
+    return stats_for("dataset", channels, stats["mean"], stats["std"])
+
+
+def augment_ranges(data: ml_collections.ConfigDict) -> AugmentConfig:
+    """The run's augmentation ranges (`config.data`), whether or not it trained with them."""
+    return AugmentConfig(data.rotation_deg, data.shift, data.zoom, data.shear_deg, data.horizontal_flip)
+
+
+def read_done(workdir: Path) -> dict | None:
+    """A finished run's summary, or None while it is not finished."""
+    path = Path(workdir) / DONE
+    return _read_json(path) if path.exists() else None
+
+
+def write_done(workdir: Path, summary: dict) -> None:
+    (Path(workdir) / DONE).write_text(json.dumps(summary, indent=1))
+
+
+def run_info(config, manifest: dict, workdir: Path) -> dict:
+    """How the leaderboard describes the run (`run.json` of its test evaluation)."""
+    if manifest.get("synthetic"):  # never ranked against published NIH results
+        family = "synthetic"
+    else:
+        family = "official" if manifest["split"] == "official" else "random"
+    backbone = config.model.arch + (" + CBAM" if config.model.cbam else "")
+    return {
+        "name": Path(workdir).name,
+        "split_family": family,
+        "split": manifest["split"],
+        "px": config.data.image_size,
+        "backbone": backbone,
+    }
