@@ -54,8 +54,13 @@ def machine() -> dict:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)  # fmt: skip
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -116,9 +121,16 @@ def measure(source, size: int, workers: int, batch_size: int, seconds: float, re
     from cxrjax.data.pipeline import make_loader
 
     loader = make_loader(
-        source, batch_size=batch_size, image_size=size, seed=0, train=True, augment=AugmentConfig(),
-        workers=workers, process_index=0, process_count=1,
-    )  # fmt: skip
+        source,
+        batch_size=batch_size,
+        image_size=size,
+        seed=0,
+        train=True,
+        augment=AugmentConfig(),
+        workers=workers,
+        process_index=0,
+        process_count=1,
+    )
     start = time.perf_counter()
     iterator = iter(loader)
     batch = next(iterator)  # includes starting the worker processes
@@ -210,7 +222,7 @@ def main(argv=None) -> int:
                 results.append(r)
         records = len(sources[SIZES[0]])
     doc = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "load_before": [round(v, 2) for v in load_before],
         "load_after": [round(v, 2) for v in os.getloadavg()],

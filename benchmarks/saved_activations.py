@@ -39,23 +39,46 @@ def main(argv: list[str] | None = None) -> int:
             cfg.update({"arch": args.arch, "cbam": True, "dtype": args.dtype, "remat": remat})
             start = time.perf_counter()
             saved = saved_activation_bytes_per_image(build_model(cfg), size)
-            rows.append({"size": size, "remat": remat, "saved_bytes_per_image": saved, "floor_bytes_per_image": floor,
-                         "times_floor": saved / floor, "traced_s": time.perf_counter() - start})
+            rows.append(
+                {
+                    "size": size,
+                    "remat": remat,
+                    "saved_bytes_per_image": saved,
+                    "floor_bytes_per_image": floor,
+                    "times_floor": saved / floor,
+                    "traced_s": time.perf_counter() - start,
+                }
+            )
             print(f"{size} px remat {remat}: {saved / MIB:.1f} MiB/image ({saved / floor:.2f}x the floor)")
     command = shlex.join(["python", "benchmarks/saved_activations.py", *(sys.argv[1:] if argv is None else argv)])
-    meta = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "command": command,
-            "model": f"{args.arch} + CBAM, chexnet head, {args.dtype} compute, 3-channel input",
-            "host": platform.platform(), "python": platform.python_version(), "versions": library_versions()}
+    meta = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "model": f"{args.arch} + CBAM, chexnet head, {args.dtype} compute, 3-channel input",
+        "host": platform.platform(),
+        "python": platform.python_version(),
+        "versions": library_versions(),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "saved_activations.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = [f"# Saved activations per image: {meta['model']}", "", f"- date: {meta['date']}",
-             f"- command: `{command}`", f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
-             "- what: bytes of the residuals `jax.vjp` keeps for the parameter gradient of a training-mode forward, "
-             "per image (batch 2 minus batch 1), counted from shapes; the floor keeps only the image, each block's "
-             "input, each layer's output and the final feature map (cxrjax.models.densenet.saved_activation_floor)",
-             "", "| px | remat | MiB/image | floor MiB/image | × floor |", "|---|---|---|---|---|"]
-    lines += [f"| {r['size']} | {r['remat']} | {r['saved_bytes_per_image'] / MIB:.1f} | "
-              f"{r['floor_bytes_per_image'] / MIB:.1f} | {r['times_floor']:.2f} |" for r in rows]
+    lines = [
+        f"# Saved activations per image: {meta['model']}",
+        "",
+        f"- date: {meta['date']}",
+        f"- command: `{command}`",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
+        "- what: bytes of the residuals `jax.vjp` keeps for the parameter gradient of a training-mode forward, "
+        "per image (batch 2 minus batch 1), counted from shapes; the floor keeps only the image, each block's "
+        "input, each layer's output and the final feature map (cxrjax.models.densenet.saved_activation_floor)",
+        "",
+        "| px | remat | MiB/image | floor MiB/image | × floor |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['size']} | {r['remat']} | {r['saved_bytes_per_image'] / MIB:.1f} | "
+        f"{r['floor_bytes_per_image'] / MIB:.1f} | {r['times_floor']:.2f} |"
+        for r in rows
+    ]
     (args.out / "saved_activations.md").write_text("\n".join(lines) + "\n")
     return 0
 

@@ -10,8 +10,11 @@ from pathlib import Path
 
 
 def recipe_names() -> list[str]:
-    return sorted(p.name[:-3] for p in resources.files(__name__).iterdir()
-                  if p.name.endswith(".py") and not p.name.startswith("_"))
+    return sorted(
+        p.name[:-3]
+        for p in resources.files(__name__).iterdir()
+        if p.name.endswith(".py") and not p.name.startswith("_")
+    )
 
 
 def resolve(spec: str) -> str:
@@ -22,6 +25,5 @@ def resolve(spec: str) -> str:
         return spec
     recipe = resources.files(__name__) / f"{path}.py"
     if not recipe.is_file():
-        raise ValueError(f"--config {spec}: no recipe {path!r} (shipped: {', '.join(recipe_names())}) "
-                         "and no such file")
+        raise ValueError(f"--config {spec}: no recipe {path!r} (shipped: {', '.join(recipe_names())}) and no such file")
     return str(recipe) + colon + variant

@@ -23,9 +23,7 @@ def _add_synth(sub) -> None:
     def run(args):
         from cxrjax.data.synth import write_synthetic_nih
 
-        summary = write_synthetic_nih(
-            args.out, num_patients=args.patients, image_size=args.image_size, seed=args.seed
-        )
+        summary = write_synthetic_nih(args.out, num_patients=args.patients, image_size=args.image_size, seed=args.seed)
         print(summary)
 
     p.set_defaults(func=run)
@@ -43,39 +41,61 @@ def _add_prepare(sub) -> None:
 
     d = PrepareOptions(image_size=0)
     p = sub.add_parser("prepare", help="convert an NIH download into sharded TFRecords")
-    p.add_argument("--nih-dir", type=Path, required=True, help="the NIH download (images_*/images/*.png, Data_Entry_2017*.csv, split lists)")
+    p.add_argument(
+        "--nih-dir",
+        type=Path,
+        required=True,
+        help="the NIH download (images_*/images/*.png, Data_Entry_2017*.csv, split lists)",
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder; rerunning resumes and verifies it")
     p.add_argument("--image-size", type=int, required=True, help="side the images are resized to, e.g. 224 or 1024")
-    p.add_argument("--split", choices=("official", "chexnet", "random"), default=d.split,
-                   help="official: NIH train_val/test lists; chexnet: the CheXNet lists; random: patient-wise --fractions")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help="official split: patient-wise share of train_val kept for validation")
-    p.add_argument("--fractions", type=_fractions, default=d.fractions,
-                   help="random split: train,val,test fractions")
+    p.add_argument(
+        "--split",
+        choices=("official", "chexnet", "random"),
+        default=d.split,
+        help="official: NIH train_val/test lists; chexnet: the CheXNet lists; random: patient-wise --fractions",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=d.val_fraction,
+        help="official split: patient-wise share of train_val kept for validation",
+    )
+    p.add_argument("--fractions", type=_fractions, default=d.fractions, help="random split: train,val,test fractions")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the patient-wise val carve-out or random split")
-    p.add_argument("--source-size", type=int, default=d.source_size,
-                   help="expected size of every source PNG (0: any square size)")
+    p.add_argument(
+        "--source-size", type=int, default=d.source_size, help="expected size of every source PNG (0: any square size)"
+    )
     p.add_argument("--records-per-shard", type=int, default=d.records_per_shard, help="images per TFRecord shard")
     p.add_argument("--workers", type=int, default=d.workers, help="decoding processes (default: every core)")
     p.add_argument("--labels", type=Path, default=None, help="a Data_Entry CSV to use instead")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip missing or unreadable images and list them in the manifest")
+    p.add_argument(
+        "--skip-bad", action="store_true", help="skip missing or unreadable images and list them in the manifest"
+    )
 
     def run(args):
         from cxrjax.data.prepare import prepare
 
         opts = PrepareOptions(
-            image_size=args.image_size, split=args.split, val_fraction=args.val_fraction,
-            fractions=args.fractions, seed=args.seed, source_size=args.source_size,
-            records_per_shard=args.records_per_shard, workers=args.workers,
-            skip_bad=args.skip_bad, labels=str(args.labels) if args.labels else None,
+            image_size=args.image_size,
+            split=args.split,
+            val_fraction=args.val_fraction,
+            fractions=args.fractions,
+            seed=args.seed,
+            source_size=args.source_size,
+            records_per_shard=args.records_per_shard,
+            workers=args.workers,
+            skip_bad=args.skip_bad,
+            labels=str(args.labels) if args.labels else None,
         )
         manifest = prepare(args.nih_dir, args.out, opts)
         counts = ", ".join(f"{k} {v['images']}" for k, v in manifest["parts"].items())
-        print(f"prepared {counts} images at {args.image_size}px in {args.out}"
-              f" ({manifest['skipped']['count']} skipped; {manifest['color_converted_to_gray']['count']} colour"
-              f" images made gray, {manifest['pngs_not_in_label_file']['count']} PNGs not in the label file,"
-              f" {manifest['label_rows_in_no_split']['count']} label rows in no split list)")
+        print(
+            f"prepared {counts} images at {args.image_size}px in {args.out}"
+            f" ({manifest['skipped']['count']} skipped; {manifest['color_converted_to_gray']['count']} colour"
+            f" images made gray, {manifest['pngs_not_in_label_file']['count']} PNGs not in the label file,"
+            f" {manifest['label_rows_in_no_split']['count']} label rows in no split list)"
+        )
 
     p.set_defaults(func=_input_errors_to_exit(run))
 
@@ -100,44 +120,82 @@ def _add_evaluate(sub) -> None:
 
     p = sub.add_parser("evaluate", help="metrics, report and figures for a predictions CSV or a trained model")
     given = p.add_mutually_exclusive_group(required=True)
-    given.add_argument("--predictions", type=Path,
-                       help="CSV: Image Index (or image_id) and one prob_<finding> column each")
-    given.add_argument("--checkpoint", type=Path,
-                       help="training workdir (its best_weights: the best checkpoint by val mean AUC) "
-                            "or a weights directory; predicts a prepared part first")
-    p.add_argument("--labels", type=Path, action="append", default=None,
-                   help="NIH Data_Entry CSV(.gz), or a labelled split list (evaluated whole); "
-                        "required with --predictions, default with --checkpoint: the part's index.csv. "
-                        "Give it again with the radiologist-adjudicated file (google2019_nih-chest-"
-                        "xray-labels.csv.gz) to score its four findings; alone, that file's own "
-                        "labels are used on the images it covers")
-    p.add_argument("--data", type=Path, default=None,
-                   help="--checkpoint: a `cxrjax prepare` folder (default: the run's data.prepared)")
-    p.add_argument("--part", choices=("train", "val", "test"), default="test",
-                   help="--checkpoint: the prepared part to evaluate; thresholds come from val")
-    p.add_argument("--tta", type=int, default=1, metavar="N",
-                   help="--checkpoint: average N views (the image and N-1 fixed small affine warps)")
+    given.add_argument(
+        "--predictions", type=Path, help="CSV: Image Index (or image_id) and one prob_<finding> column each"
+    )
+    given.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="training workdir (its best_weights: the best checkpoint by val mean AUC) "
+        "or a weights directory; predicts a prepared part first",
+    )
+    p.add_argument(
+        "--labels",
+        type=Path,
+        action="append",
+        default=None,
+        help="NIH Data_Entry CSV(.gz), or a labelled split list (evaluated whole); "
+        "required with --predictions, default with --checkpoint: the part's index.csv. "
+        "Give it again with the radiologist-adjudicated file (google2019_nih-chest-"
+        "xray-labels.csv.gz) to score its four findings; alone, that file's own "
+        "labels are used on the images it covers",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="--checkpoint: a `cxrjax prepare` folder (default: the run's data.prepared)",
+    )
+    p.add_argument(
+        "--part",
+        choices=("train", "val", "test"),
+        default="test",
+        help="--checkpoint: the prepared part to evaluate; thresholds come from val",
+    )
+    p.add_argument(
+        "--tta",
+        type=int,
+        default=1,
+        metavar="N",
+        help="--checkpoint: average N views (the image and N-1 fixed small affine warps)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="--checkpoint: images per jitted call")
     p.add_argument("--out", type=Path, required=True, help="folder for metrics.json, report.md, figures, run.json")
-    p.add_argument("--val-predictions", type=Path, default=None,
-                   help="validation-part predictions: thresholds are chosen on these")
-    p.add_argument("--val-labels", type=Path, default=None,
-                   help="labels for --val-predictions (default: --labels)")
-    p.add_argument("--compare", type=Path, default=None,
-                   help="another run's predictions on the same images: per-finding DeLong test")
-    p.add_argument("--run-info", type=Path, default=None,
-                   help="run.json (name, split_family, split, px, backbone) for the leaderboard")
+    p.add_argument(
+        "--val-predictions", type=Path, default=None, help="validation-part predictions: thresholds are chosen on these"
+    )
+    p.add_argument("--val-labels", type=Path, default=None, help="labels for --val-predictions (default: --labels)")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        help="another run's predictions on the same images: per-finding DeLong test",
+    )
+    p.add_argument(
+        "--run-info",
+        type=Path,
+        default=None,
+        help="run.json (name, split_family, split, px, backbone) for the leaderboard",
+    )
     run = p.add_argument_group("the run, for `cxrjax leaderboard` (written to OUT/run.json; instead of --run-info)")
     run.add_argument("--name", default=None, help="the run's name on the leaderboard")
-    run.add_argument("--split-family", default=None, choices=SPLIT_FAMILIES,
-                     help="official: NIH's test list; random: a patient-wise random split (e.g. CheXNet's)")
+    run.add_argument(
+        "--split-family",
+        default=None,
+        choices=SPLIT_FAMILIES,
+        help="official: NIH's test list; random: a patient-wise random split (e.g. CheXNet's)",
+    )
     run.add_argument("--split", default="", help="which split exactly, e.g. chexnet")
     run.add_argument("--px", type=int, default=None, help="input resolution in pixels")
     run.add_argument("--backbone", default="", help="e.g. DenseNet-121")
     p.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for CIs")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient bootstrap")
-    p.add_argument("--target-sensitivity", type=float, default=0.9,
-                   help="the report's second threshold table: the threshold reaching this sensitivity on validation")
+    p.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=0.9,
+        help="the report's second threshold table: the threshold reaching this sensitivity on validation",
+    )
 
     def run(args):
         from cxrjax.eval.adjudicated import is_adjudicated, overlap, read_adjudicated
@@ -147,8 +205,13 @@ def _add_evaluate(sub) -> None:
 
         val = compare = None
         run_info = args.run_info
-        described = {"name": args.name, "split_family": args.split_family, "split": args.split, "px": args.px,
-                     "backbone": args.backbone}
+        described = {
+            "name": args.name,
+            "split_family": args.split_family,
+            "split": args.split,
+            "px": args.px,
+            "backbone": args.backbone,
+        }
         if any(v for v in described.values()):
             if args.run_info:
                 p.error("give --run-info or --name/--split-family/..., not both")
@@ -165,9 +228,16 @@ def _add_evaluate(sub) -> None:
         if args.checkpoint:
             from cxrjax.eval.inference import predict_for_evaluation
 
-            r = predict_for_evaluation(args.checkpoint, args.data, args.part, labels=args.labels,
-                                       val_predictions=args.val_predictions, val_labels=args.val_labels,
-                                       tta=args.tta, batch_size=args.batch_size)  # fmt: skip
+            r = predict_for_evaluation(
+                args.checkpoint,
+                args.data,
+                args.part,
+                labels=args.labels,
+                val_predictions=args.val_predictions,
+                val_labels=args.val_labels,
+                tta=args.tta,
+                batch_size=args.batch_size,
+            )
             image_ids, probs, labels, sources, val = r["ids"], r["probs"], r["labels"], r["sources"], r["val"]
             run_info = run_info or r["run"]
         else:
@@ -179,16 +249,19 @@ def _add_evaluate(sub) -> None:
             image_ids, probs = preds.image_ids, preds.probs
             if args.labels is None:  # only the adjudicated file: its images, its NIH labels
                 covered = overlap(image_ids, adjudicated, str(args.predictions))
-                print(f"scoring the {int(covered.sum())} of {len(covered)} predicted images that "
-                      f"{adjudicated.source} labels")
+                print(
+                    f"scoring the {int(covered.sum())} of {len(covered)} predicted images that "
+                    f"{adjudicated.source} labels"
+                )
                 image_ids, probs = image_ids[covered], probs[covered]
                 labels, args.labels = adjudicated.text_mined(), adjudicated.source
             else:
                 labels = read_labels(args.labels)
             sources = {"predictions": str(args.predictions), "labels": str(args.labels)}
             if len(image_ids) < len(preds.image_ids):
-                sources["scored"] = (f"only the {len(image_ids)} of {len(preds.image_ids)} predicted "
-                                     "images the adjudicated file labels")  # fmt: skip
+                sources["scored"] = (
+                    f"only the {len(image_ids)} of {len(preds.image_ids)} predicted images the adjudicated file labels"
+                )
             if args.val_predictions:
                 v = read_predictions(args.val_predictions)
                 val_labels = read_labels(args.val_labels) if args.val_labels else labels
@@ -199,14 +272,25 @@ def _add_evaluate(sub) -> None:
             c = read_predictions(args.compare)
             compare = (c.image_ids, c.probs, str(args.compare))
         m = evaluate_predictions(
-            image_ids, probs, labels, None, args.out, val,
-            n_bootstrap=args.bootstrap, seed=args.seed,
-            target_sensitivity=args.target_sensitivity, compare=compare,
-            run=run_info, sources=sources, adjudicated=adjudicated,
+            image_ids,
+            probs,
+            labels,
+            None,
+            args.out,
+            val,
+            n_bootstrap=args.bootstrap,
+            seed=args.seed,
+            target_sensitivity=args.target_sensitivity,
+            compare=compare,
+            run=run_info,
+            sources=sources,
+            adjudicated=adjudicated,
         )
         mean = "n/a" if m["mean_auc"] is None else f"{m['mean_auc']:.4f}"
-        print(f"mean AUC {mean} over {m['n_findings_in_mean']} findings, "
-              f"{m['n_images']} images; report: {args.out / 'report.md'}")
+        print(
+            f"mean AUC {mean} over {m['n_findings_in_mean']} findings, "
+            f"{m['n_images']} images; report: {args.out / 'report.md'}"
+        )
 
     p.set_defaults(func=_input_errors_to_exit(run))
 
@@ -269,15 +353,17 @@ def _add_train(sub) -> None:
         "train",
         help="train (or resume) a model; --config.FIELD=VALUE overrides any config field",
     )
-    p.add_argument("--config", required=True,
-                   help="a recipe (chexnet, fisher2025, full1024, demo; NAME:smoke for its smoke variant) "
-                        "or a config file path.py[:variant]")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="a recipe (chexnet, fisher2025, full1024, demo; NAME:smoke for its smoke variant) "
+        "or a config file path.py[:variant]",
+    )
     p.add_argument("--workdir", type=Path, required=True, help="the run folder; rerunning the same command resumes")
     p.set_defaults(accepts_overrides=True)
 
     def run(args):
         from cxrjax.experiment import train_members
-
         from cxrjax.train.loop import TrainingDiverged
 
         config = load_config(args.config, args.overrides)
@@ -302,7 +388,9 @@ def _add_import_weights(sub) -> None:
     p.add_argument("--arch", default="densenet121", help="densenet121|densenet169|densenet201|tiny")
     p.add_argument("--head", default="chexnet", help="chexnet|fisher (a fisher head starts fresh)")
     p.add_argument("--cbam", action="store_true", help="add CBAM (freshly initialized)")
-    p.add_argument("--in-channels", type=int, default=3, choices=(1, 3), help="1: a grayscale stem (the RGB kernels summed)")
+    p.add_argument(
+        "--in-channels", type=int, default=3, choices=(1, 3), help="1: a grayscale stem (the RGB kernels summed)"
+    )
     p.add_argument("--backbone-only", action="store_true", help="drop any classifier in the source")
 
     def run(args):
@@ -330,9 +418,10 @@ def _add_demo(sub) -> None:
         "demo",
         help="synthetic (or --nih-dir) data -> prepare -> train DenseNet121+CBAM -> evaluate -> leaderboard",
     )
-    p.add_argument("--out", type=Path, default=Path("cxrjax-demo"), help="folder for every stage; rerunning reuses finished ones")
-    p.add_argument("--nih-dir", type=Path, default=None,
-                   help="a real NIH download instead of the synthetic dataset")
+    p.add_argument(
+        "--out", type=Path, default=Path("cxrjax-demo"), help="folder for every stage; rerunning reuses finished ones"
+    )
+    p.add_argument("--nih-dir", type=Path, default=None, help="a real NIH download instead of the synthetic dataset")
     p.add_argument("--config", default="demo", help="a recipe name or config file (default: demo)")
     p.set_defaults(accepts_overrides=True)
 
@@ -343,8 +432,7 @@ def _add_demo(sub) -> None:
         summary = run_demo(args.out, config, args.nih_dir)
         kind = "synthetic test part" if summary["synthetic"] else "test part"
         mean = "undefined" if summary["mean_auc"] is None else f"{summary['mean_auc']:.4f}"
-        print(f"mean AUC {mean} on the {kind}; metrics: {summary['metrics']}; "
-              f"leaderboard: {summary['leaderboard']}")
+        print(f"mean AUC {mean} on the {kind}; metrics: {summary['metrics']}; leaderboard: {summary['leaderboard']}")
         if summary["synthetic"]:
             print("(synthetic data: this shows the pipeline works end to end; it is not a clinical result)")
         return 0
@@ -357,27 +445,47 @@ def _image_model_arguments(p, out_help: str) -> None:
     p.add_argument("paths", type=Path, nargs="+", help="PNG files, or folders searched for *.png")
     p.add_argument("--weights", type=Path, required=True, help="weights directory or training workdir")
     p.add_argument("--out", type=Path, required=True, help=out_help)
-    p.add_argument("--image-size", type=int, default=None,
-                   help="model input size for weights without a training run (default 224)")
+    p.add_argument(
+        "--image-size", type=int, default=None, help="model input size for weights without a training run (default 224)"
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per jitted call")
 
 
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="probabilities CSV for PNG files or folders (optional Grad-CAM heatmaps)")
     _image_model_arguments(p, "CSV to write: Image Index (file name), prob_<finding>")
-    p.add_argument("--heatmaps", type=Path, default=None,
-                   help="also write Grad-CAM overlays of each image's --top-k findings in this folder")
+    p.add_argument(
+        "--heatmaps",
+        type=Path,
+        default=None,
+        help="also write Grad-CAM overlays of each image's --top-k findings in this folder",
+    )
     p.add_argument("--top-k", type=int, default=1, metavar="K", help="with --heatmaps: overlays per image")
-    p.add_argument("--tta", type=int, default=1, metavar="N",
-                   help="average N views (the image and N-1 fixed small affine warps); heatmaps use the image")
+    p.add_argument(
+        "--tta",
+        type=int,
+        default=1,
+        metavar="N",
+        help="average N views (the image and N-1 fixed small affine warps); heatmaps use the image",
+    )
 
     def run(args):
         from cxrjax.eval.inference import run_predict
 
-        summary = run_predict(args.weights, args.paths, args.out, heatmaps=args.heatmaps, top_k=args.top_k,
-                              tta=args.tta, image_size=args.image_size, batch_size=args.batch_size)  # fmt: skip
-        print(f"{summary['images']} images with {summary['model']}: {summary['predictions']}"
-              + (f"; heatmaps: {summary['heatmaps']}" if "heatmaps" in summary else ""))
+        summary = run_predict(
+            args.weights,
+            args.paths,
+            args.out,
+            heatmaps=args.heatmaps,
+            top_k=args.top_k,
+            tta=args.tta,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+        )
+        print(
+            f"{summary['images']} images with {summary['model']}: {summary['predictions']}"
+            + (f"; heatmaps: {summary['heatmaps']}" if "heatmaps" in summary else "")
+        )
 
     p.set_defaults(func=_input_errors_to_exit(run))
 
@@ -392,10 +500,18 @@ def _add_gradcam(sub) -> None:
     def run(args):
         from cxrjax.eval.inference import run_gradcam
 
-        summary = run_gradcam(args.weights, args.paths, args.out, findings=args.findings, top_k=args.top_k,
-                              image_size=args.image_size, batch_size=args.batch_size)  # fmt: skip
-        print(f"{summary['overlays']} overlays for {summary['images']} images with {summary['model']}: "
-              f"{summary['index']}")
+        summary = run_gradcam(
+            args.weights,
+            args.paths,
+            args.out,
+            findings=args.findings,
+            top_k=args.top_k,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+        )
+        print(
+            f"{summary['overlays']} overlays for {summary['images']} images with {summary['model']}: {summary['index']}"
+        )
 
     p.set_defaults(func=_input_errors_to_exit(run))
 
@@ -447,8 +563,19 @@ def show_library_logs() -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_synth, _add_prepare, _add_train, _add_evaluate, _add_leaderboard, _add_ensemble,
-                _add_import_weights, _add_predict, _add_gradcam, _add_bench):
+    for add in (
+        _add_demo,
+        _add_synth,
+        _add_prepare,
+        _add_train,
+        _add_evaluate,
+        _add_leaderboard,
+        _add_ensemble,
+        _add_import_weights,
+        _add_predict,
+        _add_gradcam,
+        _add_bench,
+    ):
         add(sub)
     return parser
 

@@ -15,7 +15,11 @@ Layout of OUT:
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
 
 SYNTHETIC_PATIENTS = 600
 SYNTHETIC_SOURCE_SIZE = 64
@@ -34,21 +38,23 @@ def run_demo(out: Path, config, nih_dir: Path | None = None, prepare_workers: in
     if nih_dir is None:
         nih_dir = out / "synthetic"
         if not (nih_dir / MARKER).exists():  # written last
-            print(write_synthetic_nih(nih_dir, SYNTHETIC_PATIENTS, SYNTHETIC_SOURCE_SIZE, config.seed))
+            logger.info(write_synthetic_nih(nih_dir, SYNTHETIC_PATIENTS, SYNTHETIC_SOURCE_SIZE, config.seed))
         run_name, source_size = "synthetic-demo", SYNTHETIC_SOURCE_SIZE
     else:
         run_name, source_size = "nih-demo", 1024
 
     prepared = out / "prepared"
     # A partial download is prepared as far as it goes; the missing images are listed.
-    opts = PrepareOptions(image_size=size, source_size=source_size, seed=config.seed,
-                          workers=prepare_workers, skip_bad=True)
+    opts = PrepareOptions(
+        image_size=size, source_size=source_size, seed=config.seed, workers=prepare_workers, skip_bad=True
+    )
     manifest = prepare(nih_dir, prepared, opts)
     counts = {part: v["images"] for part, v in manifest["parts"].items()}
-    print(f"prepared {counts} at {size}px in {prepared}")
+    logger.info(f"prepared {counts} at {size}px in {prepared}")
     if manifest["skipped"]["count"]:
-        print(f"skipped {manifest['skipped']['count']} missing or unreadable images: "
-              f"see {prepared / 'skipped.csv'}")
+        logger.info(
+            f"skipped {manifest['skipped']['count']} missing or unreadable images: see {prepared / 'skipped.csv'}"
+        )
 
     config.data.prepared = str(prepared)
     workdir = out / run_name

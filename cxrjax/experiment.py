@@ -6,6 +6,7 @@ evaluation (`cxrjax.eval`), which never import each other.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import jax
@@ -29,6 +30,8 @@ from cxrjax.workdir import (
     write_done,
 )
 
+logger = logging.getLogger(__name__)
+
 
 def train_and_test(config, workdir: str | Path) -> dict:
     """Train (or resume) in `workdir`, then evaluate the best checkpoint's test predictions
@@ -39,7 +42,7 @@ def train_and_test(config, workdir: str | Path) -> dict:
     done = read_done(workdir)
     if done is not None:
         if jax.process_index() == 0:
-            print(f"{workdir / DONE} exists: already trained (delete it to run the final evaluation again)")
+            logger.info(f"{workdir / DONE} exists: already trained (delete it to run the final evaluation again)")
         return done
     summary = train(config, workdir)
     if "stopped" in summary:

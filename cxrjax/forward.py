@@ -9,6 +9,7 @@ mesh); padded rows carry the key -1 and are dropped after gathering.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import jax
@@ -61,7 +62,14 @@ def record_batches(loader, size: int, count: int, image_size: int):
 
 
 def predict_records(
-    source: ShardedRecords, predict, *, mesh, batch_size: int, image_size: int, seed: int = 0, local: bool = False,
+    source: ShardedRecords,
+    predict,
+    *,
+    mesh,
+    batch_size: int,
+    image_size: int,
+    seed: int = 0,
+    local: bool = False,
     after_batch=None,
 ) -> dict:
     """{"key", "labels", and `predict`'s outputs} over every record of `source`, in record
@@ -85,7 +93,7 @@ def predict_records(
         process_index=index,
         process_count=count,
     )
-    steps = -(-(-(-len(source) // count)) // batch_size)
+    steps = math.ceil(math.ceil(len(source) / count) / batch_size)
     gathered = []
     for batch in record_batches(loader, batch_size, steps, image_size):
         out = predict(batch["image"])

@@ -64,15 +64,20 @@ def cost(metrics: Path, config: Path, price: float, instances: int) -> dict:
     val = [row for row in rows if row["kind"] == "val"]
     per_hour = price * instances
     result = {
-        "price_per_instance_hour": price, "instances": instances, "dollars_per_hour": per_hour,
-        "images_per_s": statistics.median(speeds), "logged_intervals": len(speeds),
-        "global_batch_size": global_batch, "steps_per_epoch": steps_per_epoch(val, metrics),
+        "price_per_instance_hour": price,
+        "instances": instances,
+        "dollars_per_hour": per_hour,
+        "images_per_s": statistics.median(speeds),
+        "logged_intervals": len(speeds),
+        "global_batch_size": global_batch,
+        "steps_per_epoch": steps_per_epoch(val, metrics),
     }
     if result["steps_per_epoch"]:
         images = result["steps_per_epoch"] * global_batch
         hours = images / result["images_per_s"] / 3600
-        result.update(images_per_epoch=images, training_hours_per_epoch=hours,
-                      training_dollars_per_epoch=hours * per_hour)
+        result.update(
+            images_per_epoch=images, training_hours_per_epoch=hours, training_dollars_per_epoch=hours * per_hour
+        )
     spans = epoch_seconds(val)
     if spans:
         hours = statistics.median(spans) / 3600
@@ -99,8 +104,10 @@ def report(r: dict) -> str:
         f"  training steps alone: {r['training_hours_per_epoch']:.3f} h = {dollars(r['training_dollars_per_epoch'])} per epoch",
     ]
     if "wall_hours_per_epoch" in r:
-        lines.append(f"  end to end (validation, checkpoints and any restart included; median of {r['epochs_timed']}): "
-                     f"{r['wall_hours_per_epoch']:.3f} h = {dollars(r['wall_dollars_per_epoch'])} per epoch")
+        lines.append(
+            f"  end to end (validation, checkpoints and any restart included; median of {r['epochs_timed']}): "
+            f"{r['wall_hours_per_epoch']:.3f} h = {dollars(r['wall_dollars_per_epoch'])} per epoch"
+        )
     else:
         lines.append("  end to end: known once two consecutive epochs have ended")
     return "\n".join(lines)

@@ -63,7 +63,7 @@ def train(mesh) -> TrainState:
     local = per_process_batch(GLOBAL_BATCH, mesh)
     start = jax.process_index() * local
     for batch in global_batches():
-        state, _ = train_step(state, to_global({k: v[start:start + local] for k, v in batch.items()}, mesh))
+        state, _ = train_step(state, to_global({k: v[start : start + local] for k, v in batch.items()}, mesh))
     return state
 
 

@@ -47,14 +47,14 @@ class FakeImds:
 
     def notice(self, action: str = "stop") -> None:
         """From now on spot/instance-action announces an interruption two minutes ahead."""
-        when = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=2)
+        when = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=2)
         body = {"action": action, "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")}
         with self._lock:
             self.notice_body = json.dumps(body).encode()
 
     def rebalance(self) -> None:
         """From now on events/recommendations/rebalance recommends a rebalance."""
-        when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         with self._lock:
             self.rebalance_body = json.dumps({"noticeTime": when}).encode()
 
@@ -65,9 +65,7 @@ class FakeImds:
 
     def count(self, method: str, path: str, status: int | None = None) -> int:
         with self._lock:
-            return sum(
-                1 for m, p, s in self.log if m == method and p == path and status in (None, s)
-            )
+            return sum(1 for m, p, s in self.log if m == method and p == path and status in (None, s))
 
     def _handler(self):
         imds = self

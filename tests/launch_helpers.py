@@ -99,16 +99,22 @@ def aws(tmp_path_factory):
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     env = clean_env(
-        AWS_ACCESS_KEY_ID="AKIAFAKEFAKEFAKE", AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=endpoint, **SECRETS,
+        AWS_ACCESS_KEY_ID="AKIAFAKEFAKEFAKE",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+        **SECRETS,
     )
-    session = boto3.Session(aws_access_key_id="AKIAFAKEFAKEFAKE",
-                            aws_secret_access_key=SECRETS["AWS_SECRET_ACCESS_KEY"],
-                            region_name="us-east-1")
+    session = boto3.Session(
+        aws_access_key_id="AKIAFAKEFAKEFAKE",
+        aws_secret_access_key=SECRETS["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
     clients = {name: session.client(name, endpoint_url=endpoint) for name in ("ec2", "s3", "iam", "ssm", "efs")}
     vpc = clients["ec2"].create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
     # A zone with g5 instances (moto, like AWS, offers none in us-east-1e).
-    subnet = clients["ec2"].create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24", AvailabilityZone="us-east-1a")["Subnet"]["SubnetId"]
+    subnet = clients["ec2"].create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24", AvailabilityZone="us-east-1a")["Subnet"][
+        "SubnetId"
+    ]
     ami = clients["ec2"].describe_images()["Images"][0]["ImageId"]
     clients["s3"].create_bucket(Bucket="cxrjax-bucket")
     clients["ssm"].put_parameter(Name="/cxrjax/wandb-api-key", Value=WANDB_IN_SSM, Type="SecureString")
@@ -119,8 +125,6 @@ def aws(tmp_path_factory):
 def s3_objects(s3, prefix: str) -> dict[str, bytes]:
     listing = s3.list_objects_v2(Bucket="cxrjax-bucket", Prefix=prefix).get("Contents", [])
     return {o["Key"]: s3.get_object(Bucket="cxrjax-bucket", Key=o["Key"])["Body"].read() for o in listing}
-
-
 
 
 def load_run_cost():
@@ -139,7 +143,8 @@ def recording_aws(directory: Path) -> tuple[dict[str, str], Path]:
     bin_dir, log = directory / "recording-bin", directory / "aws-calls"
     bin_dir.mkdir(parents=True, exist_ok=True)
     (bin_dir / "aws").write_text(
-        f'#!/bin/bash\nprintf "%s %s\\n" "$3" "$4" >>{shlex.quote(str(log))}\nexec {shlex.quote(real)} "$@"\n')
+        f'#!/bin/bash\nprintf "%s %s\\n" "$3" "$4" >>{shlex.quote(str(log))}\nexec {shlex.quote(real)} "$@"\n'
+    )
     (bin_dir / "aws").chmod(0o755)
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, log
 
@@ -157,12 +162,16 @@ def refusing_aws(directory: Path, refusals: dict[str, str]) -> dict[str, str]:
     assert real, "the aws CLI is not installed: install the dev extras (awscli)"
     bin_dir = directory / "refusing-bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
-    cases = "".join(f"  *{shlex.quote(pattern)}*) printf '%s\\n' {shlex.quote(message)} >&2; exit 254 ;;\n"
-                    for pattern, message in refusals.items())
+    cases = "".join(
+        f"  *{shlex.quote(pattern)}*) printf '%s\\n' {shlex.quote(message)} >&2; exit 254 ;;\n"
+        for pattern, message in refusals.items()
+    )
     (bin_dir / "aws").write_text(f'#!/bin/bash\ncase "$*" in\n{cases}esac\nexec {shlex.quote(real)} "$@"\n')
     (bin_dir / "aws").chmod(0o755)
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
-CAPACITY_ERROR = ("An error occurred (InsufficientInstanceCapacity) when calling the RunInstances operation: "
-                  "We currently do not have sufficient g5.24xlarge capacity in the Availability Zone you requested")
+CAPACITY_ERROR = (
+    "An error occurred (InsufficientInstanceCapacity) when calling the RunInstances operation: "
+    "We currently do not have sufficient g5.24xlarge capacity in the Availability Zone you requested"
+)

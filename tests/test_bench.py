@@ -45,9 +45,29 @@ def prepared(tmp_path_factory):
 def bench(tmp_path_factory, prepared):
     """One real run through the CLI: cxrjax in its own process, peers requested."""
     out = tmp_path_factory.mktemp("bench-out")
-    code = cli_main(["bench", "--out", str(out), "--arch", "tiny", "--sizes", str(SIZE), "--dtypes", "float32",
-                     "--remat", "none", "--batch", str(BATCH), "--steps", "2", "--peers", "torch,keras",
-                     "--prepared", str(prepared)])
+    code = cli_main(
+        [
+            "bench",
+            "--out",
+            str(out),
+            "--arch",
+            "tiny",
+            "--sizes",
+            str(SIZE),
+            "--dtypes",
+            "float32",
+            "--remat",
+            "none",
+            "--batch",
+            str(BATCH),
+            "--steps",
+            "2",
+            "--peers",
+            "torch,keras",
+            "--prepared",
+            str(prepared),
+        ]
+    )
     assert code == 0
     return out, json.loads((out / "tiny.json").read_text())
 
@@ -70,8 +90,9 @@ def test_result_is_well_formed(bench):
         assert row["step_s_min"] <= row["step_s_median"] <= row["step_s_max"]
         assert row["flops_per_image"] > 0 and row["model_flops_per_image"] == row["flops_per_image"]
         memory = row["compiled_memory"]
-        assert memory["total_bytes"] == (memory["argument_bytes"] + memory["output_bytes"]
-                                         - memory["alias_bytes"] + memory["temp_bytes"])
+        assert memory["total_bytes"] == (
+            memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"] + memory["temp_bytes"]
+        )
         # CPU keeps no allocator statistics: no peak is invented, the compiled figure is used.
         assert row["peak_bytes"] is None and row["bytes_per_image_source"] == "compiled total_bytes"
         assert row["bytes_per_image"] == memory["total_bytes"] / BATCH
@@ -112,7 +133,8 @@ def test_ratios_come_from_the_measured_rows(bench):
         mine, theirs = measured[("cxrjax", ratio["task"])], measured[(ratio["peer"], ratio["task"])]
         assert ratio["speedup"] == mine["images_per_s_per_device"] / theirs["images_per_s_per_device"]
         assert ratio["speedup_median_step"] == pytest.approx(
-            (theirs["step_s_median"] / theirs["global_batch"]) / (mine["step_s_median"] / mine["global_batch"]))
+            (theirs["step_s_median"] / theirs["global_batch"]) / (mine["step_s_median"] / mine["global_batch"])
+        )
     # The same arithmetic on a copy of a measured row relabelled as a peer at half the rate.
     rows = [dict(r) for r in results["measurements"] if r["framework"] == "cxrjax"]
     half = dict(rows_of(results, "cxrjax", "train")[0], framework="torch")
@@ -127,21 +149,45 @@ def test_ratios_come_from_the_measured_rows(bench):
 
 def test_targets_judged_on_gpu_rows():
     def row(framework, ips, size=224, remat="none", bytes_per_image=None, task="train", **extra):
-        return {"framework": framework, "task": task, "arch": "densenet121", "size": size, "dtype": "bfloat16",
-                "remat": remat, "status": "ok", "platform": "gpu", "device_kind": "NVIDIA H100 80GB HBM3",
-                "images_per_s_per_device": ips, "global_batch": 1, "step_s_median": 1 / ips,
-                "model_flops_per_image": 4e11, "bytes_per_image": bytes_per_image, **extra}
+        return {
+            "framework": framework,
+            "task": task,
+            "arch": "densenet121",
+            "size": size,
+            "dtype": "bfloat16",
+            "remat": remat,
+            "status": "ok",
+            "platform": "gpu",
+            "device_kind": "NVIDIA H100 80GB HBM3",
+            "images_per_s_per_device": ips,
+            "global_batch": 1,
+            "step_s_median": 1 / ips,
+            "model_flops_per_image": 4e11,
+            "bytes_per_image": bytes_per_image,
+            **extra,
+        }
 
     def largest(framework, batch):
-        return {"framework": framework, "task": "max_batch", "size": 1024, "dtype": "bfloat16", "remat": "all",
-                "status": "ok", "platform": "gpu", "batch": batch}
+        return {
+            "framework": framework,
+            "task": "max_batch",
+            "size": 1024,
+            "dtype": "bfloat16",
+            "remat": "all",
+            "status": "ok",
+            "platform": "gpu",
+            "batch": batch,
+        }
 
-    rows = [row("cxrjax", 140.0), row("torch", 100.0), row("torch_compile", 130.0),
-            row("cxrjax", 700.0, 1024, "all", 0.2 * 2**30, saved_activation_bytes_per_image=66 * 2**20),
-            row("torch", 600.0, 1024, "all", 1.3 * 2**30),
-            row("cxrjax", 650.0, 1024, "all", task="train_fed", fed_fraction=650 / 700)]
-    derived = derive({"measurements": rows, "max_batch": [largest("cxrjax", 90), largest("torch", 40)],
-                      "scaling": []})
+    rows = [
+        row("cxrjax", 140.0),
+        row("torch", 100.0),
+        row("torch_compile", 130.0),
+        row("cxrjax", 700.0, 1024, "all", 0.2 * 2**30, saved_activation_bytes_per_image=66 * 2**20),
+        row("torch", 600.0, 1024, "all", 1.3 * 2**30),
+        row("cxrjax", 650.0, 1024, "all", task="train_fed", fed_fraction=650 / 700),
+    ]
+    derived = derive({"measurements": rows, "max_batch": [largest("cxrjax", 90), largest("torch", 40)], "scaling": []})
     status = {t["target"]: (t["status"], t["value"]) for t in derived["targets"]}
     assert status["train 224px bfloat16 remat none: cxrjax ÷ torch images/s >= 1.3"] == ("met", 1.4)
     assert status["train 224px bfloat16 remat none: cxrjax ÷ torch_compile images/s >= 1.1"][0] == "not met"  # 1.08
@@ -244,8 +290,10 @@ def test_largest_batch_is_monotone_in_the_budget():
             assert b == 512 or bytes_for(b + 1) > budget
         for first in (1, 7, 64, 600):  # from the case's batch: above, below or at the answer
             for budget in budgets[::8]:
-                assert largest_batch(bytes_for, int(budget), limit=512, first=first)["batch"] == \
-                    largest_batch(bytes_for, int(budget), limit=512)["batch"]
+                assert (
+                    largest_batch(bytes_for, int(budget), limit=512, first=first)["batch"]
+                    == largest_batch(bytes_for, int(budget), limit=512)["batch"]
+                )
     calls = largest_batch(affine, affine(200) + 5)["probes"]
     assert len(calls) <= 5  # extrapolated from b=1 and b=2, then confirmed
     calls = largest_batch(affine, affine(200) + 5, first=16)["probes"]
@@ -254,8 +302,9 @@ def test_largest_batch_is_monotone_in_the_budget():
 
 def test_compiled_memory_grows_with_batch():
     steps = tiny_steps(SIZE)
-    small, large = (compiled_memory(steps.eval_step.lower(steps.abstract_state, steps.abstract_batch(b)).compile())
-                    for b in (1, 4))
+    small, large = (
+        compiled_memory(steps.eval_step.lower(steps.abstract_state, steps.abstract_batch(b)).compile()) for b in (1, 4)
+    )
     assert large["total_bytes"] > small["total_bytes"] and large["argument_bytes"] > small["argument_bytes"]
 
 
@@ -272,21 +321,46 @@ def test_markdown_report(bench):
     assert f"| {train['images_per_s']:.1f} |" in rendered[2 + results["measurements"].index(train)]
     skipped = dict(train, status="skipped", reason="a | b")
     assert "skipped: a / b" in report.measurements_table([skipped])
-    assert "| 2.00 |" in report.ratios_table([{"task": "train", "size": 224, "dtype": "bfloat16", "remat": "none",
-                                              "peer": "torch", "cxrjax_images_per_s_per_device": 2.0,
-                                              "peer_images_per_s_per_device": 1.0, "speedup": 2.0,
-                                              "speedup_median_step": 1.5,
-                                              "cxrjax_bytes_per_image": None, "peer_bytes_per_image": None}])
+    assert "| 2.00 |" in report.ratios_table(
+        [
+            {
+                "task": "train",
+                "size": 224,
+                "dtype": "bfloat16",
+                "remat": "none",
+                "peer": "torch",
+                "cxrjax_images_per_s_per_device": 2.0,
+                "peer_images_per_s_per_device": 1.0,
+                "speedup": 2.0,
+                "speedup_median_step": 1.5,
+                "cxrjax_bytes_per_image": None,
+                "peer_bytes_per_image": None,
+            }
+        ]
+    )
 
 
 def test_plan_pairs_batches_with_sizes(tmp_path):
-    o = BenchOptions(out=tmp_path, arch="tiny", sizes=(32, 64), batch=(4, 2), remat=("none", "all"),
-                     peers=("torch",), scaling=True, memory_budget_gb=1)
+    o = BenchOptions(
+        out=tmp_path,
+        arch="tiny",
+        sizes=(32, 64),
+        batch=(4, 2),
+        remat=("none", "all"),
+        peers=("torch",),
+        scaling=True,
+        memory_budget_gb=1,
+    )
     specs = plan(o)
     assert len(specs) == 2 * 2 * 5  # sizes x remat x (cxrjax, torch, two budget searches, scaling)
     assert {(s.size, s.batch) for s in specs} == {(32, 4), (64, 2)}
     assert [(s.framework, s.task) for s in specs[:5]] == [
-        ("cxrjax", "step"), ("torch", "step"), ("cxrjax", "max_batch"), ("torch", "max_batch"), ("cxrjax", "scaling")]
+        ("cxrjax", "step"),
+        ("torch", "step"),
+        ("cxrjax", "max_batch"),
+        ("torch", "max_batch"),
+        ("cxrjax", "scaling"),
+    ]
     assert {s.memory_budget_bytes for s in specs if s.task == "max_batch"} == {2**30}
 
 
@@ -294,9 +368,20 @@ def _fake_case(seconds: float):
     def run_case(spec, timeout_s):
         time.sleep(seconds)
         result = empty_result()
-        result["measurements"] = [spec.row(task="train", status="ok", platform="cpu", device_kind="cpu", devices=1,
-                                           global_batch=spec.batch, images_per_s=1.0, images_per_s_per_device=1.0,
-                                           step_s_median=1.0, model_flops_per_image=None)]
+        result["measurements"] = [
+            spec.row(
+                task="train",
+                status="ok",
+                platform="cpu",
+                device_kind="cpu",
+                devices=1,
+                global_batch=spec.batch,
+                images_per_s=1.0,
+                images_per_s_per_device=1.0,
+                step_s_median=1.0,
+                model_flops_per_image=None,
+            )
+        ]
         return result
 
     return run_case
@@ -304,7 +389,9 @@ def _fake_case(seconds: float):
 
 def test_deadline_skips_what_is_left_and_the_journal_keeps_every_case(tmp_path):
     specs = [CaseSpec("cxrjax", "tiny", 32, "float32", "none", batch=b, steps=1) for b in range(1, 6)]
-    results = run_cases(specs, tmp_path, "t", "cmd", {}, deadline_s=0.5, run_case=_fake_case(0.3), progress=lambda _: None)
+    results = run_cases(
+        specs, tmp_path, "t", "cmd", {}, deadline_s=0.5, run_case=_fake_case(0.3), progress=lambda _: None
+    )
     statuses = [r["status"] for r in results["measurements"]]
     assert statuses[:2] == ["ok", "ok"] and set(statuses[2:]) == {"skipped"}
     assert all(r["reason"].startswith("time") for r in results["measurements"][2:])
@@ -340,19 +427,32 @@ def test_quick_smoke_runs_the_gpu_script_end_to_end(tmp_path):
     out = tmp_path / "quick"
     # XLA's backend optimizations off: compiles take a third of the time, and this test checks
     # the script's plumbing, not its figures.
-    env = {**os.environ, "TOTAL_S": "900",
-           "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_quick.sh"), "--smoke", str(out)],
-                          capture_output=True, text=True, check=False, env=env)
+    env = {
+        **os.environ,
+        "TOTAL_S": "900",
+        "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+    }
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_quick.sh"), "--smoke", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "quick.jsonl").read_text().splitlines()]
-    assert [(line["spec"]["framework"], line["spec"]["task"], line["spec"]["size"], line["spec"]["remat"])
-            for line in lines] == [(c.framework, c.task, c.size, c.remat) for c in quick_plan(SMOKE)]
+    assert [
+        (line["spec"]["framework"], line["spec"]["task"], line["spec"]["size"], line["spec"]["remat"]) for line in lines
+    ] == [(c.framework, c.task, c.size, c.remat) for c in quick_plan(SMOKE)]
     rows = [r for line in lines for key in ("measurements", "max_batch") for r in line[key]]
     ours = [r for r in rows if r["framework"] == "cxrjax"]
     assert {(r["task"], r["size"], r["remat"]) for r in ours} == {
-        ("train", 64, "all"), ("train_fed", 64, "all"), ("train", 32, "none"), ("max_batch", 64, "all"),
-        ("train", 64, "dense_layers")}
+        ("train", 64, "all"),
+        ("train_fed", 64, "all"),
+        ("train", 32, "none"),
+        ("max_batch", 64, "all"),
+        ("train", 64, "dense_layers"),
+    }
     assert all(r["status"] == "ok" for r in ours), [r for r in ours if r["status"] != "ok"]
     trains = {r["remat"]: r for r in ours if r["task"] == "train" and r["size"] == 64}
     saved = {remat: r["saved_activation_bytes_per_image"] for remat, r in trains.items()}

@@ -40,9 +40,7 @@ def test_real_file_counts_and_columns(real_table):
     assert path.name == "Data_Entry_2017_v2020.csv.gz"
     assert len(table) == 112_120
     assert table["patient_id"].nunique() == 30_805
-    assert list(table.columns) == [
-        "image_id", "patient_id", "follow_up", "age", "sex", "view", "no_finding", *FINDINGS
-    ]
+    assert list(table.columns) == ["image_id", "patient_id", "follow_up", "age", "sex", "view", "no_finding", *FINDINGS]
     assert set(np.unique(label_matrix(table))) == {0, 1}
     assert set(table["sex"]) == {"M", "F"} and set(table["view"]) == {"PA", "AP"}
 

@@ -82,11 +82,10 @@ def test_two_processes_read_disjoint_halves_that_cover_the_records(source):
     assert not set(halves[0]) & set(halves[1])
     assert sorted(np.concatenate(halves)) == list(range(RECORDS))
 
+
 def test_evaluation_over_two_processes_reads_every_record_once_in_order(train_dir):
     odd = ShardedRecords(train_dir, read_index(train_dir).iloc[: RECORDS - 1])  # grain alone drops one
-    parts = [
-        _keys(list(_loader(odd, train=False, batch_size=5, process_index=i, process_count=2))) for i in (0, 1)
-    ]
+    parts = [_keys(list(_loader(odd, train=False, batch_size=5, process_index=i, process_count=2))) for i in (0, 1)]
     assert [len(p) for p in parts] == [RECORDS // 2, RECORDS // 2 - 1]
     assert np.array_equal(np.concatenate(parts), np.arange(RECORDS - 1))
 
@@ -106,9 +105,7 @@ def _check_resume(source, workers, stop_at, more):
 
 
 def _pairs(batches):
-    return sorted(
-        (int(k), image.tobytes()) for b in batches for k, image in zip(b["key"], b["image"])
-    )
+    return sorted((int(k), image.tobytes()) for b in batches for k, image in zip(b["key"], b["image"]))
 
 
 def test_resume_mid_epoch_and_across_the_epoch_boundary_without_workers(source):
@@ -140,7 +137,7 @@ def test_augmentation_is_seeded_per_record_and_epoch(source):
     assert all(not np.array_equal(x, y) for x, y in zip(images, originals))
     # The same record is warped differently in its two epochs.
     keys = _keys(a)
-    first, second = (np.flatnonzero(keys == keys[0]))
+    first, second = np.flatnonzero(keys == keys[0])
     assert not np.array_equal(images[first], images[second])
     other = _take(iter(_loader(source, augment=aug, seed=1)), 1)[0]
     assert not np.array_equal(other["image"], a[0]["image"])

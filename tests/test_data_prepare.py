@@ -3,7 +3,6 @@ independent decode and OpenCV's area resize, the offset index, the manifest, res
 and bad input."""
 
 import hashlib
-import json
 import os
 import shutil
 
@@ -288,8 +287,20 @@ def test_skip_bad_skips_and_lists_bad_images_and_labels_the_rest_right(tf, broke
 def test_real_sample_end_to_end_at_1024(tf, nih_dir, tmp_path, capsys):
     """The 64 real PNGs lie flat in images/ (the release nests images_00x/images/)."""
     out = tmp_path / "out"
-    code = main(["prepare", "--nih-dir", str(nih_dir), "--out", str(out), "--image-size", "1024",
-                 "--skip-bad", "--workers", "1"])  # fmt: skip
+    code = main(
+        [
+            "prepare",
+            "--nih-dir",
+            str(nih_dir),
+            "--out",
+            str(out),
+            "--image-size",
+            "1024",
+            "--skip-bad",
+            "--workers",
+            "1",
+        ]
+    )
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert code == 0 and "112056 skipped; 0 colour images made gray, 0 PNGs not in the label file" in last
     manifest = read_manifest(out)

@@ -29,12 +29,17 @@ def installed(tmp_path_factory) -> Path:
     .pth file (nothing is downloaded); the checkout itself is not on its path."""
     root = tmp_path_factory.mktemp("wheel")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(REPO)],
-                   check=True, cwd=root)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(REPO)], check=True, cwd=root
+    )
     venv.create(root / "venv", with_pip=True)
     python = root / "venv" / "bin" / "python"
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     Path(site, "outer_environment.pth").write_text(sysconfig.get_path("purelib") + "\n")
     (wheel,) = (root / "dist").glob("cxrjax-*.whl")
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True)
@@ -46,11 +51,23 @@ def demo_out(tmp_path_factory, installed):
     """The Quickstart's demo (smoke recipe, by name) from the installed wheel, in an empty folder."""
     out, cwd = tmp_path_factory.mktemp("demo"), tmp_path_factory.mktemp("empty")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    where = subprocess.run([str(installed / "python"), "-c", "import cxrjax.configs; print(cxrjax.configs.__file__)"],
-                           check=True, capture_output=True, text=True, cwd=cwd, env=env).stdout
+    where = subprocess.run(
+        [str(installed / "python"), "-c", "import cxrjax.configs; print(cxrjax.configs.__file__)"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+    ).stdout
     assert where.startswith(str(installed.parent)), where  # the wheel's copy, not the checkout
-    proc = subprocess.run([str(installed / "cxrjax"), "demo", "--out", str(out), "--config", SMOKE],
-                          capture_output=True, text=True, cwd=cwd, env=env, check=False)
+    proc = subprocess.run(
+        [str(installed / "cxrjax"), "demo", "--out", str(out), "--config", SMOKE],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out
 
@@ -69,8 +86,13 @@ def test_demo_writes_every_stage(demo_out):
     preds = pd.read_csv(test_dir / "predictions.csv")
     assert len(preds) == manifest["parts"]["test"]["images"]
     assert [f"prob_{f}" for f in FINDINGS] == [c for c in preds.columns if c.startswith("prob_")]
-    for figure in ("roc_curves.png", "score_histograms.png", "auc_vs_baselines.png", "reliability.png",
-                   "subgroups.png"):  # fmt: skip
+    for figure in (
+        "roc_curves.png",
+        "score_histograms.png",
+        "auc_vs_baselines.png",
+        "reliability.png",
+        "subgroups.png",
+    ):
         assert (test_dir / figure).read_bytes()[:4] == b"\x89PNG"
     report = (test_dir / "report.md").read_text()
     assert "## Calibration" in report and "## Subgroups" in report and "### age" in report

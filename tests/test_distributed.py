@@ -29,7 +29,15 @@ import numpy as np
 import pandas as pd
 import pytest
 from train_helpers import (  # noqa: F401 (fixtures)
-    ROOT, best_weights_logits, finalized_steps, flat, prepared, train_command, train_env, wait_all, wait_for,
+    ROOT,
+    best_weights_logits,
+    finalized_steps,
+    flat,
+    prepared,
+    train_command,
+    train_env,
+    wait_all,
+    wait_for,
 )
 
 from cxrjax.train import distributed
@@ -48,15 +56,21 @@ def _cluster_envs(base: dict, processes: int = 2, devices_each: int = 2) -> list
     envs = []
     for pid in range(processes):
         env = dict(base)
-        env.update(CXRJAX_COORDINATOR=f"127.0.0.1:{port}", CXRJAX_NUM_PROCESSES=str(processes),
-                   CXRJAX_PROCESS_ID=str(pid), JAX_NUM_CPU_DEVICES=str(devices_each))
+        env.update(
+            CXRJAX_COORDINATOR=f"127.0.0.1:{port}",
+            CXRJAX_NUM_PROCESSES=str(processes),
+            CXRJAX_PROCESS_ID=str(pid),
+            JAX_NUM_CPU_DEVICES=str(devices_each),
+        )
         envs.append(env)
     return envs
 
 
 def _start_all(commands, envs, logs):
-    return [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-            for cmd, env, log in zip(commands, envs, logs)]
+    return [
+        subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        for cmd, env, log in zip(commands, envs, logs)
+    ]
 
 
 # --- reading the cluster description -------------------------------------------
@@ -171,11 +185,13 @@ def test_two_process_training_stops_resumes_and_predicts_like_one_process(prepar
     hint = "SIGTERM (preemption notice) reached a process: checkpoint saved at step "
     line = next((x for x in text[0].splitlines() if x.startswith(hint)), None)
     assert line and line.endswith("; rerun the same command to resume"), text[0][-2000:]
-    stopped_at = int(line[len(hint):].split(";")[0])
+    stopped_at = int(line[len(hint) :].split(";")[0])
     assert stopped_at == finalized_steps(workdir)[-1]
     # Each process saved its own data iterator position.
     assert sorted(p.name for p in (workdir / "checkpoints" / str(stopped_at) / "data").glob("*.json")) == [
-        "process_0-of-2.json", "process_1-of-2.json"]
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
 
     logs = [tmp_path / f"second_{i}.log" for i in range(2)]
     codes = wait_all(_start_all([command] * 2, _cluster_envs(train_env), logs))

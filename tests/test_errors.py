@@ -30,8 +30,10 @@ def test_every_input_error_derives_from_the_one_base_class():
 
 
 def test_catching_input_errors_imports_nothing_heavy():
-    code = ("import sys; import cxrjax.errors, cxrjax.cli; "
-            "heavy = {'jax', 'orbax', 'matplotlib', 'flax', 'grain', 'pandas'} & {m.split('.')[0] for m in sys.modules}; "
-            "print(sorted(heavy))")
+    code = (
+        "import sys; import cxrjax.errors, cxrjax.cli; "
+        "heavy = {'jax', 'orbax', 'matplotlib', 'flax', 'grain', 'pandas'} & {m.split('.')[0] for m in sys.modules}; "
+        "print(sorted(heavy))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

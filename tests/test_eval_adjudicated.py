@@ -24,15 +24,25 @@ def _files(tmp: Path, patients=80, seed=0):
     """A Data_Entry file for all images, an adjudicated file for two thirds of them (whose
     own text-mined labels differ from the adjudicated ones), predictions for all."""
     rng = np.random.default_rng(seed)
-    rows, adj = [], []
+    rows = []
     for p in range(1, patients + 1):
         for k in range(int(rng.integers(1, 3))):
             labels = [f for f in FINDINGS if rng.random() < 0.2]
-            rows.append({"Image Index": f"{p:08d}_{k:03d}.png", "Finding Labels": "|".join(labels) or "No Finding",
-                         "Follow-up #": k, "Patient ID": p, "Patient Age": 30 + p % 50 + k,
-                         "Patient Gender": "MF"[p % 2], "View Position": ("PA", "AP")[k % 2],
-                         "OriginalImage[Width": 1024, "Height]": 1024, "OriginalImagePixelSpacing[x": 0.14,
-                         "y]": 0.14})  # fmt: skip
+            rows.append(
+                {
+                    "Image Index": f"{p:08d}_{k:03d}.png",
+                    "Finding Labels": "|".join(labels) or "No Finding",
+                    "Follow-up #": k,
+                    "Patient ID": p,
+                    "Patient Age": 30 + p % 50 + k,
+                    "Patient Gender": "MF"[p % 2],
+                    "View Position": ("PA", "AP")[k % 2],
+                    "OriginalImage[Width": 1024,
+                    "Height]": 1024,
+                    "OriginalImagePixelSpacing[x": 0.14,
+                    "y]": 0.14,
+                }
+            )
     entry = pd.DataFrame(rows)
     entry.to_csv(tmp / "Data_Entry_2017.csv", index=False)
     n = len(entry)
@@ -77,7 +87,8 @@ def test_aucs_match_sklearn_on_the_covered_images_per_set(tmp_path):
         # Side by side: the file's own text-mined labels, mapped the same way (not the adjudicated ones).
         text = covered["Finding Labels"].str.contains("Pneumothorax").to_numpy()[rows]
         assert s["text_mined"]["Pneumothorax"]["auc"] == pytest.approx(
-            roc_auc_score(text, p[rows, FINDINGS.index("Pneumothorax")]), abs=1e-12)
+            roc_auc_score(text, p[rows, FINDINGS.index("Pneumothorax")]), abs=1e-12
+        )
         assert s["adjudicated"]["Fracture"]["auc"] is None
         assert s["adjudicated"]["Fracture"]["reason"] == "no ChestX-ray14 output maps to it"
 
@@ -85,8 +96,20 @@ def test_aucs_match_sklearn_on_the_covered_images_per_set(tmp_path):
 def test_cli_scores_beside_nih_labels_or_alone(tmp_path, capsys):
     entry, covered, _ = _files(tmp_path, patients=50)
     args = ["evaluate", "--predictions", str(tmp_path / "preds.csv"), "--bootstrap", "20"]
-    assert main([*args, "--labels", str(tmp_path / "Data_Entry_2017.csv"),
-                 "--labels", str(tmp_path / "adjudicated.csv"), "--out", str(tmp_path / "both")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *args,
+                "--labels",
+                str(tmp_path / "Data_Entry_2017.csv"),
+                "--labels",
+                str(tmp_path / "adjudicated.csv"),
+                "--out",
+                str(tmp_path / "both"),
+            ]
+        )
+        == 0
+    )
     m = json.loads((tmp_path / "both" / "metrics.json").read_text())
     assert m["n_images"] == len(entry) and m["adjudicated"]["n_scored"] == len(covered)
     report = (tmp_path / "both" / "report.md").read_text()
@@ -98,17 +121,31 @@ def test_cli_scores_beside_nih_labels_or_alone(tmp_path, capsys):
     assert f"scoring the {len(covered)} of {len(entry)}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda t: t.assign(**{"Airspace opacity": ["MAYBE"] + list(t["Airspace opacity"][1:])}),
-     "row 2: Airspace opacity 'MAYBE' is not YES or NO"),
-    (lambda t: t.drop(columns=["Nodule or mass"]), "missing adjudicated column(s) ['Nodule or mass']"),
-    (lambda t: t.assign(**{"Set Id": [""] + list(t["Set Id"][1:])}), "row 2: empty Set Id"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda t: t.assign(**{"Airspace opacity": ["MAYBE"] + list(t["Airspace opacity"][1:])}),
+            "row 2: Airspace opacity 'MAYBE' is not YES or NO",
+        ),
+        (lambda t: t.drop(columns=["Nodule or mass"]), "missing adjudicated column(s) ['Nodule or mass']"),
+        (lambda t: t.assign(**{"Set Id": [""] + list(t["Set Id"][1:])}), "row 2: empty Set Id"),
+    ],
+)
 def test_bad_adjudicated_file_is_a_one_line_error(tmp_path, capsys, damage, message):
     _, covered, _ = _files(tmp_path, patients=10)
     damage(covered).to_csv(tmp_path / "adjudicated.csv", index=False)
-    rc = main(["evaluate", "--predictions", str(tmp_path / "preds.csv"), "--labels",
-               str(tmp_path / "adjudicated.csv"), "--out", str(tmp_path / "out")])  # fmt: skip
+    rc = main(
+        [
+            "evaluate",
+            "--predictions",
+            str(tmp_path / "preds.csv"),
+            "--labels",
+            str(tmp_path / "adjudicated.csv"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc != 0 and message in err and "adjudicated.csv" in err and len(err.splitlines()) == 1
 

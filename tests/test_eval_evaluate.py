@@ -51,8 +51,9 @@ def evaluated(tmp_path_factory):
     labels_obj = read_labels(_split_file(tmp / "test_list.txt", ids, labels))
     val_obj = read_labels(_split_file(tmp / "val_list.txt", vids, vlabels))
     run = {"name": "tiny", "split_family": "random", "split": "synthetic", "px": 64}
-    m = evaluate_predictions(ids, probs, labels_obj, None, tmp / "out", (vids, vprobs, val_obj),
-                             n_bootstrap=200, seed=3, run=run)  # fmt: skip
+    m = evaluate_predictions(
+        ids, probs, labels_obj, None, tmp / "out", (vids, vprobs, val_obj), n_bootstrap=200, seed=3, run=run
+    )
     return tmp / "out", m, (ids, pids, labels, probs), (vids, vlabels, vprobs)
 
 
@@ -90,8 +91,16 @@ def test_thresholds_come_from_validation(evaluated):
 
 def test_outputs_written(evaluated):
     out, m, (ids, _, _, probs), _ = evaluated
-    for name in ("predictions.csv", "metrics.json", "report.md", "roc_curves.csv", "run.json",
-                 "roc_curves.png", "score_histograms.png", "auc_vs_baselines.png"):  # fmt: skip
+    for name in (
+        "predictions.csv",
+        "metrics.json",
+        "report.md",
+        "roc_curves.csv",
+        "run.json",
+        "roc_curves.png",
+        "score_histograms.png",
+        "auc_vs_baselines.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert (out / "roc_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     back = read_predictions(out / "predictions.csv")
@@ -107,8 +116,9 @@ def test_no_validation_warns_and_compare_runs_delong(tmp_path):
     table = pd.DataFrame({"image_id": ids, **{f: labels[:, j] for j, f in enumerate(FINDINGS)}})
     other = np.clip(probs + np.random.default_rng(5).normal(0, 0.2, probs.shape), 0, 1)
     shuffled = np.random.default_rng(6).permutation(len(ids))
-    m = evaluate_predictions(ids, probs, table, None, tmp_path, n_bootstrap=20,
-                             compare=(ids[shuffled], other[shuffled], "other.csv"))  # fmt: skip
+    m = evaluate_predictions(
+        ids, probs, table, None, tmp_path, n_bootstrap=20, compare=(ids[shuffled], other[shuffled], "other.csv")
+    )
     assert m["thresholds"]["chosen_on"] == "test"
     assert "chosen on the test images" in (tmp_path / "report.md").read_text()
     c = m["comparison"]["findings"]
@@ -116,8 +126,9 @@ def test_no_validation_warns_and_compare_runs_delong(tmp_path):
     assert c["Mass"]["auc_b"] == pytest.approx(roc_auc_score(labels[:, 4], other[:, 4]))
     assert "p (DeLong)" in (tmp_path / "report.md").read_text()
     with pytest.raises(PredictionsError, match="needs the same images"):
-        evaluate_predictions(ids, probs, table, None, tmp_path, n_bootstrap=5,
-                             compare=(ids[1:], other[1:], "other.csv"))  # fmt: skip
+        evaluate_predictions(
+            ids, probs, table, None, tmp_path, n_bootstrap=5, compare=(ids[1:], other[1:], "other.csv")
+        )
 
 
 def test_library_input_checks(tmp_path):
@@ -149,13 +160,33 @@ def test_cli_evaluate(cli_files, capsys):
     vids, _, vlabels, vprobs = _synthetic(9, 30, first_patient=500)
     val_split = _split_file(tmp / "val_list.txt", vids, vlabels)
     write_predictions(tmp / "val.csv", vids, vprobs)
-    write_predictions(tmp / "other.csv", ids, probs ** 2)
+    write_predictions(tmp / "other.csv", ids, probs**2)
     (tmp / "run.json").write_text(json.dumps({"name": "cli", "split_family": "random"}))
-    rc = main(["evaluate", "--predictions", str(preds), "--labels", str(split),
-               "--out", str(tmp / "out"), "--bootstrap", "10", "--seed", "4",
-               "--val-predictions", str(tmp / "val.csv"), "--val-labels", str(val_split),
-               "--compare", str(tmp / "other.csv"), "--run-info", str(tmp / "run.json"),
-               "--target-sensitivity", "0.8"])  # fmt: skip
+    rc = main(
+        [
+            "evaluate",
+            "--predictions",
+            str(preds),
+            "--labels",
+            str(split),
+            "--out",
+            str(tmp / "out"),
+            "--bootstrap",
+            "10",
+            "--seed",
+            "4",
+            "--val-predictions",
+            str(tmp / "val.csv"),
+            "--val-labels",
+            str(val_split),
+            "--compare",
+            str(tmp / "other.csv"),
+            "--run-info",
+            str(tmp / "run.json"),
+            "--target-sensitivity",
+            "0.8",
+        ]
+    )
     assert rc == 0
     assert "mean AUC" in capsys.readouterr().out
     m = json.loads((tmp / "out" / "metrics.json").read_text())
@@ -171,11 +202,28 @@ def test_cli_evaluate_describes_the_run_for_the_leaderboard(cli_files, capsys):
     """--name/--split-family/... write run.json, so the output goes straight to the leaderboard."""
     tmp, split, preds, ids, probs = cli_files
     base = ["evaluate", "--predictions", str(preds), "--labels", str(split), "--bootstrap", "5"]
-    assert main([*base, "--out", str(tmp / "out"), "--name", "mine", "--split-family", "random",
-                 "--split", "chexnet", "--px", "224", "--backbone", "DenseNet-121"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *base,
+                "--out",
+                str(tmp / "out"),
+                "--name",
+                "mine",
+                "--split-family",
+                "random",
+                "--split",
+                "chexnet",
+                "--px",
+                "224",
+                "--backbone",
+                "DenseNet-121",
+            ]
+        )
+        == 0
+    )
     run = json.loads((tmp / "out" / "run.json").read_text())
-    assert run == {"name": "mine", "split_family": "random", "split": "chexnet", "px": 224,
-                   "backbone": "DenseNet-121"}  # fmt: skip
+    assert run == {"name": "mine", "split_family": "random", "split": "chexnet", "px": 224, "backbone": "DenseNet-121"}
     assert main(["leaderboard", str(tmp / "out"), "--out", str(tmp / "board")]) == 0
     board = (tmp / "board" / "leaderboard.csv").read_text()
     assert "mine" in board and "CheXNet" in board  # ranked beside the random-split baselines
@@ -187,23 +235,28 @@ def test_cli_evaluate_describes_the_run_for_the_leaderboard(cli_files, capsys):
 def test_every_cli_argument_has_help():
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    missing = [f"{name} {a.option_strings or a.dest}" for name, sub in commands.items() for a in sub._actions
-               if not isinstance(a, argparse._HelpAction) and not a.help]
+    missing = [
+        f"{name} {a.option_strings or a.dest}"
+        for name, sub in commands.items()
+        for a in sub._actions
+        if not isinstance(a, argparse._HelpAction) and not a.help
+    ]
     assert missing == []
 
 
 def test_cli_reports_bad_input_as_one_line(cli_files, capsys):
     tmp, split, preds, ids, probs = cli_files
     write_predictions(tmp / "part.csv", ids[:-1], probs[:-1])
-    rc = main(["evaluate", "--predictions", str(tmp / "part.csv"), "--labels", str(split),
-               "--out", str(tmp / "o")])  # fmt: skip
+    rc = main(["evaluate", "--predictions", str(tmp / "part.csv"), "--labels", str(split), "--out", str(tmp / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "error:" in err and "have no prediction" in err and ids[-1] in err
     text = preds.read_text().replace("Image Index,", "Image Index,notes,", 1)
     lines = text.splitlines()
     (tmp / "extra.csv").write_text("\n".join([lines[0]] + [lines[1].replace(",", ",x,", 1)]))
-    assert main(["evaluate", "--predictions", str(tmp / "extra.csv"), "--labels", str(split),
-                 "--out", str(tmp / "o")]) == 2  # fmt: skip
+    assert (
+        main(["evaluate", "--predictions", str(tmp / "extra.csv"), "--labels", str(split), "--out", str(tmp / "o")])
+        == 2
+    )
     assert "unknown column(s) ['notes']" in capsys.readouterr().err
 
 
@@ -228,9 +281,19 @@ def test_cli_ensemble_averages_by_image_id(cli_files):
 def test_golden_chexnet_reproduction(tmp_path):
     """The CheXNet reproduction's published per-disease AUCs, from its own predictions."""
     preds = NIH / "reference" / "chexnet_repro_preds.csv"
-    rc = main(["evaluate", "--predictions", str(preds),
-               "--labels", str(NIH / "Data_Entry_2017_v2020.csv.gz"),
-               "--out", str(tmp_path), "--bootstrap", "10"])  # fmt: skip
+    rc = main(
+        [
+            "evaluate",
+            "--predictions",
+            str(preds),
+            "--labels",
+            str(NIH / "Data_Entry_2017_v2020.csv.gz"),
+            "--out",
+            str(tmp_path),
+            "--bootstrap",
+            "10",
+        ]
+    )
     assert rc == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
     published = pd.read_csv(NIH / "reference" / "chexnet_repro_aucs.csv")

@@ -67,10 +67,15 @@ def test_id_column_must_be_exactly_one(tmp_path):
 
 @pytest.mark.parametrize(
     "value, message",
-    [("nan", "'nan' is not a finite number"), ("", "'' is not a finite number"),
-     ("abc", "'abc' is not a finite number"), ("1.5", "probability 1.5 is outside"),
-     ("-0.1", "probability -0.1 is outside"), ("__import__('os')", "is not a finite number")],
-)  # fmt: skip
+    [
+        ("nan", "'nan' is not a finite number"),
+        ("", "'' is not a finite number"),
+        ("abc", "'abc' is not a finite number"),
+        ("1.5", "probability 1.5 is outside"),
+        ("-0.1", "probability -0.1 is outside"),
+        ("__import__('os')", "is not a finite number"),
+    ],
+)
 def test_bad_probability_names_line_and_column(tmp_path, value, message):
     rows = [[i, *([0.5] * 14)] for i in IDS]
     rows[1][1 + FINDINGS.index("Edema")] = value
@@ -129,7 +134,8 @@ def test_metadata_with_byte_order_mark_is_recognised(tmp_path):
     path = tmp_path / "Data_Entry_2017.csv"
     path.write_text(
         "\ufeffImage Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
-        "View Position\n00000001_000.png,Hernia,0,1,58,M,PA\n", encoding="utf-8"
+        "View Position\n00000001_000.png,Hernia,0,1,58,M,PA\n",
+        encoding="utf-8",
     )
     labels = read_labels(path)
     assert not labels.exhaustive and labels.table.loc[0, "Hernia"] == 1
@@ -186,8 +192,7 @@ def test_run_info_schema(tmp_path):
 # ---------------------------------------------------------------------- safe_child
 
 
-@pytest.mark.parametrize("name", ["../../x.png", "a/../../b", "/etc/passwd", "", "..", ".",
-                                  "a\\..\\b", "x\x00y"])  # fmt: skip
+@pytest.mark.parametrize("name", ["../../x.png", "a/../../b", "/etc/passwd", "", "..", ".", "a\\..\\b", "x\x00y"])
 def test_safe_child_refuses_escapes(tmp_path, name):
     with pytest.raises(UnsafePathError):
         safe_child(tmp_path / "out", name)

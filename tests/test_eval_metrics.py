@@ -11,8 +11,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from cxrjax.eval.delong import delong_covariance, delong_test
 from cxrjax.auc import roc_auc
+from cxrjax.eval.delong import delong_covariance, delong_test
 from cxrjax.eval.metrics import (
     bootstrap_aucs,
     multilabel_summary,
@@ -72,8 +72,7 @@ def test_bootstrap_replicates_are_sklearn_aucs_of_patient_resamples():
     weights = np.concatenate(list(patient_weights(patients, 7, 5, chunk=7)))
     for b in range(7):
         keep = weights[b] > 0
-        expect = [roc_auc_score(labels[keep, j], probs[keep, j], sample_weight=weights[b, keep])
-                  for j in range(14)]  # fmt: skip
+        expect = [roc_auc_score(labels[keep, j], probs[keep, j], sample_weight=weights[b, keep]) for j in range(14)]
         assert reps["per_finding"][b] == pytest.approx(expect, abs=1e-12)
         assert reps["macro"][b] == pytest.approx(np.mean(expect), abs=1e-12)
         micro = roc_auc_score(labels.ravel(), probs.ravel(), sample_weight=np.repeat(weights[b], 14))
@@ -149,10 +148,28 @@ def test_operating_point_undefined_ratios_are_none():
 
 
 def test_pooled_rates_macro_and_micro_by_hand():
-    a = {"tp": 8, "fp": 2, "tn": 85, "fn": 5, "sensitivity": 8 / 13, "specificity": 85 / 87,
-         "ppv": 0.8, "npv": 85 / 90, "f1": 16 / 23}  # fmt: skip
-    b = {"tp": 0, "fp": 0, "tn": 99, "fn": 1, "sensitivity": 0.0, "specificity": 1.0,
-         "ppv": None, "npv": 0.99, "f1": 0.0}  # fmt: skip
+    a = {
+        "tp": 8,
+        "fp": 2,
+        "tn": 85,
+        "fn": 5,
+        "sensitivity": 8 / 13,
+        "specificity": 85 / 87,
+        "ppv": 0.8,
+        "npv": 85 / 90,
+        "f1": 16 / 23,
+    }
+    b = {
+        "tp": 0,
+        "fp": 0,
+        "tn": 99,
+        "fn": 1,
+        "sensitivity": 0.0,
+        "specificity": 1.0,
+        "ppv": None,
+        "npv": 0.99,
+        "f1": 0.0,
+    }
     r = pooled_rates([a, b])
     assert r["macro"]["ppv"] == 0.8  # undefined entries are left out, not counted as 0
     assert r["macro"]["sensitivity"] == pytest.approx((8 / 13) / 2)
@@ -193,6 +210,7 @@ def test_delong_hand_computed_example():
 
 def _delong_by_definition(y, a, b):
     """O(m n) DeLong 1988 from the pairwise kernel psi, for checking the fast form."""
+
     def comps(s):
         x, z = s[y == 1], s[y == 0]
         psi = (x[:, None] > z[None, :]) + 0.5 * (x[:, None] == z[None, :])

@@ -24,8 +24,15 @@ def _table(seed=0, patients=120):
     for p in range(1, patients + 1):
         sex, age = "MF"[p % 2], int(rng.integers(5, 95))
         for k in range(int(rng.integers(1, 4))):
-            rows.append({"image_id": f"{p:08d}_{k:03d}.png", "patient_id": p, "sex": sex,
-                         "age": age + k, "view": ("PA", "AP")[int(rng.random() < 0.4)]})  # fmt: skip
+            rows.append(
+                {
+                    "image_id": f"{p:08d}_{k:03d}.png",
+                    "patient_id": p,
+                    "sex": sex,
+                    "age": age + k,
+                    "view": ("PA", "AP")[int(rng.random() < 0.4)],
+                }
+            )
     meta = pd.DataFrame(rows)
     labels = (rng.random((len(meta), len(FINDINGS))) < 0.3).astype(np.int8)
     labels[:, HERNIA] = 0
@@ -40,8 +47,7 @@ def test_subgroup_aucs_equal_sklearn_on_the_filtered_rows():
     meta, labels, probs = _table()
     sub = subgroup_metrics(labels, probs, meta["patient_id"].to_numpy(), meta, 200, 0)
     assert sub["available"]
-    masks = {"F": meta["sex"] == "F", "PA": meta["view"] == "PA",
-             "[60,80)": (meta["age"] >= 60) & (meta["age"] < 80)}  # fmt: skip
+    masks = {"F": meta["sex"] == "F", "PA": meta["view"] == "PA", "[60,80)": (meta["age"] >= 60) & (meta["age"] < 80)}
     for attr, group in (("sex", "F"), ("view", "PA"), ("age", "[60,80)")):
         g = sub["attributes"][attr]["groups"][group]
         m = masks[group].to_numpy()
@@ -72,8 +78,9 @@ def test_gap_is_the_difference_of_groups_with_a_ci_that_excludes_zero_for_a_real
     assert 0 < gap["ci"][0] < gap["gap"] < gap["ci"][1]
     effusion = sex["finding_gaps"]["Effusion"]
     groups = sex["groups"]
-    assert effusion["gap"] == pytest.approx(groups["F"]["findings"]["Effusion"]["auc"]
-                                            - groups["M"]["findings"]["Effusion"]["auc"])  # fmt: skip
+    assert effusion["gap"] == pytest.approx(
+        groups["F"]["findings"]["Effusion"]["auc"] - groups["M"]["findings"]["Effusion"]["auc"]
+    )
     assert sub["worst_gap"]["attribute"] in ("sex", "view", "age")
     assert sub["worst_gap"]["gap"] == max(d["mean_auc_gap"]["gap"] for d in sub["attributes"].values())
     # An empty age bin is n/a, not an error.

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
+from tiny_run import write_run
 
 from cxrjax.cli import main
 from cxrjax.data.pipeline import ShardedRecords
@@ -19,7 +20,6 @@ from cxrjax.eval.model_source import load_trained, locate
 from cxrjax.eval.predictions import read_predictions
 from cxrjax.findings import FINDINGS
 from cxrjax.models import build_model
-from tiny_run import write_run
 
 SIZE = 32
 
@@ -28,8 +28,24 @@ SIZE = 32
 def prepared(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evalckpt")
     assert main(["synth", "--out", str(tmp / "nih"), "--patients", "40", "--image-size", "64"]) == 0
-    assert main(["prepare", "--nih-dir", str(tmp / "nih"), "--out", str(tmp / "prep"), "--image-size", str(SIZE),
-                 "--source-size", "0", "--workers", "1"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prepare",
+                "--nih-dir",
+                str(tmp / "nih"),
+                "--out",
+                str(tmp / "prep"),
+                "--image-size",
+                str(SIZE),
+                "--source-size",
+                "0",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     model_cfg, variables = write_run(tmp / "run", SIZE, prepared=str(tmp / "prep"))
     return {"tmp": tmp, "prep": tmp / "prep", "run": tmp / "run", "cfg": model_cfg, "variables": variables}
 
@@ -44,8 +60,9 @@ def test_evaluate_checkpoint_writes_predictions_and_sklearn_aucs(prepared, tmp_p
     # Probabilities: the model applied directly to each record's image (imagenet stats).
     model = build_model(prepared["cfg"])
     records = ShardedRecords(prepared["prep"] / "test")
-    gray = np.stack([cv2.imdecode(np.frombuffer(records[k]["png"], np.uint8), cv2.IMREAD_GRAYSCALE)
-                     for k in range(len(records))])  # fmt: skip
+    gray = np.stack(
+        [cv2.imdecode(np.frombuffer(records[k]["png"], np.uint8), cv2.IMREAD_GRAYSCALE) for k in range(len(records))]
+    )
     x = np.repeat(gray[..., None].astype(np.float32) / 255, 3, -1)
     x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
     logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(prepared["variables"], jnp.asarray(x))
@@ -75,12 +92,30 @@ def test_evaluate_checkpoint_writes_predictions_and_sklearn_aucs(prepared, tmp_p
     # Radiologist-adjudicated labels for half of the test images, in the Google file's format.
     entry = pd.read_csv(prepared["tmp"] / "nih" / "Data_Entry_2017.csv")
     adjudicated = entry[entry["Image Index"].isin(index["image_id"][::2])].assign(
-        **{c: "NO" for c in ("Fracture", "Pneumothorax", "Airspace opacity", "Nodule or mass")}, **{"Set Id": "test"})
+        **{c: "NO" for c in ("Fracture", "Pneumothorax", "Airspace opacity", "Nodule or mass")}, **{"Set Id": "test"}
+    )
     adjudicated.loc[adjudicated.index[::3], "Airspace opacity"] = "YES"
     adjudicated.to_csv(tmp_path / "adjudicated.csv", index=False)
-    assert main(["evaluate", "--checkpoint", str(bare), "--data", str(prepared["prep"]),
-                 "--labels", str(prepared["tmp"] / "nih" / "Data_Entry_2017.csv"), "--out", str(out2),
-                 "--labels", str(tmp_path / "adjudicated.csv"), "--bootstrap", "20"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(bare),
+                "--data",
+                str(prepared["prep"]),
+                "--labels",
+                str(prepared["tmp"] / "nih" / "Data_Entry_2017.csv"),
+                "--out",
+                str(out2),
+                "--labels",
+                str(tmp_path / "adjudicated.csv"),
+                "--bootstrap",
+                "20",
+            ]
+        )
+        == 0
+    )
     again = json.loads((out2 / "metrics.json").read_text())
     assert again["auc"] == metrics["auc"] and again["run"] is None
     # Subgroups from the index's sex/age/view equal those from the metadata file; Platt

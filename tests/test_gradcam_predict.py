@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
+from tiny_run import write_run
 
 from cxrjax.cli import main
 from cxrjax.eval.gradcam import HeatmapWriter, gradcam, heatmap
@@ -19,7 +20,6 @@ from cxrjax.eval.paths import UnsafePathError
 from cxrjax.eval.predictions import read_predictions
 from cxrjax.findings import FINDINGS
 from cxrjax.models import build_model
-from tiny_run import write_run
 
 SIZE = 96  # model input: a 3x3 final feature map for the tiny DenseNet
 MEAN, STD = 0.45, 0.22  # the run's "dataset" normalization statistics
@@ -41,8 +41,11 @@ def setup(tmp_path_factory):
     folder = tmp / "images"
     (folder / "sub").mkdir(parents=True)
     gray = {}
-    for name, (h, w) in {"00000001_000.png": (128, 128), "00000002_000.png": (200, 160),
-                         "sub/00000003_000.png": (64, 64)}.items():  # fmt: skip
+    for name, (h, w) in {
+        "00000001_000.png": (128, 128),
+        "00000002_000.png": (200, 160),
+        "sub/00000003_000.png": (64, 64),
+    }.items():
         gray[name.split("/")[-1]] = _picture(rng, h, w)
         cv2.imwrite(str(folder / name), gray[name.split("/")[-1]])
     rgba_gray = _picture(rng, 120, 120)  # an RGBA file with equal channels, as in NIH
@@ -51,8 +54,16 @@ def setup(tmp_path_factory):
     gray["00000004_000.png"] = rgba_gray
     model = build_model(model_cfg)
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))  # the reference forward pass
-    return {"apply": apply, "tmp": tmp, "run": tmp / "run", "folder": folder, "rgba": tmp / "00000004_000.png",
-            "gray": gray, "model": model, "variables": variables}  # fmt: skip
+    return {
+        "apply": apply,
+        "tmp": tmp,
+        "run": tmp / "run",
+        "folder": folder,
+        "rgba": tmp / "00000004_000.png",
+        "gray": gray,
+        "model": model,
+        "variables": variables,
+    }
 
 
 def _model_input(gray: np.ndarray, mean=MEAN, std=STD) -> np.ndarray:
@@ -70,8 +81,22 @@ def _direct_probs(setup, x: np.ndarray) -> np.ndarray:
 
 def test_predict_files_folders_and_rgba_match_a_direct_model_call(setup, tmp_path):
     out = tmp_path / "p.csv"
-    assert main(["predict", "--weights", str(setup["run"]), str(setup["folder"]), str(setup["rgba"]),
-                 "--out", str(out), "--batch-size", "3"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--weights",
+                str(setup["run"]),
+                str(setup["folder"]),
+                str(setup["rgba"]),
+                "--out",
+                str(out),
+                "--batch-size",
+                "3",
+            ]
+        )
+        == 0
+    )
     preds = read_predictions(out)
     assert list(preds.image_ids) == ["00000001_000.png", "00000002_000.png", "00000003_000.png", "00000004_000.png"]
     # Read back independently: cv2's own grayscale decoding of every file.
@@ -90,7 +115,9 @@ def test_bare_weights_dir_uses_imagenet_statistics_and_refuses_other_sizes(setup
     bare = tmp_path / "weights"  # the same weights outside their run: no config.json next to them
     shutil.copytree(setup["run"] / "best_weights", bare)
     out = tmp_path / "p.csv"
-    assert main(["predict", "--weights", str(bare), "--image-size", str(SIZE), str(setup["rgba"]), "--out", str(out)]) == 0
+    assert (
+        main(["predict", "--weights", str(bare), "--image-size", str(SIZE), str(setup["rgba"]), "--out", str(out)]) == 0
+    )
     x = _model_input(setup["gray"]["00000004_000.png"], 0.0, 1.0)  # [0, 1] in 3 channels
     x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
     np.testing.assert_allclose(read_predictions(out).probs[0], _direct_probs(setup, x[None])[0], atol=2e-6)
@@ -138,7 +165,9 @@ def test_gradcam_equals_a_hand_written_jax_grad_reference(setup):
     model, variables = setup["model"], setup["variables"]
     predictor = Predictor(load_trained(setup["run"]), batch_size=8)
     ids = ["00000001_000.png", "00000002_000.png", "00000004_000.png"]
-    images = np.stack([cv2.resize(setup["gray"][i], (SIZE, SIZE), interpolation=cv2.INTER_AREA) for i in ids])[..., None]
+    images = np.stack([cv2.resize(setup["gray"][i], (SIZE, SIZE), interpolation=cv2.INTER_AREA) for i in ids])[
+        ..., None
+    ]
     classes = np.array([[2, 4], [0, 13], [7, 7]], np.int32)
     probs, cams = gradcam(model, *predictor.stats, predictor.variables, *predictor.put(images, classes))
     probs, cams = np.asarray(probs)[:3], np.asarray(cams)[:3]  # the rest is padding
@@ -159,8 +188,22 @@ def test_gradcam_equals_a_hand_written_jax_grad_reference(setup):
 
 def test_gradcam_cli_writes_overlays_at_original_size(setup, tmp_path):
     out = tmp_path / "cams"
-    assert main(["gradcam", "--weights", str(setup["run"]), str(setup["folder"]), str(setup["rgba"]),
-                 "--findings", "Effusion,Pleural Thickening", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "gradcam",
+                "--weights",
+                str(setup["run"]),
+                str(setup["folder"]),
+                str(setup["rgba"]),
+                "--findings",
+                "Effusion,Pleural Thickening",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     index = pd.read_csv(out / "gradcam.csv")
     assert len(index) == 8 and set(index["finding"]) == {"Effusion", "Pleural_Thickening"}
     for row in index.itertuples():
@@ -170,8 +213,23 @@ def test_gradcam_cli_writes_overlays_at_original_size(setup, tmp_path):
 
     # --top-k picks each image's most probable finding, as predict reports it.
     preds = tmp_path / "p.csv"
-    assert main(["predict", "--weights", str(setup["run"]), str(setup["folder"]), "--out", str(preds),
-                 "--heatmaps", str(tmp_path / "top"), "--top-k", "2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--weights",
+                str(setup["run"]),
+                str(setup["folder"]),
+                "--out",
+                str(preds),
+                "--heatmaps",
+                str(tmp_path / "top"),
+                "--top-k",
+                "2",
+            ]
+        )
+        == 0
+    )
     p = read_predictions(preds)
     top = pd.read_csv(tmp_path / "top" / "gradcam.csv")
     for image_id, probs in zip(p.image_ids, p.probs):
@@ -196,8 +254,18 @@ def test_output_names_cannot_escape_the_folder(setup, tmp_path):
     cams = tmp_path / "cams"
     cams.mkdir()
     os.symlink(target, cams / "00000003_000_Effusion.png")
-    code = main(["gradcam", "--weights", str(setup["run"]), str(setup["folder"] / "sub"),
-                 "--findings", "Effusion", "--out", str(cams)])  # fmt: skip
+    code = main(
+        [
+            "gradcam",
+            "--weights",
+            str(setup["run"]),
+            str(setup["folder"] / "sub"),
+            "--findings",
+            "Effusion",
+            "--out",
+            str(cams),
+        ]
+    )
     assert code == 2 and target.read_bytes() == b"keep"
 
 
@@ -208,20 +276,32 @@ def test_bad_inputs_fail_with_the_file_named(setup, tmp_path, capsys):
     weights = str(setup["run"])
     cases = [
         (["predict", "--weights", weights, str(cut), "--out", str(tmp_path / "p.csv")], f"{cut}: truncated PNG"),
-        (["predict", "--weights", weights, str(tmp_path / "none.png"), "--out", str(tmp_path / "p.csv")],
-         "none.png: no such file or folder"),
-        (["predict", "--weights", str(tmp_path / "nowhere"), str(good), "--out", str(tmp_path / "p.csv")],
-         "nowhere: weights not found"),
-        (["predict", "--weights", str(tmp_path), str(good), "--out", str(tmp_path / "p.csv")],
-         "not a weights directory"),
-        (["gradcam", "--weights", weights, str(good), "--findings", "Efusion", "--out", str(tmp_path / "c")],
-         "unknown finding 'Efusion'"),
+        (
+            ["predict", "--weights", weights, str(tmp_path / "none.png"), "--out", str(tmp_path / "p.csv")],
+            "none.png: no such file or folder",
+        ),
+        (
+            ["predict", "--weights", str(tmp_path / "nowhere"), str(good), "--out", str(tmp_path / "p.csv")],
+            "nowhere: weights not found",
+        ),
+        (
+            ["predict", "--weights", str(tmp_path), str(good), "--out", str(tmp_path / "p.csv")],
+            "not a weights directory",
+        ),
+        (
+            ["gradcam", "--weights", weights, str(good), "--findings", "Efusion", "--out", str(tmp_path / "c")],
+            "unknown finding 'Efusion'",
+        ),
     ]
     unfinished = tmp_path / "unfinished"
     (unfinished / "checkpoints").mkdir(parents=True)
     (unfinished / "config.json").write_text((setup["run"] / "config.json").read_text())
-    cases.append((["gradcam", "--weights", str(unfinished), str(good), "--out", str(tmp_path / "c")],
-                  "without best_weights/: its checkpoints/ hold a run that has not finished"))  # fmt: skip
+    cases.append(
+        (
+            ["gradcam", "--weights", str(unfinished), str(good), "--out", str(tmp_path / "c")],
+            "without best_weights/: its checkpoints/ hold a run that has not finished",
+        )
+    )
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

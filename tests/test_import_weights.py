@@ -82,21 +82,21 @@ def keras_ref():
         values = layer.get_weights()
         if isinstance(layer, keras.layers.BatchNormalization):
             c = values[0].shape  # gamma, beta, moving mean, moving variance
-            values = [rng.uniform(0.5, 1.5, c), rng.normal(0, 0.2, c), rng.normal(0, 0.2, c),
-                      rng.uniform(0.5, 2.0, c)]
+            values = [rng.uniform(0.5, 1.5, c), rng.normal(0, 0.2, c), rng.normal(0, 0.2, c), rng.uniform(0.5, 2.0, c)]
         elif values:  # He-scaled kernels keep activations O(1) through 121 layers
             fan_in = np.prod(values[0].shape[:-1])
             values = [rng.normal(0, np.sqrt(2 / fan_in), values[0].shape)] + [
-                rng.normal(0, 0.1, v.shape) for v in values[1:]]
+                rng.normal(0, 0.1, v.shape) for v in values[1:]
+            ]
         layer.set_weights([v.astype(np.float32) for v in values])
     x = rng.normal(size=(2, 67, 83, 3)).astype(np.float32)  # odd, non-square
     fmap, logits = full.predict(x, verbose=0)
     layers = {
         layer.name: {v.path.split("/")[-1]: np.asarray(v.numpy()) for v in layer.weights}
-        for layer in full.layers if layer.weights
+        for layer in full.layers
+        if layer.weights
     }
-    return {"keras": keras, "base": base, "full": full, "x": x, "fmap": fmap, "logits": logits,
-            "layers": layers}
+    return {"keras": keras, "base": base, "full": full, "x": x, "fmap": fmap, "logits": logits, "layers": layers}
 
 
 _apply = {}
@@ -199,8 +199,12 @@ def torchvision_state_dict(layers, blocks=(6, 12, 24, 16)):
 
     def bn(key, name):
         t = layers[name]
-        for tk, kk in [("weight", "gamma"), ("bias", "beta"), ("running_mean", "moving_mean"),
-                       ("running_var", "moving_variance")]:
+        for tk, kk in [
+            ("weight", "gamma"),
+            ("bias", "beta"),
+            ("running_mean", "moving_mean"),
+            ("running_var", "moving_variance"),
+        ]:
             sd[f"{key}.{tk}"] = torch.from_numpy(t[kk].copy())
         sd[f"{key}.num_batches_tracked"] = torch.tensor(1000)
 
@@ -220,8 +224,7 @@ def torchvision_state_dict(layers, blocks=(6, 12, 24, 16)):
     if "chexnet_logits" in layers:
         sd["classifier.0.weight"] = torch.from_numpy(layers["chexnet_logits"]["kernel"].T.copy())
         sd["classifier.0.bias"] = torch.from_numpy(layers["chexnet_logits"]["bias"].copy())
-    return {"epoch": 7, "arch": "densenet121",
-            "state_dict": {f"module.densenet121.{k}": v for k, v in sd.items()}}
+    return {"epoch": 7, "arch": "densenet121", "state_dict": {f"module.densenet121.{k}": v for k, v in sd.items()}}
 
 
 def torchvision_forward(sd, x_nhwc, blocks=(6, 12, 24, 16)):
@@ -230,8 +233,15 @@ def torchvision_forward(sd, x_nhwc, blocks=(6, 12, 24, 16)):
     import torch.nn.functional as F
 
     def bn(key, x):
-        return F.batch_norm(x, sd[f"{key}.running_mean"], sd[f"{key}.running_var"], sd[f"{key}.weight"],
-                            sd[f"{key}.bias"], training=False, eps=1e-5)
+        return F.batch_norm(
+            x,
+            sd[f"{key}.running_mean"],
+            sd[f"{key}.running_var"],
+            sd[f"{key}.weight"],
+            sd[f"{key}.bias"],
+            training=False,
+            eps=1e-5,
+        )
 
     x = torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2).copy())
     x = F.relu(bn("features.norm0", F.conv2d(x, sd["features.conv0.weight"], stride=2, padding=3)))
@@ -264,8 +274,9 @@ def test_torchvision_state_dict(keras_ref, tmp_path):
 
     # Against torch's own ops (eps 1e-5 where cxrjax keeps Keras' 1.001e-5).
     new_style = {
-        re.sub(r"\.(norm|conv)\.([12])\.", r".\1\2.", k.removeprefix("module.densenet121."))
-        .replace("classifier.0.", "classifier."): v
+        re.sub(r"\.(norm|conv)\.([12])\.", r".\1\2.", k.removeprefix("module.densenet121.")).replace(
+            "classifier.0.", "classifier."
+        ): v
         for k, v in checkpoint["state_dict"].items()
     }
     fmap_t, logits_t = torchvision_forward(new_style, keras_ref["x"])
@@ -342,8 +353,20 @@ def tiny_keras_layers(seed=0, in_channels=3):
 def test_cli_imports_published_h5_and_reports_fresh_parts(tmp_path, capsys):
     layers = tiny_keras_layers()
     write_published_h5(tmp_path / "tiny.h5", layers)
-    rc = cli_main(["import-weights", "--source", str(tmp_path / "tiny.h5"), "--out", str(tmp_path / "w"),
-                   "--arch", "tiny", "--cbam", "--head", "fisher"])
+    rc = cli_main(
+        [
+            "import-weights",
+            "--source",
+            str(tmp_path / "tiny.h5"),
+            "--out",
+            str(tmp_path / "w"),
+            "--arch",
+            "tiny",
+            "--cbam",
+            "--head",
+            "fisher",
+        ]
+    )
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["format"] == "keras-legacy-h5"
@@ -353,8 +376,9 @@ def test_cli_imports_published_h5_and_reports_fresh_parts(tmp_path, capsys):
     backbone = variables["params"]["backbone"]
     np.testing.assert_array_equal(backbone["conv1_conv"]["kernel"], layers["conv1_conv"]["kernel"])
     np.testing.assert_array_equal(backbone["conv3_block2"]["2_conv"]["kernel"], layers["conv3_block2_2_conv"]["kernel"])
-    np.testing.assert_array_equal(variables["batch_stats"]["backbone"]["pool4"]["bn"]["var"],
-                                  layers["pool4_bn"]["moving_variance"])
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["backbone"]["pool4"]["bn"]["var"], layers["pool4_bn"]["moving_variance"]
+    )
     assert all(v.dtype == np.float32 for v in jax.tree.leaves(variables))
 
 
@@ -376,8 +400,9 @@ def test_files_that_are_no_weights_say_what_they_are_not_and_are_named(tmp_path,
     }
     for name, (content, message) in cases.items():
         (tmp_path / name).write_bytes(content)
-        rc = cli_main(["import-weights", "--source", str(tmp_path / name), "--out", str(tmp_path / "w"),
-                       "--arch", "tiny"])  # fmt: skip
+        rc = cli_main(
+            ["import-weights", "--source", str(tmp_path / name), "--out", str(tmp_path / "w"), "--arch", "tiny"]
+        )
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1, err
         assert f"{tmp_path / name}: {message}" in err, err

@@ -20,10 +20,17 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fake_imds import NOTICE_PATH, TOKEN_PATH, FakeImds
 from launch_helpers import (
-    LAUNCH, REPO, SECRETS, WANDB_IN_SSM, assert_no_secret, clean_env, dry_run_calls, recording_aws, s3_objects,
+    LAUNCH,
+    REPO,
+    SECRETS,
+    WANDB_IN_SSM,
+    assert_no_secret,
+    clean_env,
+    dry_run_calls,
+    recording_aws,
+    s3_objects,
     script,
 )
 from train_helpers import wait_for
@@ -63,9 +70,7 @@ def test_iam_policy_template_reaches_only_the_run_prefix(repo):
             else:
                 assert resource == "arn:aws:s3:::cxrjax-bucket/runs/demo/*"
     ssm = [s for s in policy["Statement"] if "ssm:GetParameter" in _list(s["Action"])]
-    assert [s["Resource"] for s in ssm] == [
-        "arn:aws:ssm:us-east-1:<account-id>:parameter/cxrjax/wandb-api-key"
-    ]
+    assert [s["Resource"] for s in ssm] == ["arn:aws:ssm:us-east-1:<account-id>:parameter/cxrjax/wandb-api-key"]
     for statement in policy["Statement"]:  # the only "*" resource is the SSM agent's channel
         if statement["Resource"] == "*":
             assert all(a.split(":")[0] in ("ssm", "ssmmessages", "ec2messages") for a in statement["Action"])
@@ -108,7 +113,11 @@ def test_config_file_is_data_and_bad_lines_are_refused(repo, tmp_path, line, mes
     flags = DRY[2:] if line.startswith("S3_PREFIX") else DRY  # a flag would win over the file
     result = subprocess.run(
         [str(repo / "launch" / "g5_24xlarge.sh"), "up", "--config", str(config), *flags],
-        env=clean_env(), capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
     )
     assert result.returncode == 2, result.stdout
     assert message in result.stderr
@@ -155,8 +164,18 @@ def _calls(stdout: str, action: str) -> list[dict[str, str]]:
 def test_dry_run_request_is_locked_down_and_prints_no_credential(repo):
     env = clean_env(AWS_ACCESS_KEY_ID="AKIAFAKEFAKEFAKE", **SECRETS)
     result = script(
-        repo, "up", *DRY, "--nodes", "2", "--ssh-cidr", "198.51.100.7/32",
-        "--key-name", "my-key", "--max-price", "4.25", env=env,
+        repo,
+        "up",
+        *DRY,
+        "--nodes",
+        "2",
+        "--ssh-cidr",
+        "198.51.100.7/32",
+        "--key-name",
+        "my-key",
+        "--max-price",
+        "4.25",
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
@@ -174,7 +193,9 @@ def test_dry_run_request_is_locked_down_and_prints_no_credential(repo):
         market = json.loads(run["--instance-market-options"])
         assert market["MarketType"] == "spot"
         assert market["SpotOptions"] == {  # a cluster ends together and is relaunched by up
-            "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate", "MaxPrice": "4.25",
+            "SpotInstanceType": "one-time",
+            "InstanceInterruptionBehavior": "terminate",
+            "MaxPrice": "4.25",
         }
         assert run["--instance-initiated-shutdown-behavior"] == "terminate"
         assert run["--security-group-ids"] == "<new-security-group-id>"
@@ -201,8 +222,13 @@ def test_dry_run_request_is_locked_down_and_prints_no_credential(repo):
     (efs,) = _calls(result.stdout, "create-file-system")
     assert efs["--creation-token"] == "cxrjax-demo" and "--encrypted" in efs
     (target,) = _calls(result.stdout, "create-mount-target")
-    assert target == {"--file-system-id": "<new-efs-id>", "--subnet-id": "subnet-0abc",
-                      "--security-groups": "<new-security-group-id>", "--query": "IpAddress", "--output": "text"}
+    assert target == {
+        "--file-system-id": "<new-efs-id>",
+        "--subnet-id": "subnet-0abc",
+        "--security-groups": "<new-security-group-id>",
+        "--query": "IpAddress",
+        "--output": "text",
+    }
     for text in user_data:
         text = text.replace("  | ", "")
         assert "SHARED_DIR=/opt/cxrjax/shared\n" in text
@@ -219,11 +245,15 @@ def test_single_node_without_ssh_opens_no_port_and_resumes_in_place(repo):
     assert "--key-name" not in run
     # persistent + stop: AWS restarts the same instance, volume and all, after a spot stop
     assert json.loads(run["--instance-market-options"])["SpotOptions"] == {
-        "SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"}
+        "SpotInstanceType": "persistent",
+        "InstanceInterruptionBehavior": "stop",
+    }
     assert "SuccessAction" not in result.stdout
     # only a run that exited 0 (its final upload went through) and finished powers off
-    assert ("ExecStopPost=/bin/sh -c 'test \"$$SERVICE_RESULT\" = success && "
-            "test -e /opt/cxrjax/work/demo/done.json && systemctl") in result.stdout
+    assert (
+        'ExecStopPost=/bin/sh -c \'test "$$SERVICE_RESULT" = success && '
+        "test -e /opt/cxrjax/work/demo/done.json && systemctl"
+    ) in result.stdout
     # one node keeps its workdir on its own volume: no shared file system
     assert " efs " not in result.stdout and "RequiresMountsFor" not in result.stdout
     assert "  | SHARED_DIR=\n" in result.stdout
@@ -243,8 +273,12 @@ def test_logs_and_down_dry_run(repo):
     # the persistent spot requests go before the instances, or AWS would relaunch them
     assert actions.index("cancel-spot-instance-requests") < actions.index("terminate-instances")
     # a finished cluster's EFS: its mount targets, itself, then the group they sat in
-    assert (actions.index("terminate-instances") < actions.index("delete-mount-target")
-            < actions.index("delete-file-system") < actions.index("delete-security-group"))
+    assert (
+        actions.index("terminate-instances")
+        < actions.index("delete-mount-target")
+        < actions.index("delete-file-system")
+        < actions.index("delete-security-group")
+    )
 
 
 # ---------------------------------------------------------------- the spot watcher
@@ -254,7 +288,9 @@ def watch(repo: Path, pid: int, imds: FakeImds, interval: float) -> subprocess.P
     env = clean_env(CXRJAX_IMDS_ENDPOINT=imds.endpoint, CXRJAX_SPOT_POLL_SECONDS=str(interval))
     return subprocess.Popen(
         [str(repo / "launch" / "g5_24xlarge.sh"), "watch-spot", "--pid", str(pid)],
-        env=env, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -331,41 +367,55 @@ def test_spot_notice_during_training_resumes(repo, tmp_path):
 
     cli = [sys.executable, "-m", "cxrjax.cli"]
     # One compilation cache for the three runs, as the instance keeps one on its volume.
-    env = clean_env(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
-                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = clean_env(
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
 
     def run(*args: str, **kwargs):
-        result = subprocess.run([*cli, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=600, **kwargs)
+        result = subprocess.run([*cli, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600, **kwargs)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
     from cxrjax.data.prepare import PrepareOptions, prepare
     from cxrjax.data.synth import write_synthetic_nih
 
     write_synthetic_nih(tmp_path / "nih", num_patients=60, image_size=32)
-    prepare(tmp_path / "nih", tmp_path / "prepared",
-            PrepareOptions(image_size=32, source_size=0, workers=1))
+    prepare(tmp_path / "nih", tmp_path / "prepared", PrepareOptions(image_size=32, source_size=0, workers=1))
 
     def train(workdir: Path) -> list[str]:
-        return [*cli, "train", "--config", "configs/chexnet.py:smoke", "--workdir", str(workdir),
-                f"--config.data.prepared={tmp_path / 'prepared'}", "--config.epochs=4"]
+        return [
+            *cli,
+            "train",
+            "--config",
+            "configs/chexnet.py:smoke",
+            "--workdir",
+            str(workdir),
+            f"--config.data.prepared={tmp_path / 'prepared'}",
+            "--config.epochs=4",
+        ]
 
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
     started = time.monotonic()
-    run(*train(whole)[len(cli):])
+    run(*train(whole)[len(cli) :])
     whole_seconds = time.monotonic() - started
     assert (whole / "done.json").exists()
 
     with FakeImds() as imds:
-        trainer = subprocess.Popen(train(interrupted), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
+        trainer = subprocess.Popen(
+            train(interrupted), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         watcher = watch(repo, trainer.pid, imds, 0.5)
         try:
             # Mid-training: at the first training metrics (epoch 1 of 4) the trainer is
             # paused until the watcher has seen the notice and sent SIGTERM, so the signal
             # lands mid-run however fast the warm compilation cache makes the rest.
-            wait_for(lambda: (interrupted / "metrics.jsonl").exists() or trainer.poll() is not None,
-                      max(60.0, 2 * whole_seconds), "the first training metrics", poll=0.01)
+            wait_for(
+                lambda: (interrupted / "metrics.jsonl").exists() or trainer.poll() is not None,
+                max(60.0, 2 * whole_seconds),
+                "the first training metrics",
+                poll=0.01,
+            )
             os.kill(trainer.pid, signal.SIGSTOP)
             try:
                 assert trainer.poll() is None, "the smoke run ended before the notice"
@@ -385,7 +435,7 @@ def test_spot_notice_during_training_resumes(repo, tmp_path):
     stopped_at = int(_newest_checkpoint(interrupted).name)
     assert 0 < stopped_at < int(_newest_checkpoint(whole).name)
 
-    run(*train(interrupted)[len(cli):])
+    run(*train(interrupted)[len(cli) :])
     assert (interrupted / "done.json").exists()
     expected, resumed = _newest_checkpoint(whole), _newest_checkpoint(interrupted)
     assert resumed.name == expected.name
@@ -395,8 +445,11 @@ def test_spot_notice_during_training_resumes(repo, tmp_path):
         np.testing.assert_allclose(got[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
     for position in expected.glob("data/*.json"):  # the same place in the data stream
         assert json.loads((resumed / "data" / position.name).read_text()) == json.loads(position.read_text())
-    pd.testing.assert_frame_equal(pd.read_csv(interrupted / "test" / "predictions.csv"),
-                                  pd.read_csv(whole / "test" / "predictions.csv"), rtol=1e-5)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(interrupted / "test" / "predictions.csv"),
+        pd.read_csv(whole / "test" / "predictions.csv"),
+        rtol=1e-5,
+    )
 
 
 # ---------------------------------------------------------------- against moto on loopback
@@ -409,12 +462,22 @@ def test_up_status_down_against_moto(repo, aws, tmp_path):
     assert setup.returncode == 0, setup.stderr
     role_policy = aws["iam"].get_role_policy(RoleName="cxrjax-moto", PolicyName="cxrjax-moto")
     rendered = script(repo, "iam-policy", *prefix, "--dry-run").stdout
-    rendered = rendered[rendered.index("{"):].replace("<account-id>", "123456789012")  # moto's account
+    rendered = rendered[rendered.index("{") :].replace("<account-id>", "123456789012")  # moto's account
     assert role_policy["PolicyDocument"] == json.loads(rendered)
     assert "arn:aws:s3:::cxrjax-bucket/runs/moto/*" in rendered
 
-    cluster = ["--subnet", aws["subnet"], "--ami", aws["ami"], "--nodes", "2",
-               "--ssh-cidr", "198.51.100.7/32", "--hop-limit", "1"]
+    cluster = [
+        "--subnet",
+        aws["subnet"],
+        "--ami",
+        aws["ami"],
+        "--nodes",
+        "2",
+        "--ssh-cidr",
+        "198.51.100.7/32",
+        "--hop-limit",
+        "1",
+    ]
     recording, calls = recording_aws(tmp_path)
     dry = script(repo, "up", *prefix, *cluster, "--dry-run", env=dict(aws["env"], **recording))
     assert dry.returncode == 0, dry.stderr
@@ -427,8 +490,10 @@ def test_up_status_down_against_moto(repo, aws, tmp_path):
     assert "efs create-mount-target" in dry_run_calls(dry.stdout)
 
     found = ec2.describe_instances(Filters=[{"Name": "tag:cxrjax-run", "Values": ["moto"]}])
-    instances = sorted((i for r in found["Reservations"] for i in r["Instances"]),
-                       key=lambda i: {t["Key"]: t["Value"] for t in i["Tags"]}["cxrjax-process"])
+    instances = sorted(
+        (i for r in found["Reservations"] for i in r["Instances"]),
+        key=lambda i: {t["Key"]: t["Value"] for t in i["Tags"]}["cxrjax-process"],
+    )
     assert len(instances) == 2
     (group,) = {g["GroupId"] for i in instances for g in i["SecurityGroups"]}
     # The cluster's shared workdir: the run's encrypted EFS, its mount target in the run's group.
@@ -445,17 +510,24 @@ def test_up_status_down_against_moto(repo, aws, tmp_path):
         assert instance["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
         assert instance["IamInstanceProfile"]["Arn"].endswith("instance-profile/cxrjax-moto")
         volumes = ec2.describe_volumes(
-            Filters=[{"Name": "attachment.instance-id", "Values": [instance["InstanceId"]]}])["Volumes"]
+            Filters=[{"Name": "attachment.instance-id", "Values": [instance["InstanceId"]]}]
+        )["Volumes"]
         assert volumes and all(v["Encrypted"] for v in volumes)
         assert [v["Size"] for v in volumes] == [300]
-        user_data = base64.b64decode(ec2.describe_instance_attribute(
-            InstanceId=instance["InstanceId"], Attribute="userData")["UserData"]["Value"]).decode()
+        user_data = base64.b64decode(
+            ec2.describe_instance_attribute(InstanceId=instance["InstanceId"], Attribute="userData")["UserData"][
+                "Value"
+            ]
+        ).decode()
         assert_no_secret(user_data, "user-data")
         assert "AKIAFAKEFAKEFAKE" not in user_data
         assert f"PROCESS_ID={process}\n" in user_data
         assert f"'{target['IpAddress']}:/ /opt/cxrjax/shared nfs4 " in user_data
-    user_data_1 = base64.b64decode(ec2.describe_instance_attribute(
-        InstanceId=instances[1]["InstanceId"], Attribute="userData")["UserData"]["Value"]).decode()
+    user_data_1 = base64.b64decode(
+        ec2.describe_instance_attribute(InstanceId=instances[1]["InstanceId"], Attribute="userData")["UserData"][
+            "Value"
+        ]
+    ).decode()
     assert f"COORDINATOR={instances[0]['PrivateIpAddress']}:1234\n" in user_data_1
 
     (sg,) = ec2.describe_security_groups(GroupIds=[group])["SecurityGroups"]
@@ -481,7 +553,9 @@ def test_up_status_down_against_moto(repo, aws, tmp_path):
     assert fs["FileSystemId"] in status.stdout
 
     def groups_left():
-        return ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": ["cxrjax-moto"]}])["SecurityGroups"]
+        return ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": ["cxrjax-moto"]}])[
+            "SecurityGroups"
+        ]
 
     # An unfinished run keeps its EFS (and the group of its mount target) for "up" to resume from.
     down = script(repo, "down", *prefix, env=aws["env"])
@@ -491,13 +565,15 @@ def test_up_status_down_against_moto(repo, aws, tmp_path):
     assert f"kept EFS file system {fs['FileSystemId']}" in down.stderr
     assert [g["GroupId"] for g in groups_left()] == [group]
 
-    relaunch = script(repo, "up", *prefix, "--subnet", aws["subnet"], "--ami", aws["ami"], "--nodes", "2",
-                      env=aws["env"])
+    relaunch = script(
+        repo, "up", *prefix, "--subnet", aws["subnet"], "--ami", aws["ami"], "--nodes", "2", env=aws["env"]
+    )
     assert relaunch.returncode == 0, relaunch.stderr
     assert f"reusing EFS file system {fs['FileSystemId']}" in relaunch.stderr
     assert len(efs.describe_file_systems(CreationToken="cxrjax-moto")["FileSystems"]) == 1
-    assert [t["MountTargetId"] for t in efs.describe_mount_targets(FileSystemId=fs["FileSystemId"])["MountTargets"]] \
-        == [target["MountTargetId"]]
+    assert [
+        t["MountTargetId"] for t in efs.describe_mount_targets(FileSystemId=fs["FileSystemId"])["MountTargets"]
+    ] == [target["MountTargetId"]]
 
     # A finished run (done.json uploaded) leaves nothing behind but its S3 prefix.
     aws["s3"].put_object(Bucket="cxrjax-bucket", Key="runs/moto/workdir/done.json", Body=b"{}")
@@ -532,10 +608,23 @@ def test_single_node_needs_no_efs_access(repo, aws):
 def test_up_refuses_a_given_security_group_open_to_the_world(repo, aws):
     ec2 = aws["ec2"]
     sg = ec2.create_security_group(GroupName="wide-open", Description="x", VpcId=aws["vpc"])["GroupId"]
-    ec2.authorize_security_group_ingress(GroupId=sg, IpPermissions=[{
-        "IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
-    up = ["up", "--s3-prefix", "s3://cxrjax-bucket/runs/open", "--run-config", "demo",
-          "--subnet", aws["subnet"], "--ami", aws["ami"], "--security-group", sg]
+    ec2.authorize_security_group_ingress(
+        GroupId=sg,
+        IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}],
+    )
+    up = [
+        "up",
+        "--s3-prefix",
+        "s3://cxrjax-bucket/runs/open",
+        "--run-config",
+        "demo",
+        "--subnet",
+        aws["subnet"],
+        "--ami",
+        aws["ami"],
+        "--security-group",
+        sg,
+    ]
     result = script(repo, *up, env=aws["env"])
     assert result.returncode == 2 and "create it first with" in result.stderr  # no profile yet
     aws["iam"].create_instance_profile(InstanceProfileName="cxrjax-open")
@@ -589,17 +678,29 @@ def test_run_on_the_instance_against_moto(repo, aws, tmp_path):
 
     config = tmp_path / "run.env"
     shared = tmp_path / "shared"  # the cluster's EFS mount
-    config.write_text("S3_PREFIX=s3://cxrjax-bucket/runs/flow\nREGION=us-east-1\nRUN_CONFIG=demo:small\n"
-                      "NODES=2\nPROCESS_ID=0\nCOORDINATOR=\nSYNC_INTERVAL=3600\n")
+    config.write_text(
+        "S3_PREFIX=s3://cxrjax-bucket/runs/flow\nREGION=us-east-1\nRUN_CONFIG=demo:small\n"
+        "NODES=2\nPROCESS_ID=0\nCOORDINATOR=\nSYNC_INTERVAL=3600\n"
+    )
     refused = script(repo, "run", "--config", str(config), env=dict(aws["env"], CXRJAX_HOME=str(home)))
     assert refused.returncode == 2 and "NODES=2 needs SHARED_DIR" in refused.stderr
     config.write_text(config.read_text() + f"SHARED_DIR={shared}\n")
     fresh_volume()
     with FakeImds(local_ipv4="10.0.1.23") as imds:
-        env = dict(aws["env"], CXRJAX_HOME=str(home), CXRJAX_IMDS_ENDPOINT=imds.endpoint,
-                   CXRJAX_SPOT_POLL_SECONDS="0.3", FAKE_RECORD=str(record))
-        run = subprocess.Popen([str(repo / "launch" / "g5_24xlarge.sh"), "run", "--config", str(config)],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = dict(
+            aws["env"],
+            CXRJAX_HOME=str(home),
+            CXRJAX_IMDS_ENDPOINT=imds.endpoint,
+            CXRJAX_SPOT_POLL_SECONDS="0.3",
+            FAKE_RECORD=str(record),
+        )
+        run = subprocess.Popen(
+            [str(repo / "launch" / "g5_24xlarge.sh"), "run", "--config", str(config)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             wait_for(lambda: (record / "training").exists() or run.poll() is not None, 90, "training")
             assert run.poll() is None, run.stdout.read()
@@ -612,12 +713,17 @@ def test_run_on_the_instance_against_moto(repo, aws, tmp_path):
 
     calls = (record / "calls").read_text().splitlines()
     assert calls[0] == f"prepare --nih-dir {home}/data/nih --out {home}/data/prepared-48 --image-size 48"
-    assert calls[1] == (f"train --config configs/demo.py:small --workdir {shared}/work/flow "
-                        f"--config.data.prepared={home}/data/prepared-48 --config.wandb.mode=online")
+    assert calls[1] == (
+        f"train --config configs/demo.py:small --workdir {shared}/work/flow "
+        f"--config.data.prepared={home}/data/prepared-48 --config.wandb.mode=online"
+    )
     assert (home / "data" / "nih" / "images_001" / "images" / "a.png").exists()
     assert (record / "env").read_text().splitlines() == [
-        "CXRJAX_COORDINATOR=10.0.1.23:1234", "CXRJAX_NUM_PROCESSES=2", "CXRJAX_PROCESS_ID=0",
-        f"JAX_COMPILATION_CACHE_DIR={home}/jax-cache", f"WANDB_API_KEY={WANDB_IN_SSM}",
+        "CXRJAX_COORDINATOR=10.0.1.23:1234",
+        "CXRJAX_NUM_PROCESSES=2",
+        "CXRJAX_PROCESS_ID=0",
+        f"JAX_COMPILATION_CACHE_DIR={home}/jax-cache",
+        f"WANDB_API_KEY={WANDB_IN_SSM}",
     ]
     uploaded = s3_objects(s3, "runs/flow/")
     assert uploaded["runs/flow/workdir/checkpoints/step"] == b"1\n"
@@ -632,8 +738,14 @@ def test_run_on_the_instance_against_moto(repo, aws, tmp_path):
     # A new instance: empty volume, single node, and this time the trainer finishes.
     fresh_volume()
     config.write_text(config.read_text().replace("NODES=2", "NODES=1").replace(f"SHARED_DIR={shared}", "SHARED_DIR="))
-    env = dict(aws["env"], CXRJAX_HOME=str(home), CXRJAX_IMDS_ENDPOINT="http://127.0.0.1:9",
-               CXRJAX_SPOT_POLL_SECONDS="0.3", FAKE_RECORD=str(record), FAKE_FINISH="1")
+    env = dict(
+        aws["env"],
+        CXRJAX_HOME=str(home),
+        CXRJAX_IMDS_ENDPOINT="http://127.0.0.1:9",
+        CXRJAX_SPOT_POLL_SECONDS="0.3",
+        FAKE_RECORD=str(record),
+        FAKE_FINISH="1",
+    )
     rerun = script(repo, "run", "--config", str(config), env=env)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert (record / "resumed_from").read_text() == "1\n"  # the workdir came back from S3
@@ -670,8 +782,9 @@ def test_user_data_is_valid_bash_and_its_unit_passes_systemd_analyze(repo, tmp_p
         # verify checks that ExecStart= exists: point it at the script it will run
         unit = unit.replace("/opt/cxrjax/src/launch/g5_24xlarge.sh", str(repo / "launch" / "g5_24xlarge.sh"))
         (tmp_path / "cxrjax-run.service").write_text(unit + "\n")
-        verify = subprocess.run([analyze, "verify", str(tmp_path / "cxrjax-run.service")],
-                                capture_output=True, text=True, timeout=60)
+        verify = subprocess.run(
+            [analyze, "verify", str(tmp_path / "cxrjax-run.service")], capture_output=True, text=True, timeout=60
+        )
         complaints = [line for line in (verify.stdout + verify.stderr).splitlines() if "cxrjax-run" in line]
         assert verify.returncode == 0 and complaints == [], verify.stdout + verify.stderr
         if nodes == "2":  # a cluster ends together: its members power off when the run ends well

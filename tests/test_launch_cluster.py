@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fake_imds import NOTICE_PATH, FakeImds
 from launch_helpers import free_port, s3_objects
 from train_helpers import prepared, train_env, wait_all, wait_for  # noqa: F401  (fixtures)
@@ -57,7 +56,8 @@ def upload_prepared(s3, prepared: Path, size: int) -> None:
 
 @pytest.mark.slow
 def test_two_instances_share_a_workdir_stop_together_on_a_notice_and_resume_from_s3(
-        repo, aws, prepared, train_env, tmp_path):
+    repo, aws, prepared, train_env, tmp_path
+):
     cluster_repo = tmp_path / "repo"  # the shipped tree, with the real recipe
     shutil.copytree(repo, cluster_repo)
     shutil.copy(Path(__file__).resolve().parents[1] / "configs" / "chexnet.py", cluster_repo / "configs")
@@ -67,13 +67,14 @@ def test_two_instances_share_a_workdir_stop_together_on_a_notice_and_resume_from
     homes = [tmp_path / f"instance-{i}" for i in range(2)]
     port = free_port()
     configs = []
-    for pid, home in enumerate(homes):
+    for pid in range(len(homes)):
         configs.append(tmp_path / f"run-{pid}.env")
         # What up writes into each instance's run.env (process 1 is told the coordinator).
         configs[-1].write_text(
             f"S3_PREFIX=s3://cxrjax-bucket/{PREFIX}\nREGION=us-east-1\nRUN_CONFIG=chexnet:smoke\nNODES=2\n"
             f"WANDB_PARAMETER=/cxrjax/no-such-key\nSYNC_INTERVAL=3600\nCOORDINATOR_PORT={port}\n"
-            f"PROCESS_ID={pid}\nCOORDINATOR={'' if pid == 0 else f'127.0.0.1:{port}'}\nSHARED_DIR={shared}\n")
+            f"PROCESS_ID={pid}\nCOORDINATOR={'' if pid == 0 else f'127.0.0.1:{port}'}\nSHARED_DIR={shared}\n"
+        )
     base_env = dict(aws["env"])
     base_env.update({k: v for k, v in train_env.items() if k.startswith(("JAX_", "WANDB_", "PYTHON"))})
     base_env["JAX_NUM_CPU_DEVICES"] = "1"
@@ -82,11 +83,17 @@ def test_two_instances_share_a_workdir_stop_together_on_a_notice_and_resume_from
         procs = []
         for pid, home in enumerate(homes):
             fresh_volume(home, Path(train_env["JAX_COMPILATION_CACHE_DIR"]))
-            env = dict(base_env, CXRJAX_HOME=str(home), CXRJAX_IMDS_ENDPOINT=imds[pid].endpoint,
-                       CXRJAX_SPOT_POLL_SECONDS="0.3")
-            procs.append(subprocess.Popen(
-                [str(cluster_repo / "launch" / "g5_24xlarge.sh"), "run", "--config", str(configs[pid])],
-                env=env, stdout=open(home.parent / f"{home.name}.out", "a"), stderr=subprocess.STDOUT))
+            env = dict(
+                base_env, CXRJAX_HOME=str(home), CXRJAX_IMDS_ENDPOINT=imds[pid].endpoint, CXRJAX_SPOT_POLL_SECONDS="0.3"
+            )
+            procs.append(
+                subprocess.Popen(
+                    [str(cluster_repo / "launch" / "g5_24xlarge.sh"), "run", "--config", str(configs[pid])],
+                    env=env,
+                    stdout=open(home.parent / f"{home.name}.out", "a"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
         return procs
 
     def output(pid: int) -> str:
@@ -99,8 +106,12 @@ def test_two_instances_share_a_workdir_stop_together_on_a_notice_and_resume_from
             # Mid-training (the first logged steps), both trainers are held still until the
             # watcher on instance 1 has seen the notice and sent SIGTERM, so the signal lands
             # mid-run however fast the warm compilation cache makes the rest.
-            wait_for(lambda: (work / "metrics.jsonl").exists() or any(p.poll() is not None for p in procs),
-                       300, "the first training metrics", poll=0.01)
+            wait_for(
+                lambda: (work / "metrics.jsonl").exists() or any(p.poll() is not None for p in procs),
+                300,
+                "the first training metrics",
+                poll=0.01,
+            )
             assert all(p.poll() is None for p in procs), output(0)[-3000:] + output(1)[-3000:]
             trainers = [int((home / "trainer.pid").read_text()) for home in homes]
             for pid in trainers:
@@ -124,7 +135,7 @@ def test_two_instances_share_a_workdir_stop_together_on_a_notice_and_resume_from
 
     hint = "SIGTERM (preemption notice) reached a process: checkpoint saved at step "
     line = next(x for x in output(0).splitlines() if x.startswith(hint))
-    stopped_at = int(line[len(hint):].split(";")[0])
+    stopped_at = int(line[len(hint) :].split(";")[0])
     assert not (work / "done.json").exists() and stopped_at < 8  # smoke: 2 epochs of 4 steps
     assert not any((home / "work").exists() for home in homes)  # one workdir, the shared one
     assert (work.parent / f"{RUN}.pulled").exists()

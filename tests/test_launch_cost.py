@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from launch_helpers import LAUNCH, clean_env, dry_run_calls, load_run_cost, recording_aws, script
 
 run_cost = load_run_cost()
@@ -41,10 +40,10 @@ def write_run(directory: Path, rows=ROWS, batch: int = 16) -> tuple[Path, Path]:
 
 def test_figures_equal_hand_computed_values(tmp_path):
     r = run_cost.cost(*write_run(tmp_path), price=2.5, instances=2)
-    assert r["dollars_per_hour"] == 5.0                    # 2 instances x $2.50
-    assert r["images_per_s"] == 40.0                       # median of 10, 40, 42, 38, 40
+    assert r["dollars_per_hour"] == 5.0  # 2 instances x $2.50
+    assert r["images_per_s"] == 40.0  # median of 10, 40, 42, 38, 40
     assert r["steps_per_epoch"] == 100 and r["images_per_epoch"] == 1600
-    assert r["training_hours_per_epoch"] == pytest.approx(1600 / 40 / 3600)   # 0.01111 h
+    assert r["training_hours_per_epoch"] == pytest.approx(1600 / 40 / 3600)  # 0.01111 h
     assert r["training_dollars_per_epoch"] == pytest.approx(5.0 * 1600 / 40 / 3600)
     # epoch 1 -> 2: 400 s; 2 -> 2 (a repeat) is no epoch; 2 -> 3: 450 s; median 425 s
     assert r["epochs_timed"] == 2
@@ -63,18 +62,26 @@ def test_before_the_first_epoch_only_the_hourly_figures(tmp_path):
     assert "known once the first epoch has ended" in run_cost.report(r)
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"step": 1, "kind": "train", "images_per_s": 3.0}\nnot json\n', "metrics.jsonl:2: not a JSON line"),
-    ('{"step": 1, "images_per_s": 3.0}\n', "metrics.jsonl:1: a metrics row needs 'step' and 'kind'"),
-    ('{"step": 4, "kind": "val", "epoch": 1}\n', "no training row with images_per_s"),
-    ('{"step": 1, "kind": "train", "images_per_s": 3.0}\n{"step": 5, "kind": "val", "epoch": 2}\n',
-     "are not whole epochs of one length"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"step": 1, "kind": "train", "images_per_s": 3.0}\nnot json\n', "metrics.jsonl:2: not a JSON line"),
+        ('{"step": 1, "images_per_s": 3.0}\n', "metrics.jsonl:1: a metrics row needs 'step' and 'kind'"),
+        ('{"step": 4, "kind": "val", "epoch": 1}\n', "no training row with images_per_s"),
+        (
+            '{"step": 1, "kind": "train", "images_per_s": 3.0}\n{"step": 5, "kind": "val", "epoch": 2}\n',
+            "are not whole epochs of one length",
+        ),
+    ],
+)
 def test_bad_metrics_are_refused_by_file_and_line(tmp_path, text, message):
     metrics, config = write_run(tmp_path)
     metrics.write_text(text)
-    result = subprocess.run([sys.executable, str(LAUNCH / "run_cost.py"), "--price", "1", str(metrics), str(config)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(LAUNCH / "run_cost.py"), "--price", "1", str(metrics), str(config)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and message in result.stderr
     assert str(tmp_path) in result.stderr
 
@@ -88,8 +95,11 @@ def test_cost_against_moto(repo, aws, tmp_path):
     recording, calls = recording_aws(tmp_path)
     result = script(repo, *args, env=dict(aws["env"], **recording))
     assert result.returncode == 0, result.stderr
-    assert calls.read_text().splitlines() == dry_run_calls(script(repo, *args, "--dry-run").stdout) == [
-        "ec2 describe-subnets", "ec2 describe-spot-price-history", "s3 cp", "s3 cp"]
+    assert (
+        calls.read_text().splitlines()
+        == dry_run_calls(script(repo, *args, "--dry-run").stdout)
+        == ["ec2 describe-subnets", "ec2 describe-spot-price-history", "s3 cp", "s3 cp"]
+    )
     zone = aws["ec2"].describe_subnets(SubnetIds=[aws["subnet"]])["Subnets"][0]["AvailabilityZone"]
     assert f"spot price of g5.24xlarge in {zone} at " in result.stdout
     expected = run_cost.report(run_cost.cost(metrics, config, price=0.00001, instances=2))

@@ -18,15 +18,26 @@ from train_helpers import wait_for
 
 
 def _live(ec2, run: str) -> list[dict]:
-    found = ec2.describe_instances(Filters=[
-        {"Name": "tag:cxrjax-run", "Values": [run]},
-        {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]}])
+    found = ec2.describe_instances(
+        Filters=[
+            {"Name": "tag:cxrjax-run", "Values": [run]},
+            {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]},
+        ]
+    )
     return [i for r in found["Reservations"] for i in r["Instances"]]
 
 
 def test_a_refused_launch_fails_up_and_leaves_nothing_half_launched(repo, aws, tmp_path):
-    prefix = ["--s3-prefix", "s3://cxrjax-bucket/runs/refused", "--run-config", "demo",
-              "--subnet", aws["subnet"], "--ami", aws["ami"]]
+    prefix = [
+        "--s3-prefix",
+        "s3://cxrjax-bucket/runs/refused",
+        "--run-config",
+        "demo",
+        "--subnet",
+        aws["subnet"],
+        "--ami",
+        aws["ami"],
+    ]
     aws["iam"].create_instance_profile(InstanceProfileName="cxrjax-refused")
     refusing = dict(aws["env"], **refusing_aws(tmp_path / "all", {"ec2 run-instances": CAPACITY_ERROR}))
     single = script(repo, "up", *prefix, env=refusing)
@@ -39,8 +50,7 @@ def test_a_refused_launch_fails_up_and_leaves_nothing_half_launched(repo, aws, t
     # to meet a coordinator at ":1234".
     aws["iam"].create_instance_profile(InstanceProfileName="cxrjax-refused-cluster")
     second = dict(aws["env"], **refusing_aws(tmp_path / "second", {"cxrjax-process,Value=1": CAPACITY_ERROR}))
-    cluster = script(repo, "up", *[p.replace("refused", "refused-cluster") for p in prefix], "--nodes", "2",
-                     env=second)
+    cluster = script(repo, "up", *[p.replace("refused", "refused-cluster") for p in prefix], "--nodes", "2", env=second)
     assert cluster.returncode != 0, cluster.stderr
     assert "InsufficientInstanceCapacity" in cluster.stderr
     assert "launched process 0 of 2" in cluster.stderr and "terminated i-" in cluster.stderr
@@ -70,23 +80,35 @@ def test_a_failed_workdir_upload_is_reported_though_the_log_upload_succeeds(repo
         (home / "venv" / "bin" / name).write_text(text)
         (home / "venv" / "bin" / name).chmod(0o755)
     config = tmp_path / "run.env"
-    config.write_text("S3_PREFIX=s3://cxrjax-bucket/runs/upload\nREGION=us-east-1\nRUN_CONFIG=demo\n"
-                      "SYNC_INTERVAL=10\n")
+    config.write_text("S3_PREFIX=s3://cxrjax-bucket/runs/upload\nREGION=us-east-1\nRUN_CONFIG=demo\nSYNC_INTERVAL=10\n")
     refused = "upload failed: AccessDenied when calling the PutObject operation"
     # Both calls that upload the workdir (the checkpoints go with --delete) are refused.
-    env = dict(aws["env"], **refusing_aws(tmp_path, {"workdir/ --exclude": refused,
-                                                     "workdir/checkpoints/ --delete": refused}))
+    env = dict(
+        aws["env"], **refusing_aws(tmp_path, {"workdir/ --exclude": refused, "workdir/checkpoints/ --delete": refused})
+    )
     with FakeImds() as imds:
-        env.update(CXRJAX_HOME=str(home), CXRJAX_IMDS_ENDPOINT=imds.endpoint, CXRJAX_SPOT_POLL_SECONDS="0.3",
-                   FAKE_RECORD=str(record))
-        run = subprocess.Popen([str(repo / "launch" / "g5_24xlarge.sh"), "run", "--config", str(config)],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env.update(
+            CXRJAX_HOME=str(home),
+            CXRJAX_IMDS_ENDPOINT=imds.endpoint,
+            CXRJAX_SPOT_POLL_SECONDS="0.3",
+            FAKE_RECORD=str(record),
+        )
+        run = subprocess.Popen(
+            [str(repo / "launch" / "g5_24xlarge.sh"), "run", "--config", str(config)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         log = home / "logs" / "run.log"
         try:
             wait_for(lambda: (record / "training").exists() or run.poll() is not None, 60, "training")
             # The first periodic sync (SYNC_INTERVAL=10 s) uploads the log but not the workdir.
-            wait_for(lambda: "periodic S3 sync failed" in log.read_text() or run.poll() is not None, 40,
-                     "the periodic sync's failure to be logged")
+            wait_for(
+                lambda: "periodic S3 sync failed" in log.read_text() or run.poll() is not None,
+                40,
+                "the periodic sync's failure to be logged",
+            )
             assert run.poll() is None
             imds.notice()
             output, _ = run.communicate(timeout=60)
@@ -96,7 +118,8 @@ def test_a_failed_workdir_upload_is_reported_though_the_log_upload_succeeds(repo
     assert run.returncode != 0, output
     assert f"uploading {home}/work/upload to s3://cxrjax-bucket/runs/upload/workdir/ failed" in output
     assert "runs/upload/workdir/checkpoints/step" not in {
-        o["Key"] for o in s3.list_objects_v2(Bucket="cxrjax-bucket", Prefix="runs/upload/").get("Contents", [])}
+        o["Key"] for o in s3.list_objects_v2(Bucket="cxrjax-bucket", Prefix="runs/upload/").get("Contents", [])
+    }
 
 
 def _second_subnet(aws) -> str:
@@ -105,18 +128,32 @@ def _second_subnet(aws) -> str:
     found = ec2.describe_subnets(Filters=[{"Name": "cidr-block", "Values": ["10.0.2.0/24"]}])["Subnets"]
     if found:
         return found[0]["SubnetId"]
-    return ec2.create_subnet(VpcId=aws["vpc"], CidrBlock="10.0.2.0/24", AvailabilityZone="us-east-1b")["Subnet"]["SubnetId"]
+    return ec2.create_subnet(VpcId=aws["vpc"], CidrBlock="10.0.2.0/24", AvailabilityZone="us-east-1b")["Subnet"][
+        "SubnetId"
+    ]
 
 
 def test_capacity_fallback_tries_each_type_in_each_subnet_until_one_launches(repo, aws, tmp_path):
     first, second = aws["subnet"], _second_subnet(aws)
-    prefix = ["--s3-prefix", "s3://cxrjax-bucket/runs/fallback", "--run-config", "demo", "--ami", aws["ami"],
-              "--subnet", f"{first},{second}", "--instance-type", "g5.24xlarge,g5.48xlarge"]
+    prefix = [
+        "--s3-prefix",
+        "s3://cxrjax-bucket/runs/fallback",
+        "--run-config",
+        "demo",
+        "--ami",
+        aws["ami"],
+        "--subnet",
+        f"{first},{second}",
+        "--instance-type",
+        "g5.24xlarge,g5.48xlarge",
+    ]
     aws["iam"].create_instance_profile(InstanceProfileName="cxrjax-fallback")
     dry = script(repo, "up", *prefix, "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert (f"[dry-run] plan: g5.24xlarge in {first}, then g5.24xlarge in {second}, "
-            f"then g5.48xlarge in {first}, then g5.48xlarge in {second};") in dry.stdout
+    assert (
+        f"[dry-run] plan: g5.24xlarge in {first}, then g5.24xlarge in {second}, "
+        f"then g5.48xlarge in {first}, then g5.48xlarge in {second};"
+    ) in dry.stdout
 
     # g5.24xlarge nowhere, and nothing in the first subnet: the fourth choice launches.
     refusals = {"--instance-type g5.24xlarge": CAPACITY_ERROR, f"--subnet-id {first}": CAPACITY_ERROR}
@@ -124,7 +161,10 @@ def test_capacity_fallback_tries_each_type_in_each_subnet_until_one_launches(rep
     assert up.returncode == 0, up.stderr
     refused = [line for line in up.stderr.splitlines() if "refused: " in line]
     assert [line.split("refused: ")[1].split(" for ")[0] for line in refused] == [
-        f"g5.24xlarge in {first}", f"g5.24xlarge in {second}", f"g5.48xlarge in {first}"]
+        f"g5.24xlarge in {first}",
+        f"g5.24xlarge in {second}",
+        f"g5.48xlarge in {first}",
+    ]
     assert all("InsufficientInstanceCapacity" in line for line in refused)
     assert f"is up (g5.48xlarge in {second})" in up.stderr
     (instance,) = _live(aws["ec2"], "fallback")
@@ -132,8 +172,12 @@ def test_capacity_fallback_tries_each_type_in_each_subnet_until_one_launches(rep
     aws["ec2"].terminate_instances(InstanceIds=[instance["InstanceId"]])
 
     # All refused: a clear error naming what was tried, and nothing launched.
-    nothing = script(repo, "up", *prefix, env=dict(aws["env"], **refusing_aws(
-        tmp_path / "all", {"ec2 run-instances": CAPACITY_ERROR})))
+    nothing = script(
+        repo,
+        "up",
+        *prefix,
+        env=dict(aws["env"], **refusing_aws(tmp_path / "all", {"ec2 run-instances": CAPACITY_ERROR})),
+    )
     assert nothing.returncode == 2, nothing.stderr
     assert "no capacity: every instance type and subnet was refused" in nothing.stderr
     assert nothing.stderr.count("refused: ") == 4
@@ -141,8 +185,9 @@ def test_capacity_fallback_tries_each_type_in_each_subnet_until_one_launches(rep
 
     # Any other refusal is not a capacity problem: it ends up at once, with AWS's words.
     denied = "An error occurred (UnauthorizedOperation) when calling the RunInstances operation: not allowed"
-    stop = script(repo, "up", *prefix, env=dict(aws["env"], **refusing_aws(
-        tmp_path / "denied", {"ec2 run-instances": denied})))
+    stop = script(
+        repo, "up", *prefix, env=dict(aws["env"], **refusing_aws(tmp_path / "denied", {"ec2 run-instances": denied}))
+    )
     assert stop.returncode == 2 and "UnauthorizedOperation" in stop.stderr
     assert "refused: " not in stop.stderr
 
@@ -152,11 +197,27 @@ def test_keep_relaunches_an_interrupted_run_until_done_within_its_budget(repo, a
     S3 prefix to resume from, and gives up with a clear error once its budget is spent."""
     ec2 = aws["ec2"]
     aws["iam"].create_instance_profile(InstanceProfileName="cxrjax-kept")
-    args = ["keep", "--s3-prefix", "s3://cxrjax-bucket/runs/kept", "--run-config", "demo",
-            "--subnet", aws["subnet"], "--ami", aws["ami"], "--max-relaunches", "1"]
+    args = [
+        "keep",
+        "--s3-prefix",
+        "s3://cxrjax-bucket/runs/kept",
+        "--run-config",
+        "demo",
+        "--subnet",
+        aws["subnet"],
+        "--ami",
+        aws["ami"],
+        "--max-relaunches",
+        "1",
+    ]
     env = dict(aws["env"], CXRJAX_KEEP_POLL_SECONDS="0.5")
-    keeper = subprocess.Popen([str(repo / "launch" / "g5_24xlarge.sh"), *args], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    keeper = subprocess.Popen(
+        [str(repo / "launch" / "g5_24xlarge.sh"), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
     def running() -> list[str]:
         return [i["InstanceId"] for i in _live(ec2, "kept") if i["State"]["Name"] in ("pending", "running")]
@@ -214,8 +275,10 @@ while True:
 
 def _instance_volume(home, record):
     (home / "venv" / "bin").mkdir(parents=True)
-    for name, text in (("cxrjax", PYTHON_TRAINER.format(python=sys.executable)),
-                       ("python", f'#!/bin/sh\nexec {sys.executable} "$@"\n')):
+    for name, text in (
+        ("cxrjax", PYTHON_TRAINER.format(python=sys.executable)),
+        ("python", f'#!/bin/sh\nexec {sys.executable} "$@"\n'),
+    ):
         (home / "venv" / "bin" / name).write_text(text)
         (home / "venv" / "bin" / name).chmod(0o755)
     record.mkdir()
@@ -228,18 +291,29 @@ def test_a_rebalance_recommendation_uploads_a_checkpoint_and_training_goes_on(re
     home, record = tmp_path / "home", tmp_path / "record"
     _instance_volume(home, record)
     config = tmp_path / "run.env"
-    config.write_text("S3_PREFIX=s3://cxrjax-bucket/runs/rebalance\nREGION=us-east-1\nRUN_CONFIG=demo\n"
-                      "SYNC_INTERVAL=3600\n")
+    config.write_text(
+        "S3_PREFIX=s3://cxrjax-bucket/runs/rebalance\nREGION=us-east-1\nRUN_CONFIG=demo\nSYNC_INTERVAL=3600\n"
+    )
 
     def keys() -> set[str]:
         listing = s3.list_objects_v2(Bucket="cxrjax-bucket", Prefix="runs/rebalance/workdir/")
         return {o["Key"] for o in listing.get("Contents", [])}
 
     with FakeImds() as imds:
-        env = dict(aws["env"], CXRJAX_HOME=str(home), CXRJAX_IMDS_ENDPOINT=imds.endpoint,
-                   CXRJAX_SPOT_POLL_SECONDS="0.3", FAKE_RECORD=str(record))
-        run = subprocess.Popen([str(repo / "launch" / "g5_24xlarge.sh"), "run", "--config", str(config)],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = dict(
+            aws["env"],
+            CXRJAX_HOME=str(home),
+            CXRJAX_IMDS_ENDPOINT=imds.endpoint,
+            CXRJAX_SPOT_POLL_SECONDS="0.3",
+            FAKE_RECORD=str(record),
+        )
+        run = subprocess.Popen(
+            [str(repo / "launch" / "g5_24xlarge.sh"), "run", "--config", str(config)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             wait_for(lambda: (record / "training").exists() or run.poll() is not None, 60, "training")
             imds.rebalance()
@@ -272,8 +346,13 @@ def test_a_notice_during_set_up_stops_the_run_before_training(repo, aws, tmp_pat
     config.write_text("S3_PREFIX=s3://cxrjax-bucket/runs/setup\nREGION=us-east-1\nRUN_CONFIG=demo\n")
     with FakeImds() as imds:
         imds.notice()
-        env = dict(aws["env"], CXRJAX_HOME=str(home), CXRJAX_IMDS_ENDPOINT=imds.endpoint,
-                   CXRJAX_SPOT_POLL_SECONDS="0.3", FAKE_RECORD=str(record))
+        env = dict(
+            aws["env"],
+            CXRJAX_HOME=str(home),
+            CXRJAX_IMDS_ENDPOINT=imds.endpoint,
+            CXRJAX_SPOT_POLL_SECONDS="0.3",
+            FAKE_RECORD=str(record),
+        )
         result = script(repo, "run", "--config", str(config), env=env, timeout=60)
     assert result.returncode == -signal.SIGTERM, result.stdout + result.stderr
     assert not (record / "training").exists()

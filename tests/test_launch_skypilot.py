@@ -39,13 +39,21 @@ def test_the_run_step_passes_node_rank_and_head_address_to_the_script(tmp_path):
     work = tmp_path / "sky_workdir"
     (work / "launch").mkdir(parents=True)
     # The script as SkyPilot's node would call it: here it keeps the settings it was given.
-    (work / "launch" / "g5_24xlarge.sh").write_text('#!/bin/bash\ncp "$3" "$OUT/run.env"\necho "$CXRJAX_HOME" >"$OUT/cxrjax_home"\n')
+    (work / "launch" / "g5_24xlarge.sh").write_text(
+        '#!/bin/bash\ncp "$3" "$OUT/run.env"\necho "$CXRJAX_HOME" >"$OUT/cxrjax_home"\n'
+    )
     (work / "launch" / "g5_24xlarge.sh").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SKYPILOT_"))}
     env.update({k: str(v) for k, v in task["envs"].items()})
-    env.update(HOME=str(tmp_path / "home"), OUT=str(tmp_path), S3_PREFIX="s3://cxrjax-bucket/runs/sky",
-               SKYPILOT_NODE_RANK="1", SKYPILOT_NUM_NODES="2", SKYPILOT_NODE_IPS="10.0.1.5\n10.0.1.6\n",
-               SHARED_DIR="/mnt/shared")
+    env.update(
+        HOME=str(tmp_path / "home"),
+        OUT=str(tmp_path),
+        S3_PREFIX="s3://cxrjax-bucket/runs/sky",
+        SKYPILOT_NODE_RANK="1",
+        SKYPILOT_NUM_NODES="2",
+        SKYPILOT_NODE_IPS="10.0.1.5\n10.0.1.6\n",
+        SHARED_DIR="/mnt/shared",
+    )
     result = subprocess.run(["bash", "-c", task["run"]], cwd=work, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     settings = dict(line.split("=", 1) for line in (tmp_path / "run.env").read_text().splitlines())
@@ -55,6 +63,11 @@ def test_the_run_step_passes_node_rank_and_head_address_to_the_script(tmp_path):
     # The real script reads them as its own settings: every key known, every value valid.
     if shutil.which("git") is None:
         pytest.skip("git not found")
-    check = subprocess.run([str(LAUNCH / "g5_24xlarge.sh"), "iam-policy", "--config", str(tmp_path / "run.env"),
-                            "--dry-run"], env=env, capture_output=True, text=True, timeout=60)
+    check = subprocess.run(
+        [str(LAUNCH / "g5_24xlarge.sh"), "iam-policy", "--config", str(tmp_path / "run.env"), "--dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert check.returncode == 0, check.stderr

@@ -18,10 +18,22 @@ from cxrjax.findings import FINDINGS
 SHARED = Path(os.environ.get("CXRJAX_NIH_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "nih")).parent
 BASELINES_MD = SHARED / "baselines.md"
 # The markdown's column abbreviations, written out here independently of the package.
-ABBREV = {"Atel": "Atelectasis", "Card": "Cardiomegaly", "Effu": "Effusion",
-          "Infi": "Infiltration", "Mass": "Mass", "Nodu": "Nodule", "Pneu": "Pneumonia",
-          "PTX": "Pneumothorax", "Cons": "Consolidation", "Edem": "Edema", "Emph": "Emphysema",
-          "Fibr": "Fibrosis", "PT": "Pleural_Thickening", "Hern": "Hernia"}  # fmt: skip
+ABBREV = {
+    "Atel": "Atelectasis",
+    "Card": "Cardiomegaly",
+    "Effu": "Effusion",
+    "Infi": "Infiltration",
+    "Mass": "Mass",
+    "Nodu": "Nodule",
+    "Pneu": "Pneumonia",
+    "PTX": "Pneumothorax",
+    "Cons": "Consolidation",
+    "Edem": "Edema",
+    "Emph": "Emphysema",
+    "Fibr": "Fibrosis",
+    "PT": "Pleural_Thickening",
+    "Hern": "Hernia",
+}
 
 
 def _row(table, work_start):
@@ -33,20 +45,25 @@ def _row(table, work_start):
 @pytest.mark.parametrize(
     "work, finding, value",
     [  # typed from /work/shared/baselines.md; the Fisher table is in a different column order
-        ("Fisher 2025", "Cardiomegaly", 0.915), ("Fisher 2025", "Infiltration", 0.723),
-        ("Fisher 2025", "Atelectasis", 0.816), ("Fisher 2025", "Hernia", 0.886),
+        ("Fisher 2025", "Cardiomegaly", 0.915),
+        ("Fisher 2025", "Infiltration", 0.723),
+        ("Fisher 2025", "Atelectasis", 0.816),
+        ("Fisher 2025", "Hernia", 0.886),
         ("Rajpurkar 2017 (as cited", "Consolidation", 0.893),
         ("Rajpurkar 2017 (as cited", "Edema", 0.927),
         ("Rajpurkar et al. 2017 (CheXNet", "Consolidation", 0.7901),
         ("Rajpurkar et al. 2017 (CheXNet", "Edema", 0.8878),
-        ("Bhusala", "Nodule", 0.655), ("Bhusala", "Mass", 0.867),
-        ("Hasanah", "Hernia", 0.936), ("Hasanah", "Pneumonia", 0.810),
-        ("Ahmad", "Atelectasis", 0.850), ("Ahmad", "Pleural_Thickening", 0.820),
+        ("Bhusala", "Nodule", 0.655),
+        ("Bhusala", "Mass", 0.867),
+        ("Hasanah", "Hernia", 0.936),
+        ("Hasanah", "Pneumonia", 0.810),
+        ("Ahmad", "Atelectasis", 0.850),
+        ("Ahmad", "Pleural_Thickening", 0.820),
         ("CheXNet reproduction", "Infiltration", 0.7156),
         ("Wang et al. 2017 (ChestX-ray8", "Pleural_Thickening", 0.6835),
         ("Hermoza", "Emphysema", 0.936),
     ],
-)  # fmt: skip
+)
 def test_baseline_cells(work, finding, value):
     assert _row(load_baselines(), work)[finding] == value
 
@@ -118,9 +135,10 @@ def board(tmp_path):
     runs = [
         _run_dir(tmp_path, "r1", _aucs(0.84), {"name": "mine|v1", "split_family": "random", "px": 224}),
         _run_dir(tmp_path, "r2", _aucs(0.86), {"name": "mine|v1", "split_family": "random", "px": 224}),
-        _run_dir(tmp_path, "o1", _aucs(0.81, Hernia=None),
-                 {"name": "off", "split_family": "official"}, in_metrics=True),
-    ]  # fmt: skip
+        _run_dir(
+            tmp_path, "o1", _aucs(0.81, Hernia=None), {"name": "off", "split_family": "official"}, in_metrics=True
+        ),
+    ]
     paths = write_leaderboard(runs, tmp_path / "lb")
     return paths, pd.read_csv(paths["csv"], keep_default_na=False, na_values=[""])
 
@@ -204,7 +222,11 @@ def test_run_names_never_become_paths(tmp_path):
     d = _run_dir(tmp_path, "r", _aucs(0.8), {"name": "../../escape", "split_family": "random"})
     write_leaderboard([d], tmp_path / "lb")
     assert sorted(p.name for p in (tmp_path / "lb").iterdir()) == [
-        "leaderboard.csv", "leaderboard.md", "leaderboard.png", "leaderboard_deltas.csv"]
+        "leaderboard.csv",
+        "leaderboard.md",
+        "leaderboard.png",
+        "leaderboard_deltas.csv",
+    ]
     assert not (tmp_path.parent / "escape").exists()
 
 
@@ -212,16 +234,28 @@ def test_subgroup_gap_and_adjudicated_sections_only_for_runs_that_carry_them(tmp
     plain = _run_dir(tmp_path, "plain", _aucs(0.8), {"name": "plain", "split_family": "random"})
     rich = _run_dir(tmp_path, "rich", _aucs(0.82), {"name": "rich", "split_family": "random"})
     metrics = json.loads((rich / "metrics.json").read_text())
-    metrics["subgroups"] = {"available": True, "worst_gap": {"attribute": "view", "high": "PA", "low": "AP",
-                                                             "gap": 0.015, "ci": [0.001, 0.028], "n_findings": 14}}
-    part = {"Fracture": {"auc": None}, "Pneumothorax": {"auc": 0.9}, "Airspace opacity": {"auc": 0.84},
-            "Nodule or mass": {"auc": 0.86}}
+    metrics["subgroups"] = {
+        "available": True,
+        "worst_gap": {
+            "attribute": "view",
+            "high": "PA",
+            "low": "AP",
+            "gap": 0.015,
+            "ci": [0.001, 0.028],
+            "n_findings": 14,
+        },
+    }
+    part = {
+        "Fracture": {"auc": None},
+        "Pneumothorax": {"auc": 0.9},
+        "Airspace opacity": {"auc": 0.84},
+        "Nodule or mass": {"auc": 0.86},
+    }
     text = {**part, "Airspace opacity": {"auc": 0.75}}
     metrics["adjudicated"] = {"n_scored": 935, "sets": {"overall": {"adjudicated": part, "text_mined": text}}}
     (rich / "metrics.json").write_text(json.dumps(metrics))
     md = write_leaderboard([plain, rich], tmp_path / "lb")["md"].read_text()
-    gap_rows = [line for line in md.splitlines() if line.startswith("| **")
-                and ("view" in line or "935" in line)]  # fmt: skip
+    gap_rows = [line for line in md.splitlines() if line.startswith("| **") and ("view" in line or "935" in line)]
     assert len(gap_rows) == 2 and all("**rich**" in line for line in gap_rows)
     assert "| view | PA − AP | +0.015 | [0.001, 0.028] | 14 |" in gap_rows[0]
     assert "| 935 | n/a (n/a) | 0.900 (0.900) | 0.840 (0.750) | 0.860 (0.860) |" in gap_rows[1]

@@ -142,7 +142,9 @@ def test_focal_with_gamma_zero_and_even_alpha_is_half_bce():
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.normal(0, 2, (6, 3)), jnp.float32)
     y = jnp.asarray(rng.random((6, 3)) < 0.5, jnp.float32)
-    assert float(losses.focal(logits, y, gamma=0.0, alpha=0.5)) == pytest.approx(0.5 * float(losses.bce(logits, y)), rel=1e-6)
+    assert float(losses.focal(logits, y, gamma=0.0, alpha=0.5)) == pytest.approx(
+        0.5 * float(losses.bce(logits, y)), rel=1e-6
+    )
 
 
 def test_bce_is_stable_for_large_logits():

@@ -73,8 +73,11 @@ def train_loss(remat: str = "none"):
 
     def loss(params):
         logits, updates = model.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-            mutable=["batch_stats"], rngs={"dropout": DROPOUT_KEY},
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": DROPOUT_KEY},
         )
         return jnp.sum(logits * jnp.arange(14.0)), (logits, updates)
 
@@ -94,9 +97,16 @@ def leaves_with_paths(tree):
 def test_default_config_fields():
     cfg = default_model_config()
     assert cfg.to_dict() == {
-        "arch": "densenet121", "cbam": False, "head": "chexnet", "num_classes": 14,
-        "dropout": 0.3, "dtype": "float32", "remat": "none", "remat_policy": "nothing_saveable",
-        "in_channels": 3, "init_from": "",
+        "arch": "densenet121",
+        "cbam": False,
+        "head": "chexnet",
+        "num_classes": 14,
+        "dropout": 0.3,
+        "dtype": "float32",
+        "remat": "none",
+        "remat_policy": "nothing_saveable",
+        "in_channels": 3,
+        "init_from": "",
     }
 
 
@@ -133,7 +143,12 @@ def test_bfloat16_compute_keeps_float32_params_stats_and_logits():
     model16, variables, x = init(tiny_cfg(dtype="bfloat16", cbam=True, head="fisher"))
     assert all(v.dtype == jnp.float32 for _, v in leaves_with_paths(variables))
     (fmap, logits16), updates = apply(
-        model16, variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": DROPOUT_KEY},
+        model16,
+        variables,
+        x,
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": DROPOUT_KEY},
         method="features_and_logits",
     )
     assert fmap.dtype == jnp.bfloat16
@@ -176,13 +191,13 @@ def test_fisher_head_layers_dropout_and_l2():
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
     _, (train_logits, _) = _grads(False)  # dropout key DROPOUT_KEY
-    other, _ = apply(model, variables, x, train=True, mutable=["batch_stats"],
-                     rngs={"dropout": jax.random.key(4)})
+    other, _ = apply(model, variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(4)})
     assert not np.allclose(train_logits, other)  # dropout is active in training
 
     kernels = [np.asarray(head[n]["kernel"], np.float64) for n in ("dense1", "dense2", "logits")]
     assert head_kernel_paths(variables["params"]) == [
-        ("classifier", "dense1", "kernel"), ("classifier", "dense2", "kernel"),
+        ("classifier", "dense1", "kernel"),
+        ("classifier", "dense2", "kernel"),
         ("classifier", "logits", "kernel"),
     ]
     np.testing.assert_allclose(l2_penalty(variables["params"]), sum((k**2).sum() for k in kernels), rtol=1e-5)
@@ -210,7 +225,7 @@ def test_cbam_matches_numpy():
     conv = np.zeros(y.shape[:3])
     for i in range(7):
         for j in range(7):
-            conv += (padded[:, i:i + 5, j:j + 6, :] * kernel[i, j]).sum(-1)
+            conv += (padded[:, i : i + 5, j : j + 6, :] * kernel[i, j]).sum(-1)
     expected = y * sigmoid(conv)[..., None]
     np.testing.assert_allclose(jax.jit(module.apply)({"params": params}, x), expected, rtol=1e-5, atol=1e-6)
 
@@ -289,7 +304,9 @@ def test_remat_modes_and_legacy_bools():
     for remat in REMAT_MODES:
         model = build_model(tiny_cfg(cbam=True, remat=remat))
         shapes = jax.eval_shape(lambda model=model: model.init(jax.random.key(0), X))
-        layouts.add(tuple((jax.tree_util.keystr(p), s.shape) for p, s in jax.tree_util.tree_flatten_with_path(shapes)[0]))
+        layouts.add(
+            tuple((jax.tree_util.keystr(p), s.shape) for p, s in jax.tree_util.tree_flatten_with_path(shapes)[0])
+        )
     assert len(layouts) == 1
     with pytest.raises(ValueError, match="remat 'some'; expected one of none, dense_layers, all"):
         build_model(tiny_cfg(remat="some"))

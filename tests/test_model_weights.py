@@ -54,8 +54,9 @@ def test_merge_takes_shared_parts_and_reports_fresh_ones():
     assert sorted(report["ignored"]) == ["params/classifier/logits/bias", "params/classifier/logits/kernel"]
     same, report = merge_pretrained(init(src_cfg, seed=2), src, src_cfg, src_cfg)
     assert report["fresh"] == [] and report["ignored"] == []
-    np.testing.assert_array_equal(same["params"]["classifier"]["logits"]["kernel"],
-                                  src["params"]["classifier"]["logits"]["kernel"])
+    np.testing.assert_array_equal(
+        same["params"]["classifier"]["logits"]["kernel"], src["params"]["classifier"]["logits"]["kernel"]
+    )
 
 
 def test_merge_into_gray_model_sums_the_stem():
@@ -63,8 +64,10 @@ def test_merge_into_gray_model_sums_the_stem():
     src = jax.tree.map(np.asarray, init(src_cfg, seed=1))
     merged, report = merge_pretrained(init(gray_cfg), src, src_cfg, gray_cfg)
     assert report["converted"] == ["params/backbone/conv1_conv/kernel: 3-channel stem summed over input channels"]
-    np.testing.assert_allclose(merged["params"]["backbone"]["conv1_conv"]["kernel"],
-                               src["params"]["backbone"]["conv1_conv"]["kernel"].sum(axis=2, keepdims=True))
+    np.testing.assert_allclose(
+        merged["params"]["backbone"]["conv1_conv"]["kernel"],
+        src["params"]["backbone"]["conv1_conv"]["kernel"].sum(axis=2, keepdims=True),
+    )
 
 
 def test_merge_errors_name_the_problem():

@@ -5,9 +5,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from cxrjax.configs import recipe_names, resolve
 
 from cxrjax.cli import load_config
-from cxrjax.configs import recipe_names, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 

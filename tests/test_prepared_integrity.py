@@ -12,6 +12,8 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from tiny_run import write_run
+from train_helpers import SMOKE
 
 from cxrjax.cli import main
 from cxrjax.data.pipeline import Balance, ShardedRecords, make_loader, read_index, training_table
@@ -19,8 +21,6 @@ from cxrjax.data.prepare import PreparedDataError, PrepareOptions, prepare, read
 from cxrjax.eval.inference import Predictor, predict_for_evaluation, predict_part
 from cxrjax.eval.model_source import load_trained
 from cxrjax.findings import FINDINGS
-from tiny_run import write_run
-from train_helpers import SMOKE
 
 SIZE = 32
 OPTS = PrepareOptions(image_size=SIZE, source_size=64, records_per_shard=16, workers=1)
@@ -46,8 +46,9 @@ def prep(base, tmp_path):
 
 
 def _evaluate(base, prep, out, capsys):
-    code = main(["evaluate", "--checkpoint", str(base / "run"), "--data", str(prep), "--out", str(out),
-                 "--bootstrap", "5"])  # fmt: skip
+    code = main(
+        ["evaluate", "--checkpoint", str(base / "run"), "--data", str(prep), "--out", str(out), "--bootstrap", "5"]
+    )
     return code, capsys.readouterr()
 
 
@@ -173,8 +174,9 @@ def test_damaged_shard_stops_evaluate_with_one_line_naming_shard_and_offset(base
     # Training reads through the same source, also from grain's worker processes.
     if damage == "flip":  # `cxrjax train` prints the same error (its index case is tested above)
         source = ShardedRecords(prep / "test")
-        loader = make_loader(source, batch_size=4, image_size=SIZE, seed=0, train=True, workers=1,
-                             process_index=0, process_count=1)  # fmt: skip
+        loader = make_loader(
+            source, batch_size=4, image_size=SIZE, seed=0, train=True, workers=1, process_index=0, process_count=1
+        )
         with pytest.raises(PreparedDataError, match=f"{shard}: .*{where}"):
             for _ in zip(range(3 * len(source)), loader):
                 pass
@@ -222,11 +224,24 @@ def test_colour_pngs_unlisted_pngs_and_unsplit_rows_are_counted(base, tmp_path, 
     colour = np.stack([gray, gray // 2, 255 - gray], -1)
     cv2.imwrite(str(files[0]), colour)
     shutil.copy(files[1], files[1].with_name("99999999_000.png"))  # a PNG the label file does not list
-    code = main(["prepare", "--nih-dir", str(nih), "--out", str(tmp_path / "out"), "--image-size", "32",
-                 "--source-size", "64", "--workers", "1"])  # fmt: skip
+    code = main(
+        [
+            "prepare",
+            "--nih-dir",
+            str(nih),
+            "--out",
+            str(tmp_path / "out"),
+            "--image-size",
+            "32",
+            "--source-size",
+            "64",
+            "--workers",
+            "1",
+        ]
+    )
     assert code == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert ("1 colour images made gray, 1 PNGs not in the label file, 1 label rows in no split list" in last), last
+    assert "1 colour images made gray, 1 PNGs not in the label file, 1 label rows in no split list" in last, last
     manifest = read_manifest(tmp_path / "out")
     assert manifest["color_converted_to_gray"] == {"count": 1, "images": [files[0].name]}
     assert manifest["pngs_not_in_label_file"] == {"count": 1, "images": ["99999999_000.png"]}

@@ -13,11 +13,20 @@ from cxrjax.train.defaults import base_config
 def test_plateau_fisher_settings_by_hand():
     """Fisher: factor 0.5, patience 3, min_lr 1e-6, base lr 1e-4 (scale floor 0.01)."""
     plateau = optim.Plateau(factor=0.5, patience=3, min_lr=1e-6, base_lr=1e-4)
-    val_loss = [1.0, 0.9, 0.95, 0.9, 0.92,  # 3 epochs without beating 0.9 -> halve
-                0.8,                         # new best, wait resets
-                0.80005,                     # within min_delta 1e-4 of the best: no improvement
-                0.81, 0.82,                  # third epoch without improvement -> halve again
-                0.9, 0.9, 0.9]               # and again
+    val_loss = [
+        1.0,
+        0.9,
+        0.95,
+        0.9,
+        0.92,  # 3 epochs without beating 0.9 -> halve
+        0.8,  # new best, wait resets
+        0.80005,  # within min_delta 1e-4 of the best: no improvement
+        0.81,
+        0.82,  # third epoch without improvement -> halve again
+        0.9,
+        0.9,
+        0.9,
+    ]  # and again
     scales = [plateau.update(v) for v in val_loss]
     assert scales == [1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.125]
     assert plateau.best == 0.8
@@ -78,12 +87,14 @@ def test_schedules_count_updates_under_gradient_accumulation():
     assert float(schedule(5)) == pytest.approx(0.5e-3)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("schedule", "step", "unknown schedule 'step'; choose one of constant, exponential, cosine, plateau"),
-    ("name", "lamb", "unknown optimizer 'lamb'; choose one of adam, adamw, sgd"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("schedule", "step", "unknown schedule 'step'; choose one of constant, exponential, cosine, plateau"),
+        ("name", "lamb", "unknown optimizer 'lamb'; choose one of adam, adamw, sgd"),
+    ],
+)
 def test_unknown_names_list_the_choices(field, value, message):
     cfg = _optim_cfg(**{field: value})
     with pytest.raises(ValueError, match=message):
         optim.make_optimizer(cfg, optim.make_schedule(cfg, 10, 100))
-

@@ -16,8 +16,17 @@ import subprocess
 import numpy as np
 import pytest
 from train_helpers import (  # noqa: F401 (fixtures)
-    ROOT, STEPS_PER_EPOCH, finalized_steps, flat, metrics_rows, prepared, read_state, run_train, train_command,
-    train_env, wait_for,
+    ROOT,
+    STEPS_PER_EPOCH,
+    finalized_steps,
+    flat,
+    metrics_rows,
+    prepared,
+    read_state,
+    run_train,
+    train_command,
+    train_env,
+    wait_for,
 )
 
 from cxrjax.models.weights import load_weights
@@ -28,8 +37,14 @@ OVERRIDES = (f"--config.epochs={EPOCHS}", "--config.checkpoint.every_steps=2", "
 
 
 def _start(workdir, prepared, env):
-    return subprocess.Popen(train_command(workdir, prepared, *OVERRIDES), env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        train_command(workdir, prepared, *OVERRIDES),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _read_until(proc, needle: str) -> str:
@@ -97,7 +112,7 @@ def test_sigkill_and_sigterm_resume_bit_for_bit(prepared, train_env, tmp_path):
     assert all(np.array_equal(ref_flat[k], work_flat[k]) for k in ref_flat)
 
     # The data position: grain's iterator state in the last checkpoint.
-    data_state = "checkpoints/{}/data/process_0-of-1.json".format(TOTAL)
+    data_state = f"checkpoints/{TOTAL}/data/process_0-of-1.json"
     assert (reference / data_state).read_text() == (work / data_state).read_text()
 
     # Every validation the interrupted runs logged (repeats of an epoch cut short

@@ -14,8 +14,16 @@ import pytest
 from launch_helpers import load_run_cost
 from sklearn.metrics import roc_auc_score
 from train_helpers import (  # noqa: F401 (fixtures)
-    NO_NETWORK, STEPS_PER_EPOCH, best_weights_logits, finalized_steps, flat, metrics_rows, prepared, read_state,
-    run_train, train_env,
+    NO_NETWORK,
+    STEPS_PER_EPOCH,
+    best_weights_logits,
+    finalized_steps,
+    flat,
+    metrics_rows,
+    prepared,
+    read_state,
+    run_train,
+    train_env,
 )
 
 from cxrjax.data.pipeline import read_index
@@ -32,9 +40,16 @@ SEED = 1
 def monitored(prepared, train_env, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("monitored") / "run"
     # Offline wandb must not need the network: every HTTP(S) request goes to a dead proxy.
-    done = run_train(workdir, prepared, {**train_env, **NO_NETWORK}, f"--config.epochs={EPOCHS}",
-                     f"--config.early_stopping_patience={PATIENCE}", "--config.checkpoint.keep=1",
-                     "--config.wandb.mode=offline", f"--config.seed={SEED}")
+    done = run_train(
+        workdir,
+        prepared,
+        {**train_env, **NO_NETWORK},
+        f"--config.epochs={EPOCHS}",
+        f"--config.early_stopping_patience={PATIENCE}",
+        "--config.checkpoint.keep=1",
+        "--config.wandb.mode=offline",
+        f"--config.seed={SEED}",
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     return workdir, done.stdout
 
@@ -109,8 +124,10 @@ def test_a_resumed_csv_keeps_its_own_columns(tmp_path):
     log.write(3, "train", {"loss": 0.25, "images_per_s": 9.0})
     log.close()
     table = pd.read_csv(tmp_path / "metrics_train.csv")
-    assert table.to_dict("records") == [{"step": 1, "kind": "train", "loss": 0.5},
-                                        {"step": 3, "kind": "train", "loss": 0.25}]
+    assert table.to_dict("records") == [
+        {"step": 1, "kind": "train", "loss": 0.5},
+        {"step": 3, "kind": "train", "loss": 0.25},
+    ]
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["images_per_s"] == 9.0  # all of it here
 
 
@@ -171,11 +188,22 @@ def test_divergence_stops_with_the_step_and_keeps_only_good_checkpoints(prepared
     """SGD at learning rate 1e6 blows up within a few steps; a checkpoint is attempted
     after every step and must only exist for steps before the divergence."""
     workdir = tmp_path / "diverging"
-    done = run_train(workdir, prepared, train_env, "--config.optim.name=sgd", "--config.optim.learning_rate=1e6",
-                     "--config.checkpoint.every_steps=1", "--config.log_every_steps=1", "--config.eval.test=False")
+    done = run_train(
+        workdir,
+        prepared,
+        train_env,
+        "--config.optim.name=sgd",
+        "--config.optim.learning_rate=1e6",
+        "--config.checkpoint.every_steps=1",
+        "--config.log_every_steps=1",
+        "--config.eval.test=False",
+    )
     assert done.returncode == 1
-    found = re.search(r"cxrjax train: error: training diverged at step (\d+): (.*)\. The last good checkpoint in "
-                      r"(\S+) is kept \(nothing after the divergence was saved\)\.", done.stdout)
+    found = re.search(
+        r"cxrjax train: error: training diverged at step (\d+): (.*)\. The last good checkpoint in "
+        r"(\S+) is kept \(nothing after the divergence was saved\)\.",
+        done.stdout,
+    )
     assert found, done.stdout[-3000:]
     step = int(found.group(1))
     assert found.group(3) == str(workdir / "checkpoints")

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from distributed_worker import SmallNet
 
 from cxrjax.data.normalize import stats_for
 from cxrjax.mesh import make_mesh, replicated, to_global
@@ -18,7 +19,6 @@ from cxrjax.models import build_model, default_model_config
 from cxrjax.train import losses, optim
 from cxrjax.train.state import TrainState
 from cxrjax.train.step import make_steps
-from distributed_worker import SmallNet
 
 SIZE = 32
 MEAN, STD = stats_for("imagenet", 3)
@@ -86,7 +86,9 @@ def test_training_moved_the_parameters(eight_vs_one):
     (s8, _), _ = eight_vs_one
     model = _tiny()
     fresh = model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
-    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(fresh["params"])))
+    moved = max(
+        float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(fresh["params"]))
+    )
     assert moved > 1e-3
 
 
@@ -105,9 +107,16 @@ def test_gradient_accumulation_equals_one_full_batch_step():
     optax.MultiSteps applies the mean of the two half-batch gradients, and each half's
     loss is a mean, so that is the full batch's gradient. (With BatchNorm in train mode
     each half would be normalized by its own statistics, which changes the gradient.)"""
-    cfg = ml_collections.ConfigDict(dict(
-        name="sgd", momentum=0.0, nesterov=False, learning_rate=0.5, schedule="constant", grad_accum_steps=2,
-    ))
+    cfg = ml_collections.ConfigDict(
+        dict(
+            name="sgd",
+            momentum=0.0,
+            nesterov=False,
+            learning_rate=0.5,
+            schedule="constant",
+            grad_accum_steps=2,
+        )
+    )
     mesh = make_mesh()
     full = _batch(16, seed=7)
     halves = [{k: v[:8] for k, v in full.items()}, {k: v[8:] for k, v in full.items()}]
@@ -120,14 +129,21 @@ def test_gradient_accumulation_equals_one_full_batch_step():
 
 
 def test_first_accumulated_step_does_not_move_the_parameters():
-    cfg = ml_collections.ConfigDict(dict(
-        name="sgd", momentum=0.0, nesterov=False, learning_rate=0.5, schedule="constant", grad_accum_steps=2,
-    ))
-    after_one, _ = _run(_Linear(), optim.make_optimizer(cfg, optim.make_schedule(cfg, 10, 100)), make_mesh(), [_batch(8)])
+    cfg = ml_collections.ConfigDict(
+        dict(
+            name="sgd",
+            momentum=0.0,
+            nesterov=False,
+            learning_rate=0.5,
+            schedule="constant",
+            grad_accum_steps=2,
+        )
+    )
+    after_one, _ = _run(
+        _Linear(), optim.make_optimizer(cfg, optim.make_schedule(cfg, 10, 100)), make_mesh(), [_batch(8)]
+    )
     fresh = _Linear().init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)))["params"]
     _assert_trees_close(after_one.params, fresh, atol=0)
-
-
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +169,13 @@ def test_step_rng_is_folded_from_the_step_number(small_steps):
 
     x = (batch["image"].astype(np.float32) / 255.0).repeat(3, -1)
     x = (x - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
-    logits, _ = model.apply(host_state.variables, x, train=True, mutable=["batch_stats"],
-                            rngs={"dropout": jax.random.fold_in(host_state.key, 5)})
+    logits, _ = model.apply(
+        host_state.variables,
+        x,
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": jax.random.fold_in(host_state.key, 5)},
+    )
     assert float(losses.bce(logits, batch["labels"])) == pytest.approx(losses_at[5][0], rel=1e-5)
 
 

@@ -2,7 +2,7 @@
 ends the pass at the next batch instead of after it, so the two minutes of a notice hold
 at 1024 px; the run then resumes where it stopped and ends as an uninterrupted one.
 
-In-process `train` on the suite's CPU devices with the smoke recipe; the signal is sent to this
+In-process `train_and_test` on the suite's CPU devices with the smoke recipe; the signal is sent to this
 process from inside the pass, so it lands mid-pass every time.
 """
 
@@ -15,7 +15,8 @@ import signal
 import pytest
 from train_helpers import SMOKE, STEPS_PER_EPOCH, metrics_rows, prepared  # noqa: F401 (fixture)
 
-from cxrjax.cli import load_config
+from cxrjax.cli import load_config, show_library_logs
+from cxrjax.experiment import train_and_test
 from cxrjax.train import loop
 
 
@@ -35,35 +36,41 @@ def _signal_on_call(monkeypatch, name: str, call: int, sig=signal.SIGTERM) -> li
 
 @pytest.mark.skipif(os.name != "posix", reason="needs POSIX signals")
 def test_a_stop_during_validation_or_the_final_evaluation_ends_the_pass_and_resumes(
-        prepared, tmp_path, monkeypatch, capsys):
-    config = load_config(SMOKE, [f"--config.data.prepared={prepared}", "--config.epochs=1",
-                                 "--config.wandb.mode=disabled"])
+    prepared, tmp_path, monkeypatch, capsys
+):
+    show_library_logs()  # the trainer's messages on (captured) stdout, as the command shows them
+    config = load_config(
+        SMOKE, [f"--config.data.prepared={prepared}", "--config.epochs=1", "--config.wandb.mode=disabled"]
+    )
     whole, work = tmp_path / "whole", tmp_path / "stopped"
     # The uninterrupted run gets a SIGUSR1 (a rebalance recommendation) in its second step:
     # it saves a checkpoint there and trains on.
     with monkeypatch.context() as patch:
         _signal_on_call(patch, "to_global", 2, signal.SIGUSR1)
-        reference = loop.train(config, whole)
+        reference = train_and_test(config, whole)
     assert "SIGUSR1 (rebalance recommendation): checkpoint saved at step 2; training goes on" in capsys.readouterr().out
     assert "stopped" not in reference and (whole / "done.json").exists()
 
     with monkeypatch.context() as patch:
         _signal_on_call(patch, "validate", 1)
-        out = loop.train(config, work)
+        out = train_and_test(config, work)
     assert out == {"stopped": "SIGTERM received during validation", "step": STEPS_PER_EPOCH}
     assert metrics_rows(work, "val") == [] and not (work / "done.json").exists()
 
     with monkeypatch.context() as patch:  # the epoch's validation first, then the test pass
         predicts = _signal_on_call(patch, "predict", 2)
-        out = loop.train(config, work)
+        out = train_and_test(config, work)
         assert len(predicts) == 2  # the second pass ended at its first batch
     assert out == {"stopped": "SIGTERM received during the final evaluation", "step": STEPS_PER_EPOCH}
     assert not (work / "done.json").exists()
 
-    done = loop.train(config, work)
+    done = train_and_test(config, work)
     assert done == {**reference, "weights": str(work / "best_weights")}
     assert json.loads((work / "done.json").read_text()) == done
     (val,), (ref_val,) = metrics_rows(work, "val"), metrics_rows(whole, "val")
     assert (val["step"], val["val_loss"], val["val_mean_auc"]) == (
-        ref_val["step"], ref_val["val_loss"], ref_val["val_mean_auc"])
+        ref_val["step"],
+        ref_val["val_loss"],
+        ref_val["val_mean_auc"],
+    )
     assert (work / "test" / "predictions.csv").read_text() == (whole / "test" / "predictions.csv").read_text()

@@ -36,8 +36,15 @@ def tiny_variables(model_cfg, image_size: int, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def write_run(workdir: Path, image_size: int, *, prepared: str = "", dataset_stats: tuple | None = None,
-              seed: int = 0, **model_fields) -> tuple:  # fmt: skip
+def write_run(
+    workdir: Path,
+    image_size: int,
+    *,
+    prepared: str = "",
+    dataset_stats: tuple | None = None,
+    seed: int = 0,
+    **model_fields,
+) -> tuple:
     """(model config, variables) of a tiny model saved as `workdir`'s best weights."""
     model_cfg = default_model_config()
     model_cfg.update(arch="tiny", **model_fields)

@@ -64,14 +64,31 @@ NO_NETWORK = {name: "http://127.0.0.1:9" for name in ("HTTP_PROXY", "HTTPS_PROXY
 
 
 def train_command(workdir: Path, prepared: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "cxrjax.cli", "train", "--config", SMOKE, "--workdir", str(workdir),
-            f"--config.data.prepared={prepared}", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "cxrjax.cli",
+        "train",
+        "--config",
+        SMOKE,
+        "--workdir",
+        str(workdir),
+        f"--config.data.prepared={prepared}",
+        *overrides,
+    ]
 
 
 def run_train(workdir: Path, prepared: Path, env: dict, *overrides: str, timeout: float = 300):
     """Run `cxrjax train` to the end; the CompletedProcess with stdout and stderr merged."""
-    return subprocess.run(train_command(workdir, prepared, *overrides), env=env, cwd=ROOT, timeout=timeout,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(
+        train_command(workdir, prepared, *overrides),
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finalized_steps(workdir: Path) -> list[int]:
@@ -79,8 +96,7 @@ def finalized_steps(workdir: Path) -> list[int]:
     root = workdir / "checkpoints"
     if not root.exists():
         return []
-    return sorted(int(p.name) for p in root.iterdir()
-                  if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
 
 
 def wait_for(condition, timeout: float, what: str, proc=None, poll: float = 0.01):
@@ -147,5 +163,7 @@ def best_weights_logits(workdir: Path, prepared: Path, part: str) -> np.ndarray:
     decode = DecodeAndAugment(32)
     images = np.stack([decode.random_map(source[i], np.random.default_rng(0))["image"] for i in range(len(source))])
     mean, std = stats_for("imagenet", cfg.in_channels)
-    logits = jax.jit(lambda v, x: model.apply(v, to_model_input(x, mean, std), train=False))(variables, jnp.asarray(images))
+    logits = jax.jit(lambda v, x: model.apply(v, to_model_input(x, mean, std), train=False))(
+        variables, jnp.asarray(images)
+    )
     return np.asarray(logits, np.float64)

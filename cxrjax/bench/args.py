@@ -44,28 +44,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="densenet121", help="densenet121|densenet169|densenet201|tiny")
     p.add_argument("--sizes", type=_ints, default=(224,), help="image sizes, e.g. 224,320,512,1024")
     p.add_argument("--dtypes", type=_choices(DTYPES), default=("bfloat16",), help="float32,bfloat16")
-    p.add_argument("--remat", type=_remat_modes, default=("none",),
-                   help="model.remat values to measure: none,dense_layers,all")
-    p.add_argument("--batch", type=_ints, default=(32,),
-                   help="batch per device: one value, or one per size (e.g. 64,32,16,4)")
+    p.add_argument(
+        "--remat", type=_remat_modes, default=("none",), help="model.remat values to measure: none,dense_layers,all"
+    )
+    p.add_argument(
+        "--batch", type=_ints, default=(32,), help="batch per device: one value, or one per size (e.g. 64,32,16,4)"
+    )
     p.add_argument("--steps", type=int, default=20, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--peers", type=_choices(PEERS), default=(), help="torch,torch_compile,keras")
-    p.add_argument("--memory-budget-gb", type=float, default=0.0,
-                   help="also find the largest batch per device whose compiled step fits this many GiB")
+    p.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        default=0.0,
+        help="also find the largest batch per device whose compiled step fits this many GiB",
+    )
     p.add_argument("--scaling", action="store_true", help="also measure 1/2/4/8 devices (simulated on CPU)")
-    p.add_argument("--prepared", type=Path, default=None,
-                   help="a `cxrjax prepare` output: also time the step fed by the grain pipeline")
+    p.add_argument(
+        "--prepared",
+        type=Path,
+        default=None,
+        help="a `cxrjax prepare` output: also time the step fed by the grain pipeline",
+    )
     p.add_argument("--workers", type=int, default=0, help="grain decode processes for --prepared")
-    p.add_argument("--deadline-s", type=float, default=0.0,
-                   help="stop starting cases after this many seconds; later cases are recorded as skipped: time")
+    p.add_argument(
+        "--deadline-s",
+        type=float,
+        default=0.0,
+        help="stop starting cases after this many seconds; later cases are recorded as skipped: time",
+    )
 
 
 def command_line(args: argparse.Namespace, prog: str) -> str:
     """The parsed arguments written back as one complete command, to reproduce the run."""
-    words = [*shlex.split(prog), "--out", str(args.out), "--arch", args.arch,
-             "--sizes", ",".join(map(str, args.sizes)), "--dtypes", ",".join(args.dtypes),
-             "--remat", ",".join(args.remat), "--batch", ",".join(map(str, args.batch)),
-             "--steps", str(args.steps)]
+    words = [
+        *shlex.split(prog),
+        "--out",
+        str(args.out),
+        "--arch",
+        args.arch,
+        "--sizes",
+        ",".join(map(str, args.sizes)),
+        "--dtypes",
+        ",".join(args.dtypes),
+        "--remat",
+        ",".join(args.remat),
+        "--batch",
+        ",".join(map(str, args.batch)),
+        "--steps",
+        str(args.steps),
+    ]
     if args.peers:
         words += ["--peers", ",".join(args.peers)]
     if args.memory_budget_gb:
@@ -85,10 +112,19 @@ def run(args: argparse.Namespace, prog: str) -> int:
 
     try:
         options = BenchOptions(
-            out=args.out, arch=args.arch, sizes=args.sizes, dtypes=args.dtypes,
-            remat=args.remat, batch=args.batch, steps=args.steps, peers=args.peers,
-            memory_budget_gb=args.memory_budget_gb, scaling=args.scaling,
-            prepared=str(args.prepared) if args.prepared else "", workers=args.workers, deadline_s=args.deadline_s,
+            out=args.out,
+            arch=args.arch,
+            sizes=args.sizes,
+            dtypes=args.dtypes,
+            remat=args.remat,
+            batch=args.batch,
+            steps=args.steps,
+            peers=args.peers,
+            memory_budget_gb=args.memory_budget_gb,
+            scaling=args.scaling,
+            prepared=str(args.prepared) if args.prepared else "",
+            workers=args.workers,
+            deadline_s=args.deadline_s,
         )
     except ValueError as e:
         print(f"cxrjax bench: error: {e}", file=sys.stderr)

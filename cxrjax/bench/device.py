@@ -37,7 +37,10 @@ PEAKS: tuple[DevicePeak, ...] = (
     DevicePeak("H200 SXM", "h200", 989.5 * TERA, 494.5 * TERA, H200_SOURCE),
     DevicePeak("A100", "a100", 312.0 * TERA, 156.0 * TERA, "NVIDIA A100 Tensor Core GPU datasheet"),
     DevicePeak(
-        "A10G", "a10g", 70.0 * TERA, 35.0 * TERA,
+        "A10G",
+        "a10g",
+        70.0 * TERA,
+        35.0 * TERA,
         "no NVIDIA datasheet exists for the AWS-only A10G; 80 SMs x 256 dense BF16 FMA/clock x 1.71 GHz"
         " boost, as in third-party A10 vs A10G spec tables (the A10 itself is 125 TFLOP/s BF16)",
     ),
@@ -55,8 +58,9 @@ def peak_flops(device_name: str, dtype: str) -> float | None:
     return None if peak is None else getattr(peak, dtype)
 
 
-def mfu(model_flops_per_image: float | None, images_per_s_per_device: float | None,
-        device_name: str, dtype: str) -> float | None:
+def mfu(
+    model_flops_per_image: float | None, images_per_s_per_device: float | None, device_name: str, dtype: str
+) -> float | None:
     """Model FLOPs utilization of one device; None when any input is unknown."""
     peak = peak_flops(device_name, dtype)
     if peak is None or not model_flops_per_image or not images_per_s_per_device:
@@ -65,8 +69,18 @@ def mfu(model_flops_per_image: float | None, images_per_s_per_device: float | No
 
 
 LIBRARIES = (
-    "cxrjax", "jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "flax", "optax", "numpy",
-    "torch", "torchvision", "keras", "grain",
+    "cxrjax",
+    "jax",
+    "jaxlib",
+    "jax-cuda12-plugin",
+    "jax-cuda13-plugin",
+    "flax",
+    "optax",
+    "numpy",
+    "torch",
+    "torchvision",
+    "keras",
+    "grain",
 )
 
 

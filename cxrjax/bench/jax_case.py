@@ -85,8 +85,9 @@ def build_steps(cfg, size: int, mesh, labels: np.ndarray) -> Steps:
     sharding = jax.tree.map(lambda _: replicated(mesh), shapes)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, sharding)
     train_step, eval_step = make_steps(model, loss_fn, mesh, sharding, mean=mean, std=std, l2=cfg.loss.l2)
-    return Steps(mesh, size, cfg.model.in_channels, train_step, eval_step,
-                 jax.jit(create, out_shardings=sharding), abstract)
+    return Steps(
+        mesh, size, cfg.model.in_channels, train_step, eval_step, jax.jit(create, out_shardings=sharding), abstract
+    )
 
 
 def synthetic_host_batch(global_batch: int, size: int, seed: int = 0) -> dict:
@@ -145,8 +146,9 @@ class _Trainer:
 def _model_train_flops(spec: CaseSpec, steps: Steps, global_batch: int, labels) -> float | None:
     """Training FLOPs of the same step without remat: the work the model needs."""
     plain = build_steps(training_config(spec.arch, spec.dtype, "none"), spec.size, steps.mesh, labels)
-    return _per_image(flops(plain.train_step.lower(plain.abstract_state, plain.abstract_batch(global_batch))),
-                      global_batch)
+    return _per_image(
+        flops(plain.train_step.lower(plain.abstract_state, plain.abstract_batch(global_batch))), global_batch
+    )
 
 
 def measure_case(spec: CaseSpec) -> dict:
@@ -159,17 +161,30 @@ def measure_case(spec: CaseSpec) -> dict:
     steps = build_steps(cfg, spec.size, mesh, host["labels"])
     batch = to_global(host, mesh)
     state = steps.new_state()
-    common = {"status": "ok", "devices": n, "global_batch": global_batch,
-              "device_kind": devices[0].device_kind, "platform": devices[0].platform}
+    common = {
+        "status": "ok",
+        "devices": n,
+        "global_batch": global_batch,
+        "device_kind": devices[0].device_kind,
+        "platform": devices[0].platform,
+    }
 
     rows = []
     if spec.inference:  # first: its allocator peak is read before training raises it
         lowered, compiled, compile_s = compile_timed(steps.eval_step, state, batch)
         timing = time_steps(functools.partial(compiled, state, batch), jax.block_until_ready, spec.steps)
         infer_flops = _per_image(flops(lowered), global_batch)
-        rows.append(spec.row(task="inference", **common, compile_s=compile_s, **timing.fields(global_batch, n),
-                             flops_per_image=infer_flops, model_flops_per_image=infer_flops,
-                             **_memory_fields(compiled, devices, spec.batch)))
+        rows.append(
+            spec.row(
+                task="inference",
+                **common,
+                compile_s=compile_s,
+                **timing.fields(global_batch, n),
+                flops_per_image=infer_flops,
+                model_flops_per_image=infer_flops,
+                **_memory_fields(compiled, devices, spec.batch),
+            )
+        )
 
     lowered, compiled, compile_s = compile_timed(steps.train_step, state, batch)
     trainer = _Trainer(compiled, state)
@@ -178,11 +193,16 @@ def measure_case(spec: CaseSpec) -> dict:
     train_flops = _per_image(flops(lowered), global_batch)
     plain = spec.remat == "none"
     model_flops = train_flops if plain else _model_train_flops(spec, steps, global_batch, host["labels"])
-    train = spec.row(task="train", **common, compile_s=compile_s, **timing.fields(global_batch, n),
-                     flops_per_image=train_flops, model_flops_per_image=model_flops,
-                     saved_activation_bytes_per_image=saved_activation_bytes_per_image(
-                         build_model(cfg.model), spec.size),
-                     **_memory_fields(compiled, devices, spec.batch))
+    train = spec.row(
+        task="train",
+        **common,
+        compile_s=compile_s,
+        **timing.fields(global_batch, n),
+        flops_per_image=train_flops,
+        model_flops_per_image=model_flops,
+        saved_activation_bytes_per_image=saved_activation_bytes_per_image(build_model(cfg.model), spec.size),
+        **_memory_fields(compiled, devices, spec.batch),
+    )
     rows.append(train)
 
     if spec.prepared:
@@ -201,15 +221,29 @@ def _measure_fed(spec: CaseSpec, trainer: _Trainer, mesh, common: dict, syntheti
     if len(source) < global_batch:
         reason = f"{spec.prepared}/train has {len(source)} images, fewer than one batch of {global_batch}"
         return spec.row(task="train_fed", **{**common, "status": "skipped"}, reason=reason)
-    loader = make_loader(source, batch_size=per_process_batch(global_batch, mesh), image_size=spec.size,
-                         seed=0, train=True, augment=AugmentConfig(), workers=spec.workers)
+    loader = make_loader(
+        source,
+        batch_size=per_process_batch(global_batch, mesh),
+        image_size=spec.size,
+        seed=0,
+        train=True,
+        augment=AugmentConfig(),
+        workers=spec.workers,
+    )
     batches = iter(loader)
     timing = time_steps(lambda: trainer.step(to_global(next(batches), mesh)), jax.block_until_ready, spec.steps)
     fields = timing.fields(global_batch, common["devices"])
     fraction = fields["images_per_s"] / synthetic["images_per_s"]
-    return spec.row(task="train_fed", **common, **fields, prepared=spec.prepared, workers=spec.workers,
-                    synthetic_images_per_s=synthetic["images_per_s"], fed_fraction=fraction,
-                    input_bound=bool(fraction < 0.9))
+    return spec.row(
+        task="train_fed",
+        **common,
+        **fields,
+        prepared=spec.prepared,
+        workers=spec.workers,
+        synthetic_images_per_s=synthetic["images_per_s"],
+        fed_fraction=fraction,
+        input_bound=bool(fraction < 0.9),
+    )
 
 
 def train_step_bytes(arch: str, size: int, dtype: str, remat: str, device, labels):
@@ -234,9 +268,14 @@ def measure_max_batch(spec: CaseSpec) -> dict:
     labels = synthetic_host_batch(spec.batch, spec.size)["labels"]
     bytes_for = train_step_bytes(spec.arch, spec.size, spec.dtype, spec.remat, device, labels)
     found = largest_batch(bytes_for, spec.memory_budget_bytes, first=spec.batch)
-    row = spec.row(task="max_batch", status="ok", device_kind=device.device_kind, platform=device.platform,
-                   memory_source="compiled.memory_analysis(): arguments + outputs - aliased + temporaries",
-                   **found)
+    row = spec.row(
+        task="max_batch",
+        status="ok",
+        device_kind=device.device_kind,
+        platform=device.platform,
+        memory_source="compiled.memory_analysis(): arguments + outputs - aliased + temporaries",
+        **found,
+    )
     return {"measurements": [], "max_batch": [row], "scaling": []}
 
 
@@ -247,8 +286,13 @@ def measure_scaling(spec: CaseSpec) -> dict:
     cfg = training_config(spec.arch, spec.dtype, spec.remat)
     rows = []
     for n in SCALING_DEVICES:
-        common = {"task": "scaling", "devices": n, "global_batch": spec.batch * n,
-                  "device_kind": devices[0].device_kind, "platform": devices[0].platform}
+        common = {
+            "task": "scaling",
+            "devices": n,
+            "global_batch": spec.batch * n,
+            "device_kind": devices[0].device_kind,
+            "platform": devices[0].platform,
+        }
         if n > len(devices):
             rows.append(spec.row(**common, status="skipped", reason=f"only {len(devices)} devices"))
             continue

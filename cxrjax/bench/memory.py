@@ -26,9 +26,7 @@ def compiled_memory(compiled) -> dict | None:
         "alias_bytes": int(stats.alias_size_in_bytes),
         "temp_bytes": int(stats.temp_size_in_bytes),
     }
-    parts["total_bytes"] = (
-        parts["argument_bytes"] + parts["output_bytes"] - parts["alias_bytes"] + parts["temp_bytes"]
-    )
+    parts["total_bytes"] = parts["argument_bytes"] + parts["output_bytes"] - parts["alias_bytes"] + parts["temp_bytes"]
     return parts
 
 
@@ -61,9 +59,14 @@ def largest_batch(bytes_for: Callable[[int], int], budget_bytes: int, limit: int
         return probes[b] <= budget_bytes
 
     def result(batch: int) -> dict:
-        return {"batch": batch, "budget_bytes": int(budget_bytes), "limit": limit,
-                "bytes_at_batch": probes.get(batch), "bytes_at_next": probes.get(batch + 1),
-                "probes": dict(sorted(probes.items()))}
+        return {
+            "batch": batch,
+            "budget_bytes": int(budget_bytes),
+            "limit": limit,
+            "bytes_at_batch": probes.get(batch),
+            "bytes_at_next": probes.get(batch + 1),
+            "probes": dict(sorted(probes.items())),
+        }
 
     a = min(max(first, 1), limit)
     if not fits(a):

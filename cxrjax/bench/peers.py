@@ -55,8 +55,13 @@ class _TorchDenseNet:
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda" if self.cuda else "cpu")
         a = arch_spec(spec.arch)
-        model = torchvision.models.DenseNet(a.growth_rate, a.block_config, a.init_features,
-                                            num_classes=NUM_FINDINGS, memory_efficient=spec.remat != "none")
+        model = torchvision.models.DenseNet(
+            a.growth_rate,
+            a.block_config,
+            a.init_features,
+            num_classes=NUM_FINDINGS,
+            memory_efficient=spec.remat != "none",
+        )
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, eps=1e-7, fused=self.cuda)
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
@@ -118,17 +123,29 @@ def measure_torch(spec: CaseSpec) -> dict:
         if not cuda:
             return {"peak_bytes": None, "peak_bytes_source": None, "bytes_per_image": None}
         value = int(torch.cuda.max_memory_allocated())
-        return {"peak_bytes": value, "peak_bytes_source": "torch.cuda.max_memory_allocated()",
-                "bytes_per_image": value / spec.batch, "bytes_per_image_source": "peak_bytes"}
+        return {
+            "peak_bytes": value,
+            "peak_bytes_source": "torch.cuda.max_memory_allocated()",
+            "bytes_per_image": value / spec.batch,
+            "bytes_per_image_source": "peak_bytes",
+        }
 
-    common = {"status": "ok", "devices": 1, "global_batch": spec.batch, "platform": "gpu" if cuda else "cpu",
-              "device_kind": torch.cuda.get_device_name(net.device) if cuda else "cpu",
-              "channels_last": True, "autocast_bfloat16": spec.dtype == "bfloat16",
-              "memory_efficient": spec.remat != "none"}
+    common = {
+        "status": "ok",
+        "devices": 1,
+        "global_batch": spec.batch,
+        "platform": "gpu" if cuda else "cpu",
+        "device_kind": torch.cuda.get_device_name(net.device) if cuda else "cpu",
+        "channels_last": True,
+        "autocast_bfloat16": spec.dtype == "bfloat16",
+        "memory_efficient": spec.remat != "none",
+    }
     rows = []
-    steps = (("inference", lambda: net.infer(images), net.model.eval),
-             ("train", lambda: net.train(images, labels), net.model.train))
-    for task, step, mode in steps[0 if spec.inference else 1:]:
+    steps = (
+        ("inference", lambda: net.infer(images), net.model.eval),
+        ("train", lambda: net.train(images, labels), net.model.train),
+    )
+    for task, step, mode in steps[0 if spec.inference else 1 :]:
         mode()
         if cuda:
             torch.cuda.reset_peak_memory_stats(net.device)
@@ -169,10 +186,15 @@ def measure_torch_max_batch(spec: CaseSpec) -> dict:
             torch.cuda.empty_cache()
 
     found = largest_batch(bytes_for, spec.memory_budget_bytes, first=spec.batch)
-    row = spec.row(task="max_batch", status="ok", platform="gpu", device_kind=torch.cuda.get_device_name(net.device),
-                   memory_source="torch.cuda.max_memory_allocated() of a real step, allocator capped at the budget "
-                                 "(set_per_process_memory_fraction); out of memory counts as over the budget",
-                   **found)
+    row = spec.row(
+        task="max_batch",
+        status="ok",
+        platform="gpu",
+        device_kind=torch.cuda.get_device_name(net.device),
+        memory_source="torch.cuda.max_memory_allocated() of a real step, allocator capped at the budget "
+        "(set_per_process_memory_fraction); out of memory counts as over the budget",
+        **found,
+    )
     return {"measurements": [], "max_batch": [row], "scaling": []}
 
 
@@ -196,24 +218,39 @@ def measure_keras(spec: CaseSpec) -> dict:
 
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if spec.dtype == "bfloat16" else "float32")
     build = getattr(keras.applications, KERAS_APPLICATIONS[spec.arch])
-    model = build(weights=None, input_shape=(spec.size, spec.size, 3), classes=NUM_FINDINGS,
-                  classifier_activation=None)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3, epsilon=1e-7),
-                  loss=keras.losses.BinaryCrossentropy(from_logits=True), jit_compile=True)
+    model = build(weights=None, input_shape=(spec.size, spec.size, 3), classes=NUM_FINDINGS, classifier_activation=None)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3, epsilon=1e-7),
+        loss=keras.losses.BinaryCrossentropy(from_logits=True),
+        jit_compile=True,
+    )
     host_images, host_labels = _host_batch(spec)
     x = (np.repeat(host_images, 3, axis=-1) / 255.0 - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
     x, y = jax.device_put(x.astype(np.float32)), jax.device_put(host_labels)
     devices = jax.local_devices()[:1]
-    common = {"status": "ok", "devices": 1, "global_batch": spec.batch, "platform": devices[0].platform,
-              "device_kind": devices[0].device_kind, "keras_policy": keras.mixed_precision.global_policy().name,
-              "input_preprocessing": "normalized on the host once (not in the timed step)"}
+    common = {
+        "status": "ok",
+        "devices": 1,
+        "global_batch": spec.batch,
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "keras_policy": keras.mixed_precision.global_policy().name,
+        "input_preprocessing": "normalized on the host once (not in the timed step)",
+    }
     rows = []
     steps = (("inference", lambda: model.predict_on_batch(x)), ("train", lambda: model.train_on_batch(x, y)))
-    for task, step in steps[0 if spec.inference else 1:]:  # both return host values, so each step is waited for
+    for task, step in steps[0 if spec.inference else 1 :]:  # both return host values, so each step is waited for
         timing = time_steps(step, lambda _: None, spec.steps)
         peak = device_peak_bytes(devices)
-        rows.append(spec.row(task=task, **common, **timing.fields(spec.batch, 1), peak_bytes=peak,
-                             peak_bytes_source=PEAK_SOURCE if peak is not None else None,
-                             bytes_per_image=None if peak is None else peak / spec.batch,
-                             bytes_per_image_source="peak_bytes" if peak is not None else None))
+        rows.append(
+            spec.row(
+                task=task,
+                **common,
+                **timing.fields(spec.batch, 1),
+                peak_bytes=peak,
+                peak_bytes_source=PEAK_SOURCE if peak is not None else None,
+                bytes_per_image=None if peak is None else peak / spec.batch,
+                bytes_per_image_source="peak_bytes" if peak is not None else None,
+            )
+        )
     return {"measurements": rows, "max_batch": [], "scaling": []}

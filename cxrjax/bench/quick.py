@@ -49,8 +49,15 @@ SMOKE = QuickSettings("tiny", 32, 64, 4, 2, 2, 0.05, 12)
 
 def quick_plan(s: QuickSettings, prepared: str = "", workers: int = 0) -> list[CaseSpec]:
     """The cases, most important first (see the module docstring)."""
-    full = {"arch": s.arch, "size": s.full, "dtype": "bfloat16", "remat": "all", "batch": s.full_batch,
-            "steps": s.steps, "inference": False}
+    full = {
+        "arch": s.arch,
+        "size": s.full,
+        "dtype": "bfloat16",
+        "remat": "all",
+        "batch": s.full_batch,
+        "steps": s.steps,
+        "inference": False,
+    }
     small = {**full, "size": s.small, "remat": "none", "batch": s.small_batch}
     budget = int(s.budget_gb * GIB)
     return [
@@ -73,15 +80,19 @@ def synthetic_prepare(out: Path, s: QuickSettings, workers: int) -> str:
     from cxrjax.data.synth import write_synthetic_nih
 
     write_synthetic_nih(out / "nih", num_patients=s.synthetic_patients, image_size=s.full, seed=0)
-    options = PrepareOptions(image_size=s.full, split="random", fractions=(0.8, 0.1, 0.1), source_size=0,
-                             workers=workers)
+    options = PrepareOptions(
+        image_size=s.full, split="random", fractions=(0.8, 0.1, 0.1), source_size=0, workers=workers
+    )
     prepare(out / "nih", out / "prepared", options)
     return str(out / "prepared")
 
 
 def target_lines(results: dict) -> list[str]:
-    lines = [f"ratio: train {r['size']}px {r['dtype']} remat {r['remat']}: cxrjax ÷ {r['peer']} "
-             f"= {r['speedup']:.2f} (images/s)" for r in results["ratios"]]
+    lines = [
+        f"ratio: train {r['size']}px {r['dtype']} remat {r['remat']}: cxrjax ÷ {r['peer']} "
+        f"= {r['speedup']:.2f} (images/s)"
+        for r in results["ratios"]
+    ]
     for t in results["targets"]:
         value = "—" if t["value"] is None else f"{t['value']:.3g}"
         lines.append(f"target: {t['target']}: {value}: {t['status']}")
@@ -89,20 +100,33 @@ def target_lines(results: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cxrjax.bench.quick", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m cxrjax.bench.quick", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True, help="results folder, e.g. benchmarks/results/h200")
     parser.add_argument("--smoke", action="store_true", help="tiny architecture at 32 and 64 px, for a CPU check")
-    parser.add_argument("--deadline-s", type=float, default=0.0,
-                        help="stop starting cases after this many seconds (0: none); the rest is 'skipped: time'")
-    parser.add_argument("--batch", default="",
-                        help="batch per device at the small and full size, e.g. 64,8 on a 24 GB card "
-                             f"(default {GPU.small_batch},{GPU.full_batch}; smoke {SMOKE.small_batch},{SMOKE.full_batch})")
-    parser.add_argument("--prepared", type=Path, default=None,
-                        help="a `cxrjax prepare` output at the full size for the grain-fed case "
-                             "(default: a synthetic one made on the spot)")
-    parser.add_argument("--workers", type=int, default=-1,
-                        help="grain decode processes (default: every core; smoke: 0, in-process)")
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=0.0,
+        help="stop starting cases after this many seconds (0: none); the rest is 'skipped: time'",
+    )
+    parser.add_argument(
+        "--batch",
+        default="",
+        help="batch per device at the small and full size, e.g. 64,8 on a 24 GB card "
+        f"(default {GPU.small_batch},{GPU.full_batch}; smoke {SMOKE.small_batch},{SMOKE.full_batch})",
+    )
+    parser.add_argument(
+        "--prepared",
+        type=Path,
+        default=None,
+        help="a `cxrjax prepare` output at the full size for the grain-fed case "
+        "(default: a synthetic one made on the spot)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=-1, help="grain decode processes (default: every core; smoke: 0, in-process)"
+    )
     args = parser.parse_args(argv)
     show_library_logs()
     settings = SMOKE if args.smoke else GPU
@@ -124,10 +148,13 @@ def main(argv: list[str] | None = None) -> int:
                 prepared = synthetic_prepare(Path(tmp), settings, workers)
             except ImportError as e:  # grain's or the record libraries' wheels missing: the fed case goes
                 print(f"quick: no grain-fed case: {e}")
-        options = {**dataclasses.asdict(settings), "prepared": prepared, "workers": workers,
-                   "deadline_s": args.deadline_s}
-        results = run_cases(quick_plan(settings, prepared, workers), args.out, NAME, command, options,
-                            args.deadline_s)
+        options = {
+            **dataclasses.asdict(settings),
+            "prepared": prepared,
+            "workers": workers,
+            "deadline_s": args.deadline_s,
+        }
+        results = run_cases(quick_plan(settings, prepared, workers), args.out, NAME, command, options, args.deadline_s)
     print(f"quick: {args.out / (NAME + '.md')}, every case in {args.out / (NAME + '.jsonl')}")
     for line in target_lines(results):
         print(line)

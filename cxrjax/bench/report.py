@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from cxrjax.bench.memory import GIB, MIB
+
 NA = "—"
 EXPLAINER = (
     "Throughput comes from steps launched back to back; step time is the median of steps waited for "
@@ -42,73 +43,185 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def measurements_table(rows: list[dict]) -> str:
-    header = ["task", "framework", "px", "dtype", "remat", "devices", "batch/device", "images/s",
-              "images/s/device", "step ms (median)", "compile s", "first call s", "GFLOP/image", "MFU",
-              "peak GiB", "MiB/image", "saved MiB/image", "status"]
+    header = [
+        "task",
+        "framework",
+        "px",
+        "dtype",
+        "remat",
+        "devices",
+        "batch/device",
+        "images/s",
+        "images/s/device",
+        "step ms (median)",
+        "compile s",
+        "first call s",
+        "GFLOP/image",
+        "MFU",
+        "peak GiB",
+        "MiB/image",
+        "saved MiB/image",
+        "status",
+    ]
     body = []
     for r in rows:
         note = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}"
-        body.append([
-            r["task"], r["framework"], str(r["size"]), r["dtype"], _remat(r), str(r.get("devices") or NA),
-            str(r["batch_per_device"]), _fmt(r.get("images_per_s"), ".1f"),
-            _fmt(r.get("images_per_s_per_device"), ".1f"), _fmt(r.get("step_s_median"), ".1f", 1e3),
-            _fmt(r.get("compile_s"), ".1f"), _fmt(r.get("first_step_s"), ".2f"),
-            _fmt(r.get("flops_per_image"), ".3f", 1e-9), _fmt(r.get("mfu"), ".1%"),
-            _fmt(r.get("peak_bytes"), ".2f", 1 / GIB), _fmt(r.get("bytes_per_image"), ".1f", 1 / MIB),
-            _fmt(r.get("saved_activation_bytes_per_image"), ".1f", 1 / MIB), note.replace("|", "/"),
-        ])
+        body.append(
+            [
+                r["task"],
+                r["framework"],
+                str(r["size"]),
+                r["dtype"],
+                _remat(r),
+                str(r.get("devices") or NA),
+                str(r["batch_per_device"]),
+                _fmt(r.get("images_per_s"), ".1f"),
+                _fmt(r.get("images_per_s_per_device"), ".1f"),
+                _fmt(r.get("step_s_median"), ".1f", 1e3),
+                _fmt(r.get("compile_s"), ".1f"),
+                _fmt(r.get("first_step_s"), ".2f"),
+                _fmt(r.get("flops_per_image"), ".3f", 1e-9),
+                _fmt(r.get("mfu"), ".1%"),
+                _fmt(r.get("peak_bytes"), ".2f", 1 / GIB),
+                _fmt(r.get("bytes_per_image"), ".1f", 1 / MIB),
+                _fmt(r.get("saved_activation_bytes_per_image"), ".1f", 1 / MIB),
+                note.replace("|", "/"),
+            ]
+        )
     return table(header, body)
 
 
 def ratios_table(ratios: list[dict]) -> str:
-    header = ["task", "px", "dtype", "remat", "peer", "cxrjax images/s/device", "peer images/s/device",
-              "cxrjax ÷ peer (images/s)", "cxrjax ÷ peer (median step)", "cxrjax MiB/image", "peer MiB/image"]
-    return table(header, [[
-        r["task"], str(r["size"]), r["dtype"], _remat(r), r["peer"],
-        _fmt(r["cxrjax_images_per_s_per_device"], ".1f"), _fmt(r["peer_images_per_s_per_device"], ".1f"),
-        _fmt(r["speedup"], ".2f"), _fmt(r["speedup_median_step"], ".2f"),
-        _fmt(r["cxrjax_bytes_per_image"], ".1f", 1 / MIB),
-        _fmt(r["peer_bytes_per_image"], ".1f", 1 / MIB),
-    ] for r in ratios])
+    header = [
+        "task",
+        "px",
+        "dtype",
+        "remat",
+        "peer",
+        "cxrjax images/s/device",
+        "peer images/s/device",
+        "cxrjax ÷ peer (images/s)",
+        "cxrjax ÷ peer (median step)",
+        "cxrjax MiB/image",
+        "peer MiB/image",
+    ]
+    return table(
+        header,
+        [
+            [
+                r["task"],
+                str(r["size"]),
+                r["dtype"],
+                _remat(r),
+                r["peer"],
+                _fmt(r["cxrjax_images_per_s_per_device"], ".1f"),
+                _fmt(r["peer_images_per_s_per_device"], ".1f"),
+                _fmt(r["speedup"], ".2f"),
+                _fmt(r["speedup_median_step"], ".2f"),
+                _fmt(r["cxrjax_bytes_per_image"], ".1f", 1 / MIB),
+                _fmt(r["peer_bytes_per_image"], ".1f", 1 / MIB),
+            ]
+            for r in ratios
+        ],
+    )
 
 
 def max_batch_table(rows: list[dict]) -> str:
-    header = ["framework", "px", "dtype", "remat", "budget", "largest batch/device", "step memory at batch",
-              "at batch + 1", "probes", "status"]
+    header = [
+        "framework",
+        "px",
+        "dtype",
+        "remat",
+        "budget",
+        "largest batch/device",
+        "step memory at batch",
+        "at batch + 1",
+        "probes",
+        "status",
+    ]
     body = []
     for r in rows:
         if r["status"] != "ok":
-            body.append([r["framework"], str(r["size"]), r["dtype"], _remat(r), *[NA] * 5,
-                         f"{r['status']}: {r.get('reason', '')}".replace("|", "/")])
+            body.append(
+                [
+                    r["framework"],
+                    str(r["size"]),
+                    r["dtype"],
+                    _remat(r),
+                    *[NA] * 5,
+                    f"{r['status']}: {r.get('reason', '')}".replace("|", "/"),
+                ]
+            )
             continue
-        body.append([r["framework"], str(r["size"]), r["dtype"], _remat(r), _bytes(r["budget_bytes"]), str(r["batch"]),
-                     _bytes(r["bytes_at_batch"]), _bytes(r["bytes_at_next"]), str(len(r["probes"])), "ok"])
+        body.append(
+            [
+                r["framework"],
+                str(r["size"]),
+                r["dtype"],
+                _remat(r),
+                _bytes(r["budget_bytes"]),
+                str(r["batch"]),
+                _bytes(r["bytes_at_batch"]),
+                _bytes(r["bytes_at_next"]),
+                str(len(r["probes"])),
+                "ok",
+            ]
+        )
     return table(header, body)
 
 
 def scaling_table(rows: list[dict]) -> str:
-    header = ["px", "dtype", "remat", "devices", "batch/device", "images/s", "images/s/device", "efficiency",
-              "status"]
-    return table(header, [[
-        str(r["size"]), r["dtype"], _remat(r), str(r["devices"]), str(r["batch_per_device"]),
-        _fmt(r.get("images_per_s"), ".1f"), _fmt(r.get("images_per_s_per_device"), ".1f"),
-        _fmt(r.get("efficiency"), ".2f"), r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason')}",
-    ] for r in rows])
+    header = ["px", "dtype", "remat", "devices", "batch/device", "images/s", "images/s/device", "efficiency", "status"]
+    return table(
+        header,
+        [
+            [
+                str(r["size"]),
+                r["dtype"],
+                _remat(r),
+                str(r["devices"]),
+                str(r["batch_per_device"]),
+                _fmt(r.get("images_per_s"), ".1f"),
+                _fmt(r.get("images_per_s_per_device"), ".1f"),
+                _fmt(r.get("efficiency"), ".2f"),
+                r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason')}",
+            ]
+            for r in rows
+        ],
+    )
 
 
 def fed_table(rows: list[dict]) -> str:
-    header = ["px", "dtype", "remat", "workers", "synthetic images/s", "grain-fed images/s", "fed ÷ synthetic",
-              "input-bound"]
-    return table(header, [[
-        str(r["size"]), r["dtype"], _remat(r), str(r.get("workers", NA)), _fmt(r.get("synthetic_images_per_s"), ".1f"),
-        _fmt(r.get("images_per_s"), ".1f"), _fmt(r.get("fed_fraction"), ".2f"),
-        NA if r["status"] != "ok" else ("yes" if r["input_bound"] else "no"),
-    ] for r in rows])
+    header = [
+        "px",
+        "dtype",
+        "remat",
+        "workers",
+        "synthetic images/s",
+        "grain-fed images/s",
+        "fed ÷ synthetic",
+        "input-bound",
+    ]
+    return table(
+        header,
+        [
+            [
+                str(r["size"]),
+                r["dtype"],
+                _remat(r),
+                str(r.get("workers", NA)),
+                _fmt(r.get("synthetic_images_per_s"), ".1f"),
+                _fmt(r.get("images_per_s"), ".1f"),
+                _fmt(r.get("fed_fraction"), ".2f"),
+                NA if r["status"] != "ok" else ("yes" if r["input_bound"] else "no"),
+            ]
+            for r in rows
+        ],
+    )
 
 
 def targets_table(rows: list[dict]) -> str:
-    return table(["target", "measured", "status"],
-                 [[t["target"], _fmt(t["value"], ".2f"), t["status"]] for t in rows])
+    return table(["target", "measured", "status"], [[t["target"], _fmt(t["value"], ".2f"), t["status"]] for t in rows])
 
 
 def markdown(results: dict) -> str:
@@ -137,11 +250,13 @@ def markdown(results: dict) -> str:
         "",
         measurements_table(steady),
     ]
-    sections = (("Same-run ratios (cxrjax ÷ peer, per device)", results["ratios"], ratios_table),
-                ("Training fed by the grain pipeline", fed, fed_table),
-                ("Largest batch under the memory budget", results["max_batch"], max_batch_table),
-                ("Scaling over devices (fixed batch per device)", results["scaling"], scaling_table),
-                ("Targets (judged on GPU rows only, saved activations on any)", results["targets"], targets_table))
+    sections = (
+        ("Same-run ratios (cxrjax ÷ peer, per device)", results["ratios"], ratios_table),
+        ("Training fed by the grain pipeline", fed, fed_table),
+        ("Largest batch under the memory budget", results["max_batch"], max_batch_table),
+        ("Scaling over devices (fixed batch per device)", results["scaling"], scaling_table),
+        ("Targets (judged on GPU rows only, saved activations on any)", results["targets"], targets_table),
+    )
     for title, items, render in sections:
         if items:
             parts += ["", f"## {title}", "", render(items)]
@@ -159,24 +274,38 @@ def plot(results: dict, out: Path, stem: str) -> list[str]:
     written = []
 
     colors = {"cxrjax": "tab:blue", "torch": "tab:orange", "torch_compile": "tab:green", "keras": "tab:red"}
-    series_keys = sorted({(r["framework"], r["dtype"], r["remat"]) for r in ok},
-                         key=lambda k: (list(colors).index(k[0]), k[1], k[2]))
+    series_keys = sorted(
+        {(r["framework"], r["dtype"], r["remat"]) for r in ok}, key=lambda k: (list(colors).index(k[0]), k[1], k[2])
+    )
     sizes = sorted({r["size"] for r in ok})
     width = 0.8 / max(len(series_keys), 1)
-    figures = ((f"{stem}-throughput.png", "images_per_s_per_device", "images/s per device", 1.0),
-               (f"{stem}-memory.png", "bytes_per_image", "MiB per image (peak, else compiled)", 1 / MIB))
+    figures = (
+        (f"{stem}-throughput.png", "images_per_s_per_device", "images/s per device", 1.0),
+        (f"{stem}-memory.png", "bytes_per_image", "MiB per image (peak, else compiled)", 1 / MIB),
+    )
     for name, value, ylabel, scale in figures:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), squeeze=False)
         for ax, task in zip(axes[0], ("train", "inference"), strict=True):
             for i, (framework, dtype, remat) in enumerate(series_keys):
-                points = [(sizes.index(r["size"]), r[value]) for r in ok
-                          if r["task"] == task and (r["framework"], r["dtype"], r["remat"]) == (framework, dtype, remat)
-                          and r.get(value) is not None]
+                points = [
+                    (sizes.index(r["size"]), r[value])
+                    for r in ok
+                    if r["task"] == task
+                    and (r["framework"], r["dtype"], r["remat"]) == (framework, dtype, remat)
+                    and r.get(value) is not None
+                ]
                 offset = (i - (len(series_keys) - 1) / 2) * width
-                ax.bar([x + offset for x, _ in points], [v * scale for _, v in points], width,
-                       color=colors[framework], alpha=1.0 if dtype == "float32" else 0.5,
-                       hatch={"none": None, "dense_layers": "//", "all": "xx"}.get(remat), edgecolor="black",
-                       linewidth=0.3, label=f"{framework} {dtype} remat {remat}")
+                ax.bar(
+                    [x + offset for x, _ in points],
+                    [v * scale for _, v in points],
+                    width,
+                    color=colors[framework],
+                    alpha=1.0 if dtype == "float32" else 0.5,
+                    hatch={"none": None, "dense_layers": "//", "all": "xx"}.get(remat),
+                    edgecolor="black",
+                    linewidth=0.3,
+                    label=f"{framework} {dtype} remat {remat}",
+                )
             ax.set_xticks(range(len(sizes)), [f"{s} px" for s in sizes])
             ax.set(title=task, ylabel=ylabel)
             ax.grid(alpha=0.3, axis="y")

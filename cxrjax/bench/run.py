@@ -88,8 +88,7 @@ def plan(o: BenchOptions) -> list[CaseSpec]:
     for size, batch in zip(o.sizes, batches, strict=True):
         for dtype in o.dtypes:
             for remat in o.remat:
-                same = {"arch": o.arch, "size": size, "dtype": dtype, "remat": remat,
-                        "batch": batch, "steps": o.steps}
+                same = {"arch": o.arch, "size": size, "dtype": dtype, "remat": remat, "batch": batch, "steps": o.steps}
                 specs.append(CaseSpec("cxrjax", **same, prepared=o.prepared, workers=o.workers))
                 specs.extend(CaseSpec(peer, **same) for peer in o.peers)
                 if budget:
@@ -108,30 +107,44 @@ def run_in_subprocess(spec: CaseSpec, timeout_s: float | None = None) -> dict:
         result = Path(tmp) / "result.json"
         command = [sys.executable, "-m", "cxrjax.bench.worker", json.dumps(dataclasses.asdict(spec)), str(result)]
         started = time.monotonic()
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True) as proc:
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        ) as proc:
             try:
                 _, stderr = proc.communicate(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.communicate()
-                return not_measured(spec, "skipped", f"time: cut off at the deadline after "
-                                                     f"{time.monotonic() - started:.0f} s")
+                return not_measured(
+                    spec, "skipped", f"time: cut off at the deadline after {time.monotonic() - started:.0f} s"
+                )
         if proc.returncode != 0 or not result.exists():
             tail = " | ".join(stderr.strip().splitlines()[-6:])
             return not_measured(spec, "failed", f"worker exited with status {proc.returncode}: {tail}")
         return json.loads(result.read_text())
 
 
-def run_bench(o: BenchOptions, command: str, run_case: Callable[..., dict] = run_in_subprocess,
-              progress: Callable[[str], None] = log.info) -> dict:
+def run_bench(
+    o: BenchOptions,
+    command: str,
+    run_case: Callable[..., dict] = run_in_subprocess,
+    progress: Callable[[str], None] = log.info,
+) -> dict:
     """Measure every planned case and write `<arch>.json`, `.jsonl`, `.md` and plots into `o.out`."""
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(o).items()}
     return run_cases(plan(o), Path(o.out), o.arch, command, options, o.deadline_s, run_case, progress)
 
 
-def run_cases(specs: list[CaseSpec], out: Path, name: str, command: str, options: dict, deadline_s: float = 0.0,
-              run_case: Callable[..., dict] = run_in_subprocess, progress: Callable[[str], None] = log.info) -> dict:
+def run_cases(
+    specs: list[CaseSpec],
+    out: Path,
+    name: str,
+    command: str,
+    options: dict,
+    deadline_s: float = 0.0,
+    run_case: Callable[..., dict] = run_in_subprocess,
+    progress: Callable[[str], None] = log.info,
+) -> dict:
     """Run `specs` in order until `deadline_s` seconds have passed (0: no deadline)."""
     from cxrjax.bench.report import write_report
 
@@ -167,8 +180,9 @@ def summary_line(row: dict) -> str:
         return f"{head}: {row['status']}: {row.get('reason', '')}"
     if row["task"] == "max_batch":
         return f"{head}: largest batch {row['batch']} under {row['budget_bytes'] / GIB:g} GiB"
-    return (f"{head}: {row['images_per_s']:.1f} images/s, step {row['step_s_median'] * 1e3:.1f} ms"
-            + (f", compile {row['compile_s']:.1f} s" if row.get("compile_s") is not None else ""))
+    return f"{head}: {row['images_per_s']:.1f} images/s, step {row['step_s_median'] * 1e3:.1f} ms" + (
+        f", compile {row['compile_s']:.1f} s" if row.get("compile_s") is not None else ""
+    )
 
 
 def _key(row: dict, task: str | None = None) -> tuple:
@@ -188,25 +202,32 @@ def derive(results: dict) -> dict:
         mine = cxrjax.get(_key(row))
         if row["framework"] == "cxrjax" or mine is None:
             continue
-        ratios.append({
-            "task": row["task"], "arch": row["arch"], "size": row["size"], "dtype": row["dtype"],
-            "remat": row["remat"], "peer": row["framework"],
-            "cxrjax_images_per_s_per_device": mine["images_per_s_per_device"],
-            "peer_images_per_s_per_device": row["images_per_s_per_device"],
-            "speedup": mine["images_per_s_per_device"] / row["images_per_s_per_device"],
-            # Per-image time of steps waited for one by one: robust to stalls on a shared host.
-            "speedup_median_step": ((row["step_s_median"] / row["global_batch"])
-                                    / (mine["step_s_median"] / mine["global_batch"])),
-            "cxrjax_bytes_per_image": mine.get("bytes_per_image"),
-            "peer_bytes_per_image": row.get("bytes_per_image"),
-        })
+        ratios.append(
+            {
+                "task": row["task"],
+                "arch": row["arch"],
+                "size": row["size"],
+                "dtype": row["dtype"],
+                "remat": row["remat"],
+                "peer": row["framework"],
+                "cxrjax_images_per_s_per_device": mine["images_per_s_per_device"],
+                "peer_images_per_s_per_device": row["images_per_s_per_device"],
+                "speedup": mine["images_per_s_per_device"] / row["images_per_s_per_device"],
+                # Per-image time of steps waited for one by one: robust to stalls on a shared host.
+                "speedup_median_step": (
+                    (row["step_s_median"] / row["global_batch"]) / (mine["step_s_median"] / mine["global_batch"])
+                ),
+                "cxrjax_bytes_per_image": mine.get("bytes_per_image"),
+                "peer_bytes_per_image": row.get("bytes_per_image"),
+            }
+        )
     results["ratios"] = ratios
-    single = {_key(r, "train"): r["images_per_s"] for r in results["scaling"]
-              if r["status"] == "ok" and r["devices"] == 1}
+    single = {
+        _key(r, "train"): r["images_per_s"] for r in results["scaling"] if r["status"] == "ok" and r["devices"] == 1
+    }
     for row in results["scaling"]:
         base = single.get(_key(row, "train"))
-        row["efficiency"] = (row["images_per_s"] / (row["devices"] * base)
-                             if row["status"] == "ok" and base else None)
+        row["efficiency"] = row["images_per_s"] / (row["devices"] * base) if row["status"] == "ok" and base else None
     results["targets"] = targets(results["measurements"], ratios, results["max_batch"])
     return results
 
@@ -218,39 +239,82 @@ def _target(text: str, value: float | None, passed: bool) -> dict:
 
 def targets(rows: list[dict], ratios: list[dict], max_batch: list[dict]) -> list[dict]:
     """The issue's targets: GPU targets judged only from rows measured on a GPU in this run."""
-    gpu = {(r["task"], r["framework"], r["size"], r["dtype"], r["remat"]): r
-           for r in rows if r["status"] == "ok" and r["platform"] == "gpu"}
+    gpu = {
+        (r["task"], r["framework"], r["size"], r["dtype"], r["remat"]): r
+        for r in rows
+        if r["status"] == "ok" and r["platform"] == "gpu"
+    }
     full = (FULL["size"], FULL["dtype"], FULL["remat"])
     setting = f"{FULL['size']}px {FULL['dtype']} remat {FULL['remat']}"
     out = []
-    by_pair = {(r["size"], r["remat"], r["peer"]): r for r in ratios if r["task"] == "train" and r["dtype"] == "bfloat16"}
+    by_pair = {
+        (r["size"], r["remat"], r["peer"]): r for r in ratios if r["task"] == "train" and r["dtype"] == "bfloat16"
+    }
     for size, remat in TARGET_SETTINGS:
         for peer, threshold in THROUGHPUT_TARGETS:
             ratio = by_pair.get((size, remat, peer))
             measured = ratio is not None and ("train", peer, size, "bfloat16", remat) in gpu
             value = ratio["speedup"] if measured else None
-            out.append(_target(f"train {size}px bfloat16 remat {remat}: cxrjax ÷ {peer} images/s >= {threshold}",
-                               value, value is not None and value >= threshold))
+            out.append(
+                _target(
+                    f"train {size}px bfloat16 remat {remat}: cxrjax ÷ {peer} images/s >= {threshold}",
+                    value,
+                    value is not None and value >= threshold,
+                )
+            )
     train = gpu.get(("train", "cxrjax", *full))
     value = train.get("mfu") if train else None
     out.append(_target(f"train {setting}: MFU >= {MFU_TARGET:.0%}", value, value is not None and value >= MFU_TARGET))
     value = train["bytes_per_image"] / GIB if train and train.get("bytes_per_image") else None
-    out.append(_target(f"train {setting}: peak GiB per image <= {PEAK_BYTES_PER_IMAGE_TARGET / GIB}", value,
-                       value is not None and value * GIB <= PEAK_BYTES_PER_IMAGE_TARGET))
-    largest = {r["framework"]: r["batch"] for r in max_batch if r["status"] == "ok" and r["platform"] == "gpu"
-               and (r["size"], r["dtype"], r["remat"]) == full}
+    out.append(
+        _target(
+            f"train {setting}: peak GiB per image <= {PEAK_BYTES_PER_IMAGE_TARGET / GIB}",
+            value,
+            value is not None and value * GIB <= PEAK_BYTES_PER_IMAGE_TARGET,
+        )
+    )
+    largest = {
+        r["framework"]: r["batch"]
+        for r in max_batch
+        if r["status"] == "ok" and r["platform"] == "gpu" and (r["size"], r["dtype"], r["remat"]) == full
+    }
     value = largest["cxrjax"] / largest["torch"] if largest.get("torch") and "cxrjax" in largest else None
-    out.append(_target(f"{setting}: largest batch under the budget, cxrjax ÷ torch >= {MAX_BATCH_RATIO_TARGET}",
-                       value, value is not None and value >= MAX_BATCH_RATIO_TARGET))
+    out.append(
+        _target(
+            f"{setting}: largest batch under the budget, cxrjax ÷ torch >= {MAX_BATCH_RATIO_TARGET}",
+            value,
+            value is not None and value >= MAX_BATCH_RATIO_TARGET,
+        )
+    )
     fed = gpu.get(("train_fed", "cxrjax", *full))
     value = fed.get("fed_fraction") if fed else None
-    out.append(_target(f"train {setting}: grain-fed ÷ synthetic images/s >= {FED_FRACTION_TARGET}", value,
-                       value is not None and value >= FED_FRACTION_TARGET))
-    saved = next((r for r in rows if r["status"] == "ok" and r["task"] == "train" and r["framework"] == "cxrjax"
-                  and (r["size"], r["dtype"], r["remat"]) == full and r.get("saved_activation_bytes_per_image")), None)
+    out.append(
+        _target(
+            f"train {setting}: grain-fed ÷ synthetic images/s >= {FED_FRACTION_TARGET}",
+            value,
+            value is not None and value >= FED_FRACTION_TARGET,
+        )
+    )
+    saved = next(
+        (
+            r
+            for r in rows
+            if r["status"] == "ok"
+            and r["task"] == "train"
+            and r["framework"] == "cxrjax"
+            and (r["size"], r["dtype"], r["remat"]) == full
+            and r.get("saved_activation_bytes_per_image")
+        ),
+        None,
+    )
     value = saved["saved_activation_bytes_per_image"] / MIB if saved else None
-    out.append(_target(f"train {setting}: saved activations MiB per image <= {SAVED_ACTIVATIONS_TARGET / MIB:g} "
-                       "(any platform)", value, value is not None and value * MIB <= SAVED_ACTIVATIONS_TARGET))
+    out.append(
+        _target(
+            f"train {setting}: saved activations MiB per image <= {SAVED_ACTIVATIONS_TARGET / MIB:g} (any platform)",
+            value,
+            value is not None and value * MIB <= SAVED_ACTIVATIONS_TARGET,
+        )
+    )
     return out
 
 
@@ -260,18 +324,25 @@ def metadata(name: str, options: dict, command: str, rows: list[dict]) -> dict:
     peak = device_peak(kind) if kind else None
     notes = []
     if ours and ours[0]["platform"] == "cpu":
-        notes.append(f"CPU run on a {os.cpu_count()}-core host: timings are indicative only (a shared CPU "
-                     "is noisy) and MFU is undefined; GPU figures come from a run on a GPU.")
+        notes.append(
+            f"CPU run on a {os.cpu_count()}-core host: timings are indicative only (a shared CPU "
+            "is noisy) and MFU is undefined; GPU figures come from a run on a GPU."
+        )
     if options.get("scaling") and ours and ours[0]["platform"] == "cpu":
-        notes.append("Scaling on CPU uses simulated devices that share the same cores: it exercises the "
-                     "data-parallel path, it does not measure scaling.")
+        notes.append(
+            "Scaling on CPU uses simulated devices that share the same cores: it exercises the "
+            "data-parallel path, it does not measure scaling."
+        )
     return {
         "name": name,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command,
-        "device": {"device_kind": kind, "platform": ours[0]["platform"] if ours else None,
-                   "devices": ours[0]["devices"] if ours else None,
-                   "peak_flops": dataclasses.asdict(peak) if peak else None},
+        "device": {
+            "device_kind": kind,
+            "platform": ours[0]["platform"] if ours else None,
+            "devices": ours[0]["devices"] if ours else None,
+            "peak_flops": dataclasses.asdict(peak) if peak else None,
+        },
         "host": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
         "versions": library_versions(),
         "options": options,

@@ -33,8 +33,12 @@ class CaseSpec:
     def __post_init__(self):
         from cxrjax.models.densenet import REMAT_MODES  # lazily: `cxrjax --help` imports no flax
 
-        for field, value, allowed in (("framework", self.framework, FRAMEWORKS), ("dtype", self.dtype, DTYPES),
-                                      ("remat", self.remat, REMAT_MODES), ("task", self.task, TASKS)):
+        for field, value, allowed in (
+            ("framework", self.framework, FRAMEWORKS),
+            ("dtype", self.dtype, DTYPES),
+            ("remat", self.remat, REMAT_MODES),
+            ("task", self.task, TASKS),
+        ):
             if value not in allowed:
                 raise ValueError(f"unknown {field} {value!r}; expected one of {', '.join(allowed)}")
         if self.size < 32 or self.batch < 1 or self.steps < 1:
@@ -49,8 +53,12 @@ class CaseSpec:
     def row(self, **fields) -> dict:
         """A result row that names this case; `fields` add the measured values."""
         base = {
-            "framework": self.framework, "arch": self.arch, "size": self.size, "dtype": self.dtype,
-            "remat": self.remat, "batch_per_device": self.batch,
+            "framework": self.framework,
+            "arch": self.arch,
+            "size": self.size,
+            "dtype": self.dtype,
+            "remat": self.remat,
+            "batch_per_device": self.batch,
         }
         return {**base, **fields}
 

@@ -45,8 +45,9 @@ class Timing:
         }
 
 
-def time_steps(step: Callable[[], object], wait: Callable[[object], object], steps: int,
-               warmup: int = WARMUP_STEPS) -> Timing:
+def time_steps(
+    step: Callable[[], object], wait: Callable[[object], object], steps: int, warmup: int = WARMUP_STEPS
+) -> Timing:
     def timed_one() -> float:
         start = time.perf_counter()
         wait(step())

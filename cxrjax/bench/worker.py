@@ -20,8 +20,11 @@ def measure(spec: CaseSpec) -> dict:
     if spec.framework == "cxrjax":
         from cxrjax.bench import jax_case
 
-        run = {"step": jax_case.measure_case, "max_batch": jax_case.measure_max_batch,
-               "scaling": jax_case.measure_scaling}[spec.task]
+        run = {
+            "step": jax_case.measure_case,
+            "max_batch": jax_case.measure_max_batch,
+            "scaling": jax_case.measure_scaling,
+        }[spec.task]
         return run(spec)
     from cxrjax.bench import peers
 

@@ -9,8 +9,8 @@ import numpy as np
 from google.protobuf import message
 from tensorflow_datasets.proto import tf_example_generated_pb2 as example_pb2
 
-from cxrjax.findings import NUM_FINDINGS
 from cxrjax.errors import InputError
+from cxrjax.findings import NUM_FINDINGS
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+
 from cxrjax.errors import InputError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

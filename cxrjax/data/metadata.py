@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrjax.findings import ALIASES, FINDINGS, NO_FINDING
 from cxrjax.errors import InputError
+from cxrjax.findings import ALIASES, FINDINGS, NO_FINDING
 
 REQUIRED_COLUMNS = (
     "Image Index",
@@ -58,9 +58,7 @@ def _parse_labels(text: str, path: Path, row: int) -> tuple[np.ndarray, bool]:
         return labels, True
     for name in names:
         if name == NO_FINDING:
-            raise MetadataError(
-                f"{path}: row {row}: 'No Finding' combined with findings in {text!r}"
-            )
+            raise MetadataError(f"{path}: row {row}: 'No Finding' combined with findings in {text!r}")
         if name not in FINDINGS:
             raise MetadataError(
                 f"{path}: row {row}: label {name!r} is not one of the 14 findings "
@@ -93,9 +91,7 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
         raise MetadataError(f"{path}: not a readable CSV ({str(e).strip().splitlines()[-1]})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
     if missing:
-        raise MetadataError(
-            f"{path}: missing column(s) {missing}; found {list(raw.columns)}"
-        )
+        raise MetadataError(f"{path}: missing column(s) {missing}; found {list(raw.columns)}")
     n = len(raw)
     if n == 0:
         raise MetadataError(f"{path}: no image rows below the header")
@@ -112,8 +108,7 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
         raise MetadataError(
-            f"{path}: row {i + 2}: image id {ids.iloc[i]!r} is not an NIH file name "
-            "like 00000001_000.png"
+            f"{path}: row {i + 2}: image id {ids.iloc[i]!r} is not an NIH file name like 00000001_000.png"
         )
     dup = ids.duplicated(keep="first")
     if dup.any():

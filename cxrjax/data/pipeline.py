@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 
 import grain.python as grain
-from absl import flags
 import numpy as np
 import pandas as pd
+from absl import flags
 
 from cxrjax.data import examples, tfrecord
 from cxrjax.data.augment import AugmentConfig, random_affine
@@ -49,13 +49,16 @@ def read_index(part_dir: str | Path) -> pd.DataFrame:
     manifest_path = part_dir.parent / "manifest.json"
     recorded = read_manifest(part_dir.parent).get("parts", {}).get(part_dir.name, {})
     if "index_sha256" not in recorded:
-        raise PreparedDataError(f"{manifest_path} records no checksum of {path} (an older or unfinished "
-                                f"prepare); {REPAIR}")  # fmt: skip
+        raise PreparedDataError(
+            f"{manifest_path} records no checksum of {path} (an older or unfinished prepare); {REPAIR}"
+        )
     if sha256_of(path) != recorded["index_sha256"]:
         with open(path, "rb") as f:
             rows = max(sum(1 for _ in f) - 1, 0)
-        raise PreparedDataError(f"{path} was changed after `prepare` wrote it ({rows} rows, {manifest_path} "
-                                f"says {recorded.get('images')} images; sha256 differs); {REPAIR}")  # fmt: skip
+        raise PreparedDataError(
+            f"{path} was changed after `prepare` wrote it ({rows} rows, {manifest_path} "
+            f"says {recorded.get('images')} images; sha256 differs); {REPAIR}"
+        )
     return pd.read_csv(path, dtype={"image_id": str, "shard": str})
 
 
@@ -90,8 +93,7 @@ class ShardedRecords(grain.RandomAccessDataSource):
             except OSError as e:
                 raise PreparedDataError(f"{path}: cannot read ({e.strerror}); {REPAIR}") from None
             if size < end:
-                raise PreparedDataError(f"{path}: {size} bytes, its records end at byte {end} (truncated); "
-                                        f"{REPAIR}")  # fmt: skip
+                raise PreparedDataError(f"{path}: {size} bytes, its records end at byte {end} (truncated); {REPAIR}")
 
     def __len__(self) -> int:
         return len(self.offsets)

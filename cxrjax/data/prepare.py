@@ -33,8 +33,8 @@ from cxrjax.data import examples, images, synth, tfrecord
 from cxrjax.data.metadata import IMAGE_METADATA, MetadataError, find_metadata, label_matrix, read_metadata
 from cxrjax.data.options import PrepareOptions
 from cxrjax.data.splits import PARTS, make_split
-from cxrjax.findings import FINDINGS
 from cxrjax.errors import InputError
+from cxrjax.findings import FINDINGS
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
@@ -53,9 +53,7 @@ def locate_images(nih_dir: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(nih_dir.rglob("*.png")):
         if path.name in found:
-            raise MetadataError(
-                f"duplicated image id {path.name!r}: {found[path.name]} and {path}"
-            )
+            raise MetadataError(f"duplicated image id {path.name!r}: {found[path.name]} and {path}")
         found[path.name] = path
     return found
 
@@ -119,8 +117,7 @@ def write_shard(task: dict) -> dict:
             digest.update(framed)
             entries.append({"image_id": row["image_id"], "offset": offset, "length": len(framed)})
             offset += len(framed)
-    index = {"shard": out.name, "sha256": digest.hexdigest(), "records": entries, "skipped": skipped,
-             "color": colored}
+    index = {"shard": out.name, "sha256": digest.hexdigest(), "records": entries, "skipped": skipped, "color": colored}
     index_path = _index_path(out)
     index_tmp = index_path.with_suffix(".tmp")
     index_tmp.write_text(json.dumps(index))
@@ -148,8 +145,9 @@ def _shard_is_done(path: Path, skip_bad: bool) -> bool:
         log.warning("%s: %d bytes, its index says %d: rebuilding the damaged shard", path, size, expected)
         return False
     if sha256_of(path) != index["sha256"]:
-        log.warning("%s: sha256 does not match the one recorded when it was written: rebuilding the "
-                    "damaged shard", path)  # fmt: skip
+        log.warning(
+            "%s: sha256 does not match the one recorded when it was written: rebuilding the damaged shard", path
+        )
         return False
     return skip_bad or not index["skipped"]
 
@@ -161,7 +159,7 @@ def _plan(table: pd.DataFrame, part: pd.Series, files: dict[str, Path], opts: Pr
         rows = np.flatnonzero((part == name).to_numpy())
         count = max(1, -(-len(rows) // opts.records_per_shard))
         shards = []
-        for i, chunk in enumerate(np.array_split(rows, count)):
+        for chunk in np.array_split(rows, count):
             shards.append(
                 [
                     {
@@ -226,7 +224,10 @@ def prepare(nih_dir: str | Path, out: str | Path, opts: PrepareOptions) -> dict:
     }
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / PLAN
-    plan_doc = {"settings": settings, "shards": {p: [[r["image_id"] for r in s] for s in shards] for p, shards in plan.items()}}
+    plan_doc = {
+        "settings": settings,
+        "shards": {p: [[r["image_id"] for r in s] for s in shards] for p, shards in plan.items()},
+    }
     if plan_path.exists():
         _check_same_plan(json.loads(plan_path.read_text()), json.loads(json.dumps(plan_doc)), out)
     plan_path.write_text(json.dumps(plan_doc))
@@ -270,6 +271,7 @@ def prepare(nih_dir: str | Path, out: str | Path, opts: PrepareOptions) -> dict:
 def _check_same_plan(previous: dict, plan_doc: dict, out: Path) -> None:
     """Refuse to mix shards of two different conversions in one folder. --skip-bad may
     change between runs: finished shards stay valid either way (see _shard_is_done)."""
+
     def settings(doc):
         s = dict(doc["settings"])
         s["options"] = {k: v for k, v in s["options"].items() if k != "skip_bad"}

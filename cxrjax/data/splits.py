@@ -12,16 +12,27 @@ import numpy as np
 import pandas as pd
 
 from cxrjax.data.metadata import MetadataError, label_matrix
-from cxrjax.findings import FINDINGS
 from cxrjax.errors import InputError
+from cxrjax.findings import FINDINGS
 
 PARTS = ("train", "val", "test")
 # Column order of the CheXNet split files (`image_name l1 ... l14`), mapped by name.
 CHEXNET_FILE_ORDER = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
-    "Pneumonia", "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis",
-    "Pleural_Thickening", "Hernia",
-)  # fmt: skip
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
 
 
 class LeakageError(InputError):
@@ -87,8 +98,7 @@ def _assign(table: pd.DataFrame, lists: dict[str, list[str]], source: str) -> pd
         unknown = [i for i in images if i not in index.index]
         if unknown:
             raise MetadataError(
-                f"{source}: {len(unknown)} image(s) of the {name} list are not in the "
-                f"metadata (e.g. {unknown[0]!r})"
+                f"{source}: {len(unknown)} image(s) of the {name} list are not in the metadata (e.g. {unknown[0]!r})"
             )
         taken = part.loc[index[images].to_numpy()]
         if (taken != "").any():
@@ -100,9 +110,7 @@ def _assign(table: pd.DataFrame, lists: dict[str, list[str]], source: str) -> pd
     return part
 
 
-def stratified_patient_split(
-    table: pd.DataFrame, fractions: dict[str, float], seed: int
-) -> pd.Series:
+def stratified_patient_split(table: pd.DataFrame, fractions: dict[str, float], seed: int) -> pd.Series:
     """Seeded patient-wise split with finding frequencies matched across parts.
 
     Hand-written because scikit-learn's StratifiedGroupKFold is single-label and
@@ -143,9 +151,7 @@ def stratified_patient_split(
     return pd.Series(np.array(names, dtype=object)[assigned[inverse]], index=table.index)
 
 
-def official_split(
-    table: pd.DataFrame, nih_dir: str | Path, val_fraction: float, seed: int
-) -> pd.Series:
+def official_split(table: pd.DataFrame, nih_dir: str | Path, val_fraction: float, seed: int) -> pd.Series:
     """NIH's train_val/test lists, with a seeded patient-wise val carve-out of train_val."""
     nih_dir = Path(nih_dir)
     lists = {
@@ -154,9 +160,7 @@ def official_split(
     }
     part = _assign(table, lists, str(nih_dir))
     trainval = part == "train"
-    carve = stratified_patient_split(
-        table[trainval], {"train": 1 - val_fraction, "val": val_fraction}, seed
-    )
+    carve = stratified_patient_split(table[trainval], {"train": 1 - val_fraction, "val": val_fraction}, seed)
     part.loc[carve.index] = carve
     return part
 
@@ -164,10 +168,7 @@ def official_split(
 def chexnet_split(table: pd.DataFrame, split_dir: str | Path) -> pd.Series:
     """The random patient-wise split used by public CheXNet reproductions."""
     split_dir = Path(split_dir)
-    lists = {
-        name: read_labelled_split(split_dir / f"{name}_list.txt")["image_id"].tolist()
-        for name in PARTS
-    }
+    lists = {name: read_labelled_split(split_dir / f"{name}_list.txt")["image_id"].tolist() for name in PARTS}
     return _assign(table, lists, str(split_dir))
 
 

@@ -22,18 +22,32 @@ from cxrjax.findings import FINDINGS, NO_FINDING
 
 # Per-image prevalence in Data_Entry_2017_v2020 (112,120 images).
 NIH_PREVALENCE = {
-    "Atelectasis": 0.1031, "Cardiomegaly": 0.0248, "Effusion": 0.1188,
-    "Infiltration": 0.1774, "Mass": 0.0516, "Nodule": 0.0565, "Pneumonia": 0.0128,
-    "Pneumothorax": 0.0473, "Consolidation": 0.0416, "Edema": 0.0205,
-    "Emphysema": 0.0224, "Fibrosis": 0.0150, "Pleural_Thickening": 0.0302,
+    "Atelectasis": 0.1031,
+    "Cardiomegaly": 0.0248,
+    "Effusion": 0.1188,
+    "Infiltration": 0.1774,
+    "Mass": 0.0516,
+    "Nodule": 0.0565,
+    "Pneumonia": 0.0128,
+    "Pneumothorax": 0.0473,
+    "Consolidation": 0.0416,
+    "Edema": 0.0205,
+    "Emphysema": 0.0224,
+    "Fibrosis": 0.0150,
+    "Pleural_Thickening": 0.0302,
     "Hernia": 0.0020,
-}  # fmt: skip
+}
 # Pairs that co-occur in the real labels.
 CORRELATED = [
-    ("Effusion", "Atelectasis"), ("Effusion", "Infiltration"), ("Edema", "Effusion"),
-    ("Consolidation", "Pneumonia"), ("Mass", "Nodule"), ("Atelectasis", "Infiltration"),
-    ("Pneumothorax", "Emphysema"), ("Fibrosis", "Pleural_Thickening"),
-]  # fmt: skip
+    ("Effusion", "Atelectasis"),
+    ("Effusion", "Infiltration"),
+    ("Edema", "Effusion"),
+    ("Consolidation", "Pneumonia"),
+    ("Mass", "Nodule"),
+    ("Atelectasis", "Infiltration"),
+    ("Pneumothorax", "Emphysema"),
+    ("Fibrosis", "Pleural_Thickening"),
+]
 VIEWS = ("PA", "AP")
 RGBA_SHARE = 0.06
 UINT16_SHARE = 0.03
@@ -178,8 +192,7 @@ def write_synthetic_nih(
     (out / "train_val_list.txt").write_text("\n".join(table["Image Index"][~is_test]))
     (out / "test_list.txt").write_text("\n".join(table["Image Index"][is_test]))
     labels = np.stack([r[2] for r in rows])
-    settings = {"num_patients": num_patients, "image_size": image_size, "seed": seed,
-                "min_prevalence": min_prevalence}
+    settings = {"num_patients": num_patients, "image_size": image_size, "seed": seed, "min_prevalence": min_prevalence}
     (out / MARKER).write_text(json.dumps({"generator": "cxrjax synth", **settings}, indent=1))
     return SynthSummary(
         out=out,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import google_crc32c
+
 from cxrjax.errors import InputError
 
 _MASK_DELTA = 0xA282EAD8
@@ -28,9 +30,7 @@ def masked_crc(data: bytes) -> int:
 
 def frame(payload: bytes) -> bytes:
     header = struct.pack("<Q", len(payload))
-    return b"".join(
-        (header, struct.pack("<I", masked_crc(header)), payload, struct.pack("<I", masked_crc(payload)))
-    )
+    return b"".join((header, struct.pack("<I", masked_crc(header)), payload, struct.pack("<I", masked_crc(payload))))
 
 
 def read_at(fd: int, offset: int, source: str = "record", verify: bool = True) -> bytes:

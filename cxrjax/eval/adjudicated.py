@@ -44,8 +44,9 @@ class AdjudicatedLabels:
 
     def text_mined(self) -> Labels:
         """The file's NIH labels as ordinary (non-exhaustive) labels."""
-        return Labels(self.table[["image_id", "patient_id", *FINDINGS, *METADATA_COLUMNS]],
-                      self.source, exhaustive=False)  # fmt: skip
+        return Labels(
+            self.table[["image_id", "patient_id", *FINDINGS, *METADATA_COLUMNS]], self.source, exhaustive=False
+        )
 
 
 def is_adjudicated(path: str | Path) -> bool:
@@ -131,8 +132,9 @@ def _mapping_text(names: tuple[str, ...]) -> str | None:
     return names[0] if len(names) == 1 else "max(" + ", ".join(names) + ")"
 
 
-def adjudicated_metrics(image_ids, probs, adjudicated: AdjudicatedLabels, source: str,
-                        n_bootstrap: int, seed: int) -> dict:  # fmt: skip
+def adjudicated_metrics(
+    image_ids, probs, adjudicated: AdjudicatedLabels, source: str, n_bootstrap: int, seed: int
+) -> dict:
     """metrics.json's `adjudicated`: AUCs against the radiologists' and the text-mined
     labels, per Set Id and overall, on the images both the predictions and the file cover."""
     covered = overlap(image_ids, adjudicated, source)

@@ -26,8 +26,7 @@ from cxrjax.findings import FINDINGS
 
 FAMILIES = ("official", "random", "unstated")
 TAGS = ("verified", "as-cited", "secondary")
-COLUMNS = ("work", "year", "split_family", "split", "px", "backbone", "tag", "provenance",
-           *FINDINGS, "mean")  # fmt: skip
+COLUMNS = ("work", "year", "split_family", "split", "px", "backbone", "tag", "provenance", *FINDINGS, "mean")
 
 
 def load_baselines(path: str | Path | None = None) -> pd.DataFrame:

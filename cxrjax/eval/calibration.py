@@ -49,8 +49,9 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = N_BIN
     """sum over bins of (share of images) x |mean score - positive rate|."""
     bins = reliability_bins(y, p, n_bins)
     total = sum(bins["count"])
-    return float(sum(c / total * abs(s - r) for c, s, r in
-                     zip(bins["count"], bins["mean_score"], bins["positive_rate"]) if c))  # fmt: skip
+    return float(
+        sum(c / total * abs(s - r) for c, s, r in zip(bins["count"], bins["mean_score"], bins["positive_rate"]) if c)
+    )
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -72,18 +73,24 @@ def apply_platt(p: np.ndarray, ab: tuple[float, float]) -> np.ndarray:
 
 
 def _scores(y, p) -> dict:
-    return {"ece": expected_calibration_error(y, p), "brier": float(brier_score_loss(y, p)),
-            "bins": reliability_bins(y, p)}  # fmt: skip
+    return {
+        "ece": expected_calibration_error(y, p),
+        "brier": float(brier_score_loss(y, p)),
+        "bins": reliability_bins(y, p),
+    }
 
 
 def calibration(labels: np.ndarray, probs: np.ndarray, val=None) -> dict:
     """Per finding ECE, Brier and reliability bins of the raw scores; with `val` =
     (labels, probs) of the validation part, also of Platt-scaled scores (fit on val,
     applied to these)."""
-    out = {"n_bins": N_BINS, "binning": "equal width on [0, 1], bins [a, b), 1.0 in the last",
-           "uncalibrated_above_ece": UNCALIBRATED_ECE,
-           "scaling": "Platt (logistic regression on logit(score)), fit on validation"
-           if val is not None else None, "findings": {}}  # fmt: skip
+    out = {
+        "n_bins": N_BINS,
+        "binning": "equal width on [0, 1], bins [a, b), 1.0 in the last",
+        "uncalibrated_above_ece": UNCALIBRATED_ECE,
+        "scaling": "Platt (logistic regression on logit(score)), fit on validation" if val is not None else None,
+        "findings": {},
+    }
     for j, f in enumerate(FINDINGS):
         y, p = labels[:, j], probs[:, j]
         entry = {"raw": _scores(y, p), "platt": None, "platt_params": None}

@@ -61,8 +61,7 @@ def _check_probs(image_ids, probs, source: str) -> tuple[np.ndarray, np.ndarray]
     if len(bad):
         i, j = bad[0]
         raise PredictionsError(
-            f"{source}: image {ids[i]!r}, finding {FINDINGS[j]}: probability "
-            f"{probs[i, j]} is not in [0, 1]"
+            f"{source}: image {ids[i]!r}, finding {FINDINGS[j]}: probability {probs[i, j]} is not in [0, 1]"
         )
     dup = pd.Index(ids).duplicated()
     if dup.any():
@@ -75,9 +74,7 @@ def _choose_thresholds(labels, probs, target: float) -> dict[str, list]:
     return {
         "at_0.5": [0.5] * k,
         "youden": [youden_threshold(labels[:, j], probs[:, j]) for j in range(k)],
-        "target_sensitivity": [
-            threshold_for_sensitivity(labels[:, j], probs[:, j], target) for j in range(k)
-        ],
+        "target_sensitivity": [threshold_for_sensitivity(labels[:, j], probs[:, j], target) for j in range(k)],
     }
 
 
@@ -111,8 +108,7 @@ def _comparison(labels, probs, ids, compare, source) -> dict:
         per[f] = delong_test(y, probs[:, j], other_probs[:, j]) if ok else None
     return {
         "other": name,
-        "method": "DeLong (fast midrank form, Sun & Xu 2014), two-sided, images treated "
-        "as independent",
+        "method": "DeLong (fast midrank form, Sun & Xu 2014), two-sided, images treated as independent",
         "findings": per,
     }
 
@@ -135,14 +131,15 @@ def _validation_thresholds(val, labels_obj, test_ids, test_patients, target, sou
     notes = []
     shared = np.intersect1d(val_patients, test_patients)
     if len(shared):
-        notes.append(f"{len(shared)} patient(s) have images in both the validation and the "
-                     "test predictions; thresholds may be optimistic.")  # fmt: skip
+        notes.append(
+            f"{len(shared)} patient(s) have images in both the validation and the "
+            "test predictions; thresholds may be optimistic."
+        )
     thresholds = _choose_thresholds(val_labels, val_probs, target)
     for op in ("youden", "target_sensitivity"):
         for f, t in zip(FINDINGS, thresholds[op]):
             if t is None:
-                notes.append(f"{f}: the validation part has a single class, so no {op} "
-                             "threshold could be chosen.")  # fmt: skip
+                notes.append(f"{f}: the validation part has a single class, so no {op} threshold could be chosen.")
     return thresholds, notes, (val_labels, val_probs)
 
 
@@ -153,8 +150,7 @@ def _per_finding(labels, probs, thresholds, notes):
     for j, f in enumerate(FINDINGS):
         y, p = labels[:, j], probs[:, j]
         auc = roc_auc(y, p)
-        ops = {op: None if t[j] is None else operating_point(y, p, t[j])
-               for op, t in thresholds.items()}  # fmt: skip
+        ops = {op: None if t[j] is None else operating_point(y, p, t[j]) for op, t in thresholds.items()}
         findings[f] = {
             "auc": auc,
             "n_positive": int(y.sum()),
@@ -165,8 +161,9 @@ def _per_finding(labels, probs, thresholds, notes):
         curves[f] = None
         if auc is None:
             which = "positives" if y.sum() == 0 else "negatives"
-            notes.append(f"{f}: no {which} among the evaluated images, so its AUC is "
-                         "undefined and it is excluded from mean_auc.")  # fmt: skip
+            notes.append(
+                f"{f}: no {which} among the evaluated images, so its AUC is undefined and it is excluded from mean_auc."
+            )
             continue
         fpr, tpr, _ = roc_curve(y, p)
         curves[f] = (fpr, tpr)
@@ -227,8 +224,9 @@ def evaluate_predictions(
         thresholds = _choose_thresholds(labels, probs, target_sensitivity)
         chosen_on, notes, val_scored = "test", [], None
     else:
-        thresholds, notes, val_scored = _validation_thresholds(val, labels_obj, ids, patient_ids,
-                                                               target_sensitivity, sources)  # fmt: skip
+        thresholds, notes, val_scored = _validation_thresholds(
+            val, labels_obj, ids, patient_ids, target_sensitivity, sources
+        )
         chosen_on = "validation"
     findings, curves, points = _per_finding(labels, probs, thresholds, notes)
     defined_aucs = [findings[f]["auc"] for f in FINDINGS if findings[f]["auc"] is not None]
@@ -280,8 +278,9 @@ def evaluate_predictions(
     if compare is not None:
         metrics["comparison"] = _comparison(labels, probs, ids, compare, source)
     metrics["calibration"] = calibration(labels, probs, val_scored)
-    metrics["subgroups"] = subgroup_metrics(labels, probs, patient_ids, align_metadata(ids, labels_obj),
-                                            n_bootstrap, seed)  # fmt: skip
+    metrics["subgroups"] = subgroup_metrics(
+        labels, probs, patient_ids, align_metadata(ids, labels_obj), n_bootstrap, seed
+    )
     if adjudicated is not None:
         metrics["adjudicated"] = adjudicated_metrics(ids, probs, adjudicated, source, n_bootstrap, seed)
 
@@ -292,29 +291,32 @@ def evaluate_predictions(
     figures = _write_figures(out_dir, metrics, labels, probs, thresholds, curves, points, run_info)
     metrics["figures"] = figures
     safe_child(out_dir, "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_report(safe_child(out_dir, "report.md"), metrics,
-                 {op: m["report_text"] for op, m in multilabel.items()})  # fmt: skip
+    write_report(safe_child(out_dir, "report.md"), metrics, {op: m["report_text"] for op, m in multilabel.items()})
     return metrics
 
 
 def _write_curves(path: Path, curves: dict) -> None:
-    rows = [
-        pd.DataFrame({"finding": f, "fpr": c[0], "tpr": c[1]})
-        for f, c in curves.items()
-        if c is not None
-    ]
+    rows = [pd.DataFrame({"finding": f, "fpr": c[0], "tpr": c[1]}) for f, c in curves.items() if c is not None]
     table = pd.concat(rows) if rows else pd.DataFrame(columns=["finding", "fpr", "tpr"])
     table.to_csv(path, index=False)
 
 
 def _write_figures(out_dir, metrics, labels, probs, thresholds, curves, points, run_info):
     where = metrics["thresholds"]["chosen_on"]
-    roc_grid(curves, metrics["auc"], points, safe_child(out_dir, "roc_curves.png"),
-             f"ROC per finding ({metrics['n_images']} images); dot: Youden threshold "
-             f"chosen on {where}")  # fmt: skip
-    score_histograms(labels, probs, thresholds["youden"], safe_child(out_dir, "score_histograms.png"),
-                     f"Scores by true label (positives up, negatives down); line: Youden "
-                     f"threshold chosen on {where}")  # fmt: skip
+    roc_grid(
+        curves,
+        metrics["auc"],
+        points,
+        safe_child(out_dir, "roc_curves.png"),
+        f"ROC per finding ({metrics['n_images']} images); dot: Youden threshold chosen on {where}",
+    )
+    score_histograms(
+        labels,
+        probs,
+        thresholds["youden"],
+        safe_child(out_dir, "score_histograms.png"),
+        f"Scores by true label (positives up, negatives down); line: Youden threshold chosen on {where}",
+    )
     label = run_info.name if run_info else "this run"
     entries = [(label, metrics["auc"], True)]
     if run_info is not None and run_info.split_family == "synthetic":
@@ -325,16 +327,23 @@ def _write_figures(out_dir, metrics, labels, probs, thresholds, curves, points, 
             entries.append((f"{row['work']} [{row['tag']}]", {f: row[f] for f in FINDINGS}, False))
         title = f"Per-finding AUC vs published baselines on {run_info.split_family} splits"
     else:
-        title = ("Per-finding AUC (split family unknown: no baselines shown, they would not "
-                 "be comparable; give run.json)")  # fmt: skip
+        title = (
+            "Per-finding AUC (split family unknown: no baselines shown, they would not be comparable; give run.json)"
+        )
     auc_chart(entries, safe_child(out_dir, "auc_vs_baselines.png"), title)
     figures = ["roc_curves.png", "score_histograms.png", "auc_vs_baselines.png"]
-    reliability_grid(metrics["calibration"], safe_child(out_dir, "reliability.png"),
-                     f"Reliability per finding ({metrics['n_images']} images, "
-                     f"{metrics['calibration']['n_bins']} equal-width bins); diagonal: calibrated")  # fmt: skip
+    reliability_grid(
+        metrics["calibration"],
+        safe_child(out_dir, "reliability.png"),
+        f"Reliability per finding ({metrics['n_images']} images, "
+        f"{metrics['calibration']['n_bins']} equal-width bins); diagonal: calibrated",
+    )
     figures.append("reliability.png")
     if metrics["subgroups"]["available"]:
-        subgroup_chart(metrics["subgroups"], safe_child(out_dir, "subgroups.png"),
-                       "Mean AUC by subgroup (patient-bootstrap 95% CI)")  # fmt: skip
+        subgroup_chart(
+            metrics["subgroups"],
+            safe_child(out_dir, "subgroups.png"),
+            "Mean AUC by subgroup (patient-bootstrap 95% CI)",
+        )
         figures.append("subgroups.png")
     return figures

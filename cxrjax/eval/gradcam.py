@@ -107,8 +107,9 @@ class HeatmapWriter:
                 picture = overlay(originals[i], heatmap(cams[i, k], originals[i].shape))
                 if not cv2.imwrite(str(path), picture):
                     raise OSError(f"{path}: could not write the overlay")
-                self.rows.append({"image_id": image_id, "finding": finding,
-                                  "probability": float(probs[i, c]), "overlay": path.name})  # fmt: skip
+                self.rows.append(
+                    {"image_id": image_id, "finding": finding, "probability": float(probs[i, c]), "overlay": path.name}
+                )
 
     def write_index(self) -> Path:
         path = safe_child(self.out_dir, INDEX_FILE)

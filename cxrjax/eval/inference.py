@@ -110,14 +110,27 @@ def predict_part(predictor: Predictor, part_dir: str | Path, tta: int = 1):
     if len(source) == 0:
         raise InferenceError(f"{part_dir}: the part holds no images")
     out = predict_records(
-        source, lambda images: {"probs": predictor.probs(images, tta)}, mesh=predictor.mesh,
-        batch_size=predictor.batch_size, image_size=predictor.trained.image_size, local=True,
+        source,
+        lambda images: {"probs": predictor.probs(images, tta)},
+        mesh=predictor.mesh,
+        batch_size=predictor.batch_size,
+        image_size=predictor.trained.image_size,
+        local=True,
     )
     return source.image_ids[out["key"]], out["probs"], out["labels"]
 
 
-def run_predict(weights, paths, out_csv, *, heatmaps=None, top_k: int = 1, tta: int = 1,
-                image_size: int | None = None, batch_size: int = DEFAULT_BATCH) -> dict:  # fmt: skip
+def run_predict(
+    weights,
+    paths,
+    out_csv,
+    *,
+    heatmaps=None,
+    top_k: int = 1,
+    tta: int = 1,
+    image_size: int | None = None,
+    batch_size: int = DEFAULT_BATCH,
+) -> dict:
     """`cxrjax predict`: probabilities CSV for PNG files/folders, optional Grad-CAM overlays."""
     from cxrjax.eval.gradcam import HeatmapWriter
     from cxrjax.eval.predictions import write_predictions
@@ -134,8 +147,16 @@ def run_predict(weights, paths, out_csv, *, heatmaps=None, top_k: int = 1, tta: 
     return summary
 
 
-def run_gradcam(weights, paths, out_dir, *, findings: str | None = None, top_k: int = 1,
-                image_size: int | None = None, batch_size: int = DEFAULT_BATCH) -> dict:  # fmt: skip
+def run_gradcam(
+    weights,
+    paths,
+    out_dir,
+    *,
+    findings: str | None = None,
+    top_k: int = 1,
+    image_size: int | None = None,
+    batch_size: int = DEFAULT_BATCH,
+) -> dict:
     """`cxrjax gradcam`: overlays of chosen findings (or each image's top k) in `out_dir`."""
     from cxrjax.eval.gradcam import HeatmapWriter, finding_indices
 
@@ -145,12 +166,25 @@ def run_gradcam(weights, paths, out_dir, *, findings: str | None = None, top_k: 
     predictor = Predictor(trained, min(batch_size, len(files)))
     writer = HeatmapWriter(predictor, out_dir, chosen, top_k)
     predict_files(predictor, files, 1, writer)
-    return {"images": len(files), "overlays": len(writer.rows), "model": trained.describe(),
-            "index": str(writer.write_index())}  # fmt: skip
+    return {
+        "images": len(files),
+        "overlays": len(writer.rows),
+        "model": trained.describe(),
+        "index": str(writer.write_index()),
+    }
 
 
-def predict_for_evaluation(checkpoint, data=None, part: str = "test", *, labels=None, val_predictions=None,
-                           val_labels=None, tta: int = 1, batch_size: int = DEFAULT_BATCH) -> dict:  # fmt: skip
+def predict_for_evaluation(
+    checkpoint,
+    data=None,
+    part: str = "test",
+    *,
+    labels=None,
+    val_predictions=None,
+    val_labels=None,
+    tta: int = 1,
+    batch_size: int = DEFAULT_BATCH,
+) -> dict:
     """Predict a prepared part for `evaluate_predictions`: its ids, probs and labels, the
     validation (ids, probs, labels) to choose thresholds on, sources and run description.
 
@@ -171,8 +205,9 @@ def predict_for_evaluation(checkpoint, data=None, part: str = "test", *, labels=
     data = Path(data)
     part_dir = data / part
     if not (part_dir / "index.csv").is_file() or not (data / "manifest.json").is_file():
-        raise InferenceError(f"{data}: not a finished `cxrjax prepare` output (manifest.json and "
-                             f"{part}/index.csv expected)")  # fmt: skip
+        raise InferenceError(
+            f"{data}: not a finished `cxrjax prepare` output (manifest.json and {part}/index.csv expected)"
+        )
     manifest = read_manifest(data)
     label_table = read_labels(labels) if labels else None  # bad labels fail before inference
     read_index(part_dir)  # and so does a damaged index
@@ -182,14 +217,27 @@ def predict_for_evaluation(checkpoint, data=None, part: str = "test", *, labels=
     ids, probs, record_labels = predict_part(predictor, part_dir, tta)
     if label_table is None:
         label_table = labels_table(ids, record_labels, part_dir)
-    sources = {"checkpoint": str(trained.weights_dir), "data": str(part_dir),
-               "labels": str(labels or f"{part_dir} (labels stored in the records)"), "tta": str(tta)}  # fmt: skip
+    sources = {
+        "checkpoint": str(trained.weights_dir),
+        "data": str(part_dir),
+        "labels": str(labels or f"{part_dir} (labels stored in the records)"),
+        "tta": str(tta),
+    }
     skip_val = part == "val" and not val_predictions
-    val = None if skip_val else _validation(predictor, data / "val", val_predictions, val_labels or labels, tta, sources)
+    val = (
+        None if skip_val else _validation(predictor, data / "val", val_predictions, val_labels or labels, tta, sources)
+    )
     # Described for the leaderboard as the trainer does.
     run = run_info(trained.run_config, manifest, workdir) if workdir is not None else None
-    return {"ids": ids, "probs": probs, "labels": label_table, "val": val, "sources": sources,
-            "run": run, "trained": trained}  # fmt: skip
+    return {
+        "ids": ids,
+        "probs": probs,
+        "labels": label_table,
+        "val": val,
+        "sources": sources,
+        "run": run,
+        "trained": trained,
+    }
 
 
 def _validation(predictor, val_dir: Path, val_predictions, label_file, tta: int, sources: dict):

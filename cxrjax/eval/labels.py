@@ -20,7 +20,6 @@ from cxrjax.data.metadata import IMAGE_ID, IMAGE_METADATA, MetadataError, read_m
 from cxrjax.data.splits import read_labelled_split
 from cxrjax.findings import FINDINGS
 
-
 # Image metadata kept beside the labels when the source has it (for subgroup AUCs).
 METADATA_COLUMNS = IMAGE_METADATA
 
@@ -58,8 +57,7 @@ def read_labels(path: str | Path) -> Labels:
         raise MetadataError(f"{path}: label file not found")
     if _first_line(path).startswith("Image Index"):
         table = read_metadata(path)
-        return Labels(table[["image_id", "patient_id", *FINDINGS, *METADATA_COLUMNS]], str(path),
-                      exhaustive=False)  # fmt: skip
+        return Labels(table[["image_id", "patient_id", *FINDINGS, *METADATA_COLUMNS]], str(path), exhaustive=False)
     table = read_labelled_split(path)
     table.insert(1, "patient_id", patient_from_image_id(table["image_id"], str(path)))
     return Labels(table, str(path), exhaustive=True)
@@ -79,9 +77,7 @@ def as_labels(labels: Labels | pd.DataFrame) -> Labels:
     return Labels(table[["image_id", "patient_id", *FINDINGS, *metadata]], "label table", exhaustive=False)
 
 
-def align_labels(
-    image_ids: np.ndarray, labels: Labels, predictions_source: str
-) -> tuple[np.ndarray, np.ndarray]:
+def align_labels(image_ids: np.ndarray, labels: Labels, predictions_source: str) -> tuple[np.ndarray, np.ndarray]:
     """Labels [N, 14] and patient ids [N] in the order of `image_ids`, or raise on any
     image predicted but unlabelled, or (for a split list) labelled but unpredicted."""
     table = labels.table.set_index("image_id")

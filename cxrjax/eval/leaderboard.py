@@ -16,16 +16,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxrjax.errors import InputError
 from cxrjax.eval.baselines import load_baselines
 from cxrjax.eval.paths import safe_child
 from cxrjax.eval.plots import auc_panels
 from cxrjax.eval.report import fmt, md_cell
 from cxrjax.eval.runinfo import SPLIT_FAMILIES, RunInfo, RunInfoError, parse_run_info, read_run_info
 from cxrjax.findings import FINDINGS
-from cxrjax.errors import InputError
 
-SHORT = dict(zip(FINDINGS, ("Atel", "Card", "Effu", "Infi", "Mass", "Nodu", "Pneu", "PTX",
-                            "Cons", "Edem", "Emph", "Fibr", "PT", "Hern")))  # fmt: skip
+SHORT = dict(
+    zip(
+        FINDINGS,
+        ("Atel", "Card", "Effu", "Infi", "Mass", "Nodu", "Pneu", "PTX", "Cons", "Edem", "Emph", "Fibr", "PT", "Hern"),
+    )
+)
 # Runs' families, then the baselines whose split is not stated.
 FAMILIES = (*SPLIT_FAMILIES, "unstated")
 FAMILY_TITLES = {
@@ -63,9 +67,11 @@ def _optional_sections(metrics: dict, metrics_path: Path) -> tuple[dict | None, 
     adj = metrics.get("adjudicated")
     if adj is not None:
         try:
-            adj = {"n_scored": int(adj["n_scored"]),
-                   "overall": {k: v["auc"] for k, v in adj["sets"]["overall"]["adjudicated"].items()},
-                   "text_mined": {k: v["auc"] for k, v in adj["sets"]["overall"]["text_mined"].items()}}  # fmt: skip
+            adj = {
+                "n_scored": int(adj["n_scored"]),
+                "overall": {k: v["auc"] for k, v in adj["sets"]["overall"]["adjudicated"].items()},
+                "text_mined": {k: v["auc"] for k, v in adj["sets"]["overall"]["text_mined"].items()},
+            }
         except (KeyError, TypeError, ValueError) as e:
             raise LeaderboardError(f"{metrics_path}: malformed 'adjudicated' entry ({e!r})") from e
     return gap, adj
@@ -115,10 +121,18 @@ def _run_entries(runs: list[RunResult]) -> pd.DataFrame:
                     f"runs named {name!r} disagree on split/resolution/backbone "
                     f"({group[0].folder}: {first}; {r.folder}: {r.info}); give them different names"
                 )
-        row = {"entry": name, "kind": "run", "n_runs": len(group), "tag": "", "year": "",
-               "split_family": first.split_family, "split": first.split,
-               "px": "" if first.px is None else str(first.px), "backbone": first.backbone,
-               "provenance": "; ".join(r.folder for r in group)}  # fmt: skip
+        row = {
+            "entry": name,
+            "kind": "run",
+            "n_runs": len(group),
+            "tag": "",
+            "year": "",
+            "split_family": first.split_family,
+            "split": first.split,
+            "px": "" if first.px is None else str(first.px),
+            "backbone": first.backbone,
+            "provenance": "; ".join(r.folder for r in group),
+        }
         for f in FINDINGS:
             values = [r.auc[f] for r in group if r.auc[f] is not None]
             row[f] = float(np.mean(values)) if values else np.nan
@@ -131,8 +145,7 @@ def _run_entries(runs: list[RunResult]) -> pd.DataFrame:
 
 def leaderboard_table(runs: list[RunResult], baselines: pd.DataFrame) -> pd.DataFrame:
     """All entries with family, rank within family (blank for `unstated`), std over findings."""
-    base = baselines.rename(columns={"work": "entry"}).assign(kind="baseline", n_runs=0,
-                                                               std_runs=np.nan)  # fmt: skip
+    base = baselines.rename(columns={"work": "entry"}).assign(kind="baseline", n_runs=0, std_runs=np.nan)
     base["px"] = base["px"].astype(str)
     base["year"] = base["year"].astype(str)
     table = pd.concat([_run_entries(runs), base], ignore_index=True)
@@ -142,11 +155,25 @@ def leaderboard_table(runs: list[RunResult], baselines: pd.DataFrame) -> pd.Data
     ranked = table["split_family"] != "unstated"
     table["rank"] = ""
     table.loc[ranked, "rank"] = (
-        table[ranked].groupby("split_family")["mean"].rank(ascending=False, method="min")
-        .astype(int).astype(str)
-    )  # fmt: skip
-    columns = ["split_family", "rank", "entry", "kind", "n_runs", "tag", "year", "split", "px",
-               "backbone", *FINDINGS, "mean", "std_findings", "std_runs", "provenance"]  # fmt: skip
+        table[ranked].groupby("split_family")["mean"].rank(ascending=False, method="min").astype(int).astype(str)
+    )
+    columns = [
+        "split_family",
+        "rank",
+        "entry",
+        "kind",
+        "n_runs",
+        "tag",
+        "year",
+        "split",
+        "px",
+        "backbone",
+        *FINDINGS,
+        "mean",
+        "std_findings",
+        "std_runs",
+        "provenance",
+    ]
     return table[columns].reset_index(drop=True)
 
 
@@ -156,8 +183,7 @@ def deltas(table: pd.DataFrame) -> pd.DataFrame:
     for _, run in table[table["kind"] == "run"].iterrows():
         same = table[(table["kind"] == "baseline") & (table["split_family"] == run["split_family"])]
         for _, b in same.iterrows():
-            row = {"run": run["entry"], "baseline": b["entry"], "split_family": run["split_family"],
-                   "tag": b["tag"]}  # fmt: skip
+            row = {"run": run["entry"], "baseline": b["entry"], "split_family": run["split_family"], "tag": b["tag"]}
             for c in (*FINDINGS, "mean"):
                 row[c] = run[c] - b[c]
             rows.append(row)
@@ -177,76 +203,108 @@ def _beyond_auc_sections(runs: list[RunResult]) -> list[str]:
     out = []
     gaps = [r for r in runs if r.worst_gap]
     if gaps:
-        out += ["## Largest subgroup gap (mean AUC, highest minus lowest group)", "",
-                "Published baselines report no subgroup results, so they have no row here.", "",
-                "| entry | split family | attribute | groups | gap | 95% CI | findings | folder |",
-                "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        out += [
+            "## Largest subgroup gap (mean AUC, highest minus lowest group)",
+            "",
+            "Published baselines report no subgroup results, so they have no row here.",
+            "",
+            "| entry | split family | attribute | groups | gap | 95% CI | findings | folder |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in gaps:
             g = r.worst_gap
             ci = g.get("ci")
-            out.append(f"| **{md_cell(r.info.name)}** | {r.info.split_family} | {md_cell(g.get('attribute'))} | "
-                       f"{md_cell(g.get('high'))} − {md_cell(g.get('low'))} | {g['gap']:+.3f} | "
-                       f"{'n/a' if not ci else f'[{ci[0]:.3f}, {ci[1]:.3f}]'} | {g.get('n_findings', 'n/a')} | "
-                       f"{md_cell(r.folder)} |")  # fmt: skip
+            out.append(
+                f"| **{md_cell(r.info.name)}** | {r.info.split_family} | {md_cell(g.get('attribute'))} | "
+                f"{md_cell(g.get('high'))} − {md_cell(g.get('low'))} | {g['gap']:+.3f} | "
+                f"{'n/a' if not ci else f'[{ci[0]:.3f}, {ci[1]:.3f}]'} | {g.get('n_findings', 'n/a')} | "
+                f"{md_cell(r.folder)} |"
+            )
         out.append("")
     adj = [r for r in runs if r.adjudicated]
     if adj:
         names = list(adj[0].adjudicated["overall"])
-        out += ["## Radiologist-adjudicated labels (Majkowska et al. 2019)", "",
-                ("AUC against the radiologists' labels (in parentheses: NIH's text-mined labels on "
-                 "the same images) over each run's images that the file covers. Published baselines "
-                 "report none."), "",
-                "| entry | split family | images | " + " | ".join(names) + " | folder |",
-                "|" + "---|" * (len(names) + 4)]  # fmt: skip
+        out += [
+            "## Radiologist-adjudicated labels (Majkowska et al. 2019)",
+            "",
+            (
+                "AUC against the radiologists' labels (in parentheses: NIH's text-mined labels on "
+                "the same images) over each run's images that the file covers. Published baselines "
+                "report none."
+            ),
+            "",
+            "| entry | split family | images | " + " | ".join(names) + " | folder |",
+            "|" + "---|" * (len(names) + 4),
+        ]
         for r in adj:
             a = r.adjudicated
             cells = [f"{_cell(a['overall'].get(n))} ({_cell(a['text_mined'].get(n))})" for n in names]
-            out.append(f"| **{md_cell(r.info.name)}** | {r.info.split_family} | {a['n_scored']} | "
-                       + " | ".join(cells) + f" | {md_cell(r.folder)} |")  # fmt: skip
+            out.append(
+                f"| **{md_cell(r.info.name)}** | {r.info.split_family} | {a['n_scored']} | "
+                + " | ".join(cells)
+                + f" | {md_cell(r.folder)} |"
+            )
         out.append("")
     return out
 
 
 def _markdown(table: pd.DataFrame, delta: pd.DataFrame, runs: list[RunResult] = ()) -> str:
-    out = ["# cxrjax leaderboard", "",
-           "Per-finding ROC AUC. A run is ranked only against entries of its own split "
-           "family: results on different splits are not comparable. `std` is the sample "
-           "std across the findings; `± runs` the std of mean AUC across run folders "
-           "sharing a name. Baseline tags: verified (from a public file of that work), "
-           "as-cited (as printed in the Fisher 2025 write-up), secondary (third-party "
-           "compilation, cells unchecked).", ""]  # fmt: skip
-    header = ["rank", "entry", "kind", "tag", "px", "backbone", "mean", "std", "± runs",
-              *(SHORT[f] for f in FINDINGS)]  # fmt: skip
+    out = [
+        "# cxrjax leaderboard",
+        "",
+        "Per-finding ROC AUC. A run is ranked only against entries of its own split "
+        "family: results on different splits are not comparable. `std` is the sample "
+        "std across the findings; `± runs` the std of mean AUC across run folders "
+        "sharing a name. Baseline tags: verified (from a public file of that work), "
+        "as-cited (as printed in the Fisher 2025 write-up), secondary (third-party "
+        "compilation, cells unchecked).",
+        "",
+    ]
+    header = ["rank", "entry", "kind", "tag", "px", "backbone", "mean", "std", "± runs", *(SHORT[f] for f in FINDINGS)]
     for family in FAMILIES:
         rows = table[table["split_family"] == family]
         if rows.empty:
             continue
-        out += [f"## {FAMILY_TITLES[family]}", "", "| " + " | ".join(header) + " |",
-                "|" + "---|" * len(header)]  # fmt: skip
+        out += [f"## {FAMILY_TITLES[family]}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for _, r in rows.iterrows():
             name = md_cell(r["entry"])
             if r["kind"] == "run":
                 name = f"**{name}**" + (f" ({r['n_runs']} runs)" if r["n_runs"] > 1 else "")
-            cells = [r["rank"], name, r["kind"], r["tag"], md_cell(r["px"]), md_cell(r["backbone"]),
-                     _cell(r["mean"]), _cell(r["std_findings"]), _cell(r["std_runs"]),
-                     *(_cell(r[f]) for f in FINDINGS)]  # fmt: skip
+            cells = [
+                r["rank"],
+                name,
+                r["kind"],
+                r["tag"],
+                md_cell(r["px"]),
+                md_cell(r["backbone"]),
+                _cell(r["mean"]),
+                _cell(r["std_findings"]),
+                _cell(r["std_runs"]),
+                *(_cell(r[f]) for f in FINDINGS),
+            ]
             out.append("| " + " | ".join(str(c) for c in cells) + " |")
         out.append("")
         if family in FOOTNOTES:
             out += [FOOTNOTES[family], ""]
         for _, r in rows[rows["kind"] == "run"].iterrows():
             if np.isnan([r[f] for f in FINDINGS]).any():
-                out += [f"{md_cell(r['entry'])}: n/a marks a finding whose AUC is undefined "
-                        "(one class only in its test set); its mean leaves it out.", ""]  # fmt: skip
+                out += [
+                    f"{md_cell(r['entry'])}: n/a marks a finding whose AUC is undefined "
+                    "(one class only in its test set); its mean leaves it out.",
+                    "",
+                ]
     if not delta.empty:
         out += ["## Per-finding difference to each baseline (run minus baseline)", ""]
         dheader = ["baseline", "tag", "mean", *(SHORT[f] for f in FINDINGS)]
         for run, group in delta.groupby("run", sort=False):
-            out += [f"### {md_cell(run)} ({group['split_family'].iloc[0]} split family)", "",
-                    "| " + " | ".join(dheader) + " |", "|" + "---|" * len(dheader)]  # fmt: skip
+            out += [
+                f"### {md_cell(run)} ({group['split_family'].iloc[0]} split family)",
+                "",
+                "| " + " | ".join(dheader) + " |",
+                "|" + "---|" * len(dheader),
+            ]
             for _, d in group.iterrows():
-                cells = [md_cell(d["baseline"]), d["tag"], _signed(d["mean"]),
-                         *(_signed(d[f]) for f in FINDINGS)]  # fmt: skip
+                cells = [md_cell(d["baseline"]), d["tag"], _signed(d["mean"]), *(_signed(d[f]) for f in FINDINGS)]
                 out.append("| " + " | ".join(cells) + " |")
             out.append("")
     out += _beyond_auc_sections(list(runs))
@@ -276,9 +334,14 @@ def write_leaderboard(run_dirs, out_dir: str | Path, baselines: pd.DataFrame | N
     for family in FAMILIES:
         rows = table[table["split_family"] == family]
         if (rows["kind"] == "run").any():
-            entries = [(r["entry"] + (f" [{r['tag']}]" if r["tag"] else ""),
-                        {f: None if np.isnan(r[f]) else r[f] for f in FINDINGS},
-                        r["kind"] == "run") for _, r in rows.iterrows()]  # fmt: skip
+            entries = [
+                (
+                    r["entry"] + (f" [{r['tag']}]" if r["tag"] else ""),
+                    {f: None if np.isnan(r[f]) else r[f] for f in FINDINGS},
+                    r["kind"] == "run",
+                )
+                for _, r in rows.iterrows()
+            ]
             panels.append((FAMILY_TITLES[family], entries))
     auc_panels(panels, paths["png"])
     return paths

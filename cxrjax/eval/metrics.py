@@ -143,13 +143,16 @@ def operating_point(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
     f1 = f1_score(y, pred, zero_division=np.nan)
     return {
         "threshold": float(threshold),
-        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
         "sensitivity": _ratio(tp, tp + fn),
         "specificity": _ratio(tn, tn + fp),
         "ppv": _ratio(tp, tp + fp),
         "npv": _ratio(tn, tn + fn),
         "f1": None if np.isnan(f1) else float(f1),
-    }  # fmt: skip
+    }
 
 
 def pooled_rates(points: list[dict]) -> dict:

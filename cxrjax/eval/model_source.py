@@ -19,10 +19,17 @@ from pathlib import Path
 import ml_collections
 
 from cxrjax.data.augment import AugmentConfig
-from cxrjax.models.weights import CONFIG_FILE, VARIABLES_DIR, load_weights
 from cxrjax.errors import InputError
+from cxrjax.models.weights import CONFIG_FILE, VARIABLES_DIR, load_weights
 from cxrjax.workdir import (
-    BEST_WEIGHTS, CHECKPOINTS, MEMBER_PREFIX, RUN_CONFIG, augment_ranges, input_stats, is_run, read_run_config,
+    BEST_WEIGHTS,
+    CHECKPOINTS,
+    MEMBER_PREFIX,
+    RUN_CONFIG,
+    augment_ranges,
+    input_stats,
+    is_run,
+    read_run_config,
 )
 
 DEFAULT_IMAGE_SIZE = 224  # CheXNet's input size, for weights without a run
@@ -65,9 +72,12 @@ def locate(path: str | Path) -> tuple[Path, Path | None]:
     if is_run(path):
         weights = path / BEST_WEIGHTS
         if not _is_weights_dir(weights):
-            state = ("its checkpoints/ hold a run that has not finished; resume it with "
-                     "`cxrjax train` (the best checkpoint is exported when training ends)"
-                     if (path / CHECKPOINTS).is_dir() else "it has no checkpoints either")
+            state = (
+                "its checkpoints/ hold a run that has not finished; resume it with "
+                "`cxrjax train` (the best checkpoint is exported when training ends)"
+                if (path / CHECKPOINTS).is_dir()
+                else "it has no checkpoints either"
+            )
             raise InferenceError(f"{path}: training workdir without {BEST_WEIGHTS}/: {state}")
         return weights, path
     if any(path.glob(f"{MEMBER_PREFIX}*/{RUN_CONFIG}")):
@@ -97,5 +107,4 @@ def load_trained(path: str | Path, image_size: int | None = None) -> TrainedMode
         raise InferenceError(f"image size must be positive, got {image_size}")
     mean, std = input_stats(run, workdir, model_cfg.in_channels)
     augment = augment_ranges(run.data) if run is not None else AugmentConfig()
-    return TrainedModel(model_cfg, variables, image_size, mean, std, augment,
-                        weights_dir, run, workdir)  # fmt: skip
+    return TrainedModel(model_cfg, variables, image_size, mean, std, augment, weights_dir, run, workdir)

@@ -28,7 +28,7 @@ def _panels(title: str, size=(16, 14)):
     fig = Figure(figsize=size)
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.05, top=0.94, hspace=0.4, wspace=0.3)
     axes = fig.subplots(*_GRID).ravel()
-    for ax in axes[len(FINDINGS):]:
+    for ax in axes[len(FINDINGS) :]:
         ax.set_axis_off()
     fig.suptitle(title)
     return fig, axes
@@ -53,9 +53,7 @@ def roc_grid(curves: dict, aucs: dict, points: dict, path: Path, title: str) -> 
     return path
 
 
-def score_histograms(
-    labels: np.ndarray, probs: np.ndarray, thresholds: list, path: Path, title: str
-) -> Path:
+def score_histograms(labels: np.ndarray, probs: np.ndarray, thresholds: list, path: Path, title: str) -> Path:
     """Score distributions per finding: positives upward, negatives downward (each as a
     share of its class), bars coloured TP/FN/TN/FP by the finding's threshold."""
     fig, axes = _panels(title)
@@ -78,19 +76,17 @@ def score_histograms(
         for outcome, (values, sign, total) in groups.items():
             if len(values):
                 counts, _ = np.histogram(values, edges)
-                ax.stairs(sign * counts / total, edges, fill=True, alpha=0.8,
-                          color=_OUTCOME_COLOURS[outcome], label=outcome)  # fmt: skip
+                ax.stairs(
+                    sign * counts / total, edges, fill=True, alpha=0.8, color=_OUTCOME_COLOURS[outcome], label=outcome
+                )
         if t is not None:
             ax.axvline(t, color="k", lw=1)
         ax.axhline(0, color="0.3", lw=0.6)
         ax.set_title(f"{name}  (threshold {_fmt(t)})", fontsize=10)
         ax.set_xscale("log")
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.set(xlim=(low, 1), xlabel="predicted probability (log scale)",
-               ylabel="share of class")  # fmt: skip
-    handles = [
-        axes[0].fill_between([], [], color=c, label=k) for k, c in _OUTCOME_COLOURS.items()
-    ]
+        ax.set(xlim=(low, 1), xlabel="predicted probability (log scale)", ylabel="share of class")
+    handles = [axes[0].fill_between([], [], color=c, label=k) for k, c in _OUTCOME_COLOURS.items()]
     fig.legend(handles=handles, loc="lower right", fontsize=12)
     fig.savefig(path, dpi=90)
     return path
@@ -173,8 +169,9 @@ def subgroup_chart(subgroups: dict, path: Path, title: str) -> Path:
                 ax.vlines(i, *grp["mean_auc_ci"], color="tab:blue", lw=1.5)
                 ax.hlines(grp["mean_auc_ci"], i - 0.08, i + 0.08, color="tab:blue", lw=1.5)
             ax.plot(i, grp["mean_auc"], "o", color="tab:blue")
-            ax.annotate(f"n={grp['n_images']}\n{grp['n_findings_in_mean']} findings", (i, 0.52),
-                        ha="center", fontsize=7)  # fmt: skip
+            ax.annotate(
+                f"n={grp['n_images']}\n{grp['n_findings_in_mean']} findings", (i, 0.52), ha="center", fontsize=7
+            )
         ax.set_xticks(range(len(names)), names)
         ax.set(xlim=(-0.5, len(names) - 0.5), ylim=(0.5, 1.0), ylabel="mean AUC", title=attr)
         ax.grid(axis="y", alpha=0.3)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrjax.findings import FINDINGS, canonical
 from cxrjax.errors import InputError
+from cxrjax.findings import FINDINGS, canonical
 
 ID_COLUMNS = ("Image Index", "image_id")
 PROB_PREFIX = "prob_"
@@ -33,7 +33,7 @@ class Predictions:
 
 
 def _finding_of(column: str) -> str | None:
-    name = column[len(PROB_PREFIX):] if column.startswith(PROB_PREFIX) else column
+    name = column[len(PROB_PREFIX) :] if column.startswith(PROB_PREFIX) else column
     try:
         return canonical(name)
     except ValueError:
@@ -56,9 +56,7 @@ def _column_map(columns: list[str], path: Path) -> tuple[str, dict[str, str]]:
         if finding is None:
             unknown.append(column)
         elif finding in found:
-            raise PredictionsError(
-                f"{path}: columns {found[finding]!r} and {column!r} are both {finding}"
-            )
+            raise PredictionsError(f"{path}: columns {found[finding]!r} and {column!r} are both {finding}")
         else:
             found[finding] = column
     if unknown:
@@ -111,8 +109,7 @@ def read_predictions(path: str | Path) -> Predictions:
         if len(bad):
             i = int(bad[0])
             raise PredictionsError(
-                f"{path}: line {i + 2} ({ids.iloc[i]}), column {column!r}: probability "
-                f"{values[i]} is outside [0, 1]"
+                f"{path}: line {i + 2} ({ids.iloc[i]}), column {column!r}: probability {values[i]} is outside [0, 1]"
             )
         probs[:, j] = values
     return Predictions(ids.to_numpy(dtype=object), probs, str(path))
@@ -122,9 +119,7 @@ def write_predictions(path: str | Path, image_ids, probs: np.ndarray) -> Path:
     """Write the canonical form (`Image Index, prob_<finding>` in FINDINGS order)."""
     probs = np.asarray(probs, np.float64)
     if probs.shape != (len(image_ids), len(FINDINGS)):
-        raise PredictionsError(
-            f"probabilities must be [{len(image_ids)}, {len(FINDINGS)}], got {probs.shape}"
-        )
+        raise PredictionsError(f"probabilities must be [{len(image_ids)}, {len(FINDINGS)}], got {probs.shape}")
     table = pd.DataFrame(probs, columns=[PROB_PREFIX + f for f in FINDINGS])
     table.insert(0, ID_COLUMNS[0], list(image_ids))
     path = Path(path)

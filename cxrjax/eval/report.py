@@ -44,9 +44,12 @@ def write_report(path: Path, m: dict, report_texts: dict[str, str]) -> Path:
     out = ["# Evaluation report", ""]
     if m.get("run"):
         r = m["run"]
-        out += [f"Run **{md_cell(r['name'])}**: split family `{r['split_family']}`, split "
-                f"{md_cell(r['split'] or 'n/a')}, {r['px'] or 'n/a'} px, backbone "
-                f"{md_cell(r['backbone'] or 'n/a')}.", ""]  # fmt: skip
+        out += [
+            f"Run **{md_cell(r['name'])}**: split family `{r['split_family']}`, split "
+            f"{md_cell(r['split'] or 'n/a')}, {r['px'] or 'n/a'} px, backbone "
+            f"{md_cell(r['backbone'] or 'n/a')}.",
+            "",
+        ]
     for key, value in m["inputs"].items():
         out.append(f"- {key}: `{value}`")
     out += [
@@ -57,10 +60,8 @@ def write_report(path: Path, m: dict, report_texts: dict[str, str]) -> Path:
         f"- mean AUC (macro, over {m['n_findings_in_mean']} findings): "
         f"**{fmt(m['mean_auc'], 4)}** 95% CI {fmt_ci(m['mean_auc_ci'])}; "
         f"std across findings {fmt(m['std_auc'])}",
-        f"- micro AUC (all image-finding pairs pooled): {fmt(m['micro_auc'], 4)} "
-        f"95% CI {fmt_ci(m['micro_auc_ci'])}",
-        f"- CIs: {boot['method']} bootstrap over **patients** ({boot['n']} resamples, "
-        f"seed {boot['seed']})",
+        f"- micro AUC (all image-finding pairs pooled): {fmt(m['micro_auc'], 4)} 95% CI {fmt_ci(m['micro_auc_ci'])}",
+        f"- CIs: {boot['method']} bootstrap over **patients** ({boot['n']} resamples, seed {boot['seed']})",
         f"- thresholds (Youden, target sensitivity {th['target_sensitivity']:g}) chosen on "
         f"the **{th['chosen_on']}** images",
         "",
@@ -74,8 +75,7 @@ def write_report(path: Path, m: dict, report_texts: dict[str, str]) -> Path:
     rows = []
     for f in FINDINGS:
         d = m["findings"][f]
-        rows.append([f, str(d["n_positive"]), fmt(d["prevalence"], 4), fmt(d["auc"], 4),
-                     fmt_ci(d["auc_ci"])])  # fmt: skip
+        rows.append([f, str(d["n_positive"]), fmt(d["prevalence"], 4), fmt(d["auc"], 4), fmt_ci(d["auc_ci"])])
     out += _table(["finding", "positives", "prevalence", "AUC", "95% CI"], rows) + [""]
 
     for op, title in OP_TITLES.items():
@@ -88,37 +88,53 @@ def write_report(path: Path, m: dict, report_texts: dict[str, str]) -> Path:
             if pt is None:
                 rows.append([f] + ["n/a"] * 8)
                 continue
-            rows.append([f, fmt(pt["threshold"], 4)] + [
-                fmt(pt[k]) for k in ("sensitivity", "specificity", "ppv", "npv", "f1")
-            ] + [f"{pt['tp']}/{pt['fp']}", f"{pt['tn']}/{pt['fn']}"])  # fmt: skip
+            rows.append(
+                [f, fmt(pt["threshold"], 4)]
+                + [fmt(pt[k]) for k in ("sensitivity", "specificity", "ppv", "npv", "f1")]
+                + [f"{pt['tp']}/{pt['fp']}", f"{pt['tn']}/{pt['fn']}"]
+            )
         overall = m["overall"][op]
         if overall:
             for kind in ("macro", "micro"):
                 o = overall[kind]
-                rows.append([f"*{kind} average*", ""] + [
-                    fmt(o[k]) for k in ("sensitivity", "specificity", "ppv", "npv", "f1")
-                ] + ["", ""])  # fmt: skip
-        header = ["finding", "threshold", "sensitivity", "specificity", "PPV", "NPV", "F1",
-                  "TP/FP", "TN/FN"]  # fmt: skip
+                rows.append(
+                    [f"*{kind} average*", ""]
+                    + [fmt(o[k]) for k in ("sensitivity", "specificity", "ppv", "npv", "f1")]
+                    + ["", ""]
+                )
+        header = ["finding", "threshold", "sensitivity", "specificity", "PPV", "NPV", "F1", "TP/FP", "TN/FN"]
         out += _table(header, rows)
         out += ["", f"Hamming loss: {fmt(m['hamming_loss'][op], 4)}", ""]
         if report_texts.get(op):
-            out += ["<details><summary>scikit-learn classification report</summary>", "",
-                    "```", report_texts[op].rstrip(), "```", "", "</details>", ""]  # fmt: skip
+            out += [
+                "<details><summary>scikit-learn classification report</summary>",
+                "",
+                "```",
+                report_texts[op].rstrip(),
+                "```",
+                "",
+                "</details>",
+                "",
+            ]
 
     if "comparison" in m:
         c = m["comparison"]
-        out += ["## Comparison with another run", "",
-                f"Other predictions: `{c['other']}`. Test: {c['method']}.", ""]  # fmt: skip
+        out += ["## Comparison with another run", "", f"Other predictions: `{c['other']}`. Test: {c['method']}.", ""]
         rows = []
         for f in FINDINGS:
             d = c["findings"][f]
             if d is None:
                 rows.append([f, "n/a", "n/a", "n/a", "n/a"])
             else:
-                rows.append([f, fmt(d["auc_a"], 4), fmt(d["auc_b"], 4),
-                             f"{d['difference']:+.4f}",
-                             "n/a" if d["p_value"] is None else f"{d['p_value']:.3g}"])  # fmt: skip
+                rows.append(
+                    [
+                        f,
+                        fmt(d["auc_a"], 4),
+                        fmt(d["auc_b"], 4),
+                        f"{d['difference']:+.4f}",
+                        "n/a" if d["p_value"] is None else f"{d['p_value']:.3g}",
+                    ]
+                )
         out += _table(["finding", "AUC (this)", "AUC (other)", "difference", "p (DeLong)"], rows)
         out.append("")
 
@@ -138,18 +154,28 @@ def write_report(path: Path, m: dict, report_texts: dict[str, str]) -> Path:
 def _uncalibrated_warning(cal: dict) -> list[str]:
     bad = cal["uncalibrated"]
     if not bad:
-        return [f"All findings have ECE <= {cal['uncalibrated_above_ece']:g}: the scores are "
-                "close enough to probabilities for a 0.5 cut to mean what it says.", ""]  # fmt: skip
-    return [f"> **The scores are uncalibrated** for {len(bad)} of {len(FINDINGS)} findings "
-            f"(ECE > {cal['uncalibrated_above_ece']:g}: {', '.join(bad)}), so a fixed 0.5 "
-            "threshold means little for them; use the thresholds above (see Calibration).", ""]  # fmt: skip
+        return [
+            f"All findings have ECE <= {cal['uncalibrated_above_ece']:g}: the scores are "
+            "close enough to probabilities for a 0.5 cut to mean what it says.",
+            "",
+        ]
+    return [
+        f"> **The scores are uncalibrated** for {len(bad)} of {len(FINDINGS)} findings "
+        f"(ECE > {cal['uncalibrated_above_ece']:g}: {', '.join(bad)}), so a fixed 0.5 "
+        "threshold means little for them; use the thresholds above (see Calibration).",
+        "",
+    ]
 
 
 def _calibration_section(cal: dict) -> list[str]:
-    out = ["## Calibration", "",
-           f"Expected calibration error (ECE, {cal['n_bins']} {cal['binning']}; bins weighted "
-           f"by their share of images) and Brier score. Mean ECE {fmt(cal['mean_ece'], 4)}, "
-           f"mean Brier {fmt(cal['mean_brier'], 4)}.", ""]  # fmt: skip
+    out = [
+        "## Calibration",
+        "",
+        f"Expected calibration error (ECE, {cal['n_bins']} {cal['binning']}; bins weighted "
+        f"by their share of images) and Brier score. Mean ECE {fmt(cal['mean_ece'], 4)}, "
+        f"mean Brier {fmt(cal['mean_brier'], 4)}.",
+        "",
+    ]
     scaled = cal["scaling"] is not None
     if scaled:
         out += [f"Beside the raw scores: {cal['scaling']}, applied to these images.", ""]
@@ -171,22 +197,41 @@ def _subgroup_section(sub: dict) -> list[str]:
     out = ["## Subgroups", ""]
     if not sub["available"]:
         return out + [f"Not computed: {sub['reason']}.", ""]
-    out += [f"By sex, view position and age ({sub['age_bins']}). Gap: {sub['gap']}. CIs: "
-            "patient bootstrap, the same resamples for every group.", ""]  # fmt: skip
+    out += [
+        f"By sex, view position and age ({sub['age_bins']}). Gap: {sub['gap']}. CIs: "
+        "patient bootstrap, the same resamples for every group.",
+        "",
+    ]
     w = sub["worst_gap"]
     if w:
-        out += [f"Largest mean-AUC gap: **{w['attribute']}** {w['high']} − {w['low']} = "
-                f"{w['gap']:+.4f} 95% CI {fmt_ci(w['ci'])} (over {w['n_findings']} findings).", ""]  # fmt: skip
+        out += [
+            f"Largest mean-AUC gap: **{w['attribute']}** {w['high']} − {w['low']} = "
+            f"{w['gap']:+.4f} 95% CI {fmt_ci(w['ci'])} (over {w['n_findings']} findings).",
+            "",
+        ]
     for attr, d in sub["attributes"].items():
         groups = d["groups"]
         out += [f"### {attr}", ""]
-        rows = [[g, str(x["n_images"]), str(x["n_patients"]), fmt(x["mean_auc"], 4), fmt_ci(x["mean_auc_ci"]),
-                 str(x["n_findings_in_mean"])] for g, x in groups.items()]  # fmt: skip
+        rows = [
+            [
+                g,
+                str(x["n_images"]),
+                str(x["n_patients"]),
+                fmt(x["mean_auc"], 4),
+                fmt_ci(x["mean_auc_ci"]),
+                str(x["n_findings_in_mean"]),
+            ]
+            for g, x in groups.items()
+        ]
         out += _table(["group", "images", "patients", "mean AUC", "95% CI", "findings in mean"], rows)
         gap = d["mean_auc_gap"]
-        out += ["", "Mean-AUC gap: n/a (fewer than two groups with a mean)." if gap is None else
-                f"Mean-AUC gap {gap['high']} − {gap['low']}: {gap['gap']:+.4f} 95% CI "
-                f"{fmt_ci(gap['ci'])} (over {gap['n_findings']} findings)."]  # fmt: skip
+        out += [
+            "",
+            "Mean-AUC gap: n/a (fewer than two groups with a mean)."
+            if gap is None
+            else f"Mean-AUC gap {gap['high']} − {gap['low']}: {gap['gap']:+.4f} 95% CI "
+            f"{fmt_ci(gap['ci'])} (over {gap['n_findings']} findings).",
+        ]
         if d["n_unassigned"]:
             out.append(f"{d['n_unassigned']} image(s) fall in none of these groups.")
         out.append("")
@@ -209,13 +254,19 @@ def _subgroup_section(sub: dict) -> list[str]:
 
 
 def _adjudicated_section(adj: dict) -> list[str]:
-    out = ["## Radiologist-adjudicated labels", "",
-           f"Labels: `{md_cell(adj['labels'])}` (Majkowska et al., Radiology 2019). Scored "
-           f"on the {adj['n_scored']} images that both the predictions and the file cover; "
-           f"{adj['n_left_out']} of {adj['n_predictions']} predictions were left out. "
-           f"Text-mined labels: {adj['text_mined_source']}.", "",
-           "Mapping of model outputs: " + "; ".join(
-               f"{k} ← {v if v else 'none (n/a)'}" for k, v in adj["mapping"].items()) + ".", ""]  # fmt: skip
+    out = [
+        "## Radiologist-adjudicated labels",
+        "",
+        f"Labels: `{md_cell(adj['labels'])}` (Majkowska et al., Radiology 2019). Scored "
+        f"on the {adj['n_scored']} images that both the predictions and the file cover; "
+        f"{adj['n_left_out']} of {adj['n_predictions']} predictions were left out. "
+        f"Text-mined labels: {adj['text_mined_source']}.",
+        "",
+        "Mapping of model outputs: "
+        + "; ".join(f"{k} ← {v if v else 'none (n/a)'}" for k, v in adj["mapping"].items())
+        + ".",
+        "",
+    ]
     sets = adj["sets"]
     header = ["finding"]
     for name, s in sets.items():
@@ -226,12 +277,16 @@ def _adjudicated_section(adj: dict) -> list[str]:
         for s in sets.values():
             for kind in ("adjudicated", "text_mined"):
                 e = s[kind][f]
-                row.append("n/a" if e["auc"] is None else
-                           f"{fmt(e['auc'])} {fmt_ci(e['auc_ci'])} ({e['n_positive']}+)")  # fmt: skip
+                row.append("n/a" if e["auc"] is None else f"{fmt(e['auc'])} {fmt_ci(e['auc_ci'])} ({e['n_positive']}+)")
         rows.append(row)
     out += _table(header, rows) + [""]
-    reasons = {f"{f}: {e['reason']}" for s in sets.values() for k in ("adjudicated", "text_mined")
-               for f, e in s[k].items() if e["reason"]}  # fmt: skip
+    reasons = {
+        f"{f}: {e['reason']}"
+        for s in sets.values()
+        for k in ("adjudicated", "text_mined")
+        for f, e in s[k].items()
+        if e["reason"]
+    }
     if reasons:
         out += ["n/a: " + "; ".join(sorted(reasons)) + ".", ""]
     return out

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 from cxrjax.errors import InputError
 
 SPLIT_FAMILIES = ("official", "random", "synthetic")

@@ -47,9 +47,12 @@ def _undefined_reason(y: np.ndarray) -> str:
 
 def _point_aucs(labels, probs, masks) -> dict:
     """scikit-learn's AUC per (attribute, group, finding); None where one class only."""
-    return {(attr, g, j): roc_auc(labels[mask, j], probs[mask, j])
-            for attr, groups in masks.items() for g, mask in groups.items()
-            for j in range(len(FINDINGS))}  # fmt: skip
+    return {
+        (attr, g, j): roc_auc(labels[mask, j], probs[mask, j])
+        for attr, groups in masks.items()
+        for g, mask in groups.items()
+        for j in range(len(FINDINGS))
+    }
 
 
 def _replicates(labels, probs, patient_ids, masks, points, n, seed) -> dict:
@@ -96,8 +99,12 @@ def _gap(scores: dict[str, float], reps_of) -> dict | None:
     if len(scores) < 2:
         return None
     high, low = max(scores, key=scores.get), min(scores, key=scores.get)
-    return {"high": high, "low": low, "gap": scores[high] - scores[low],
-            "ci": percentile_ci(reps_of(high) - reps_of(low))}  # fmt: skip
+    return {
+        "high": high,
+        "low": low,
+        "gap": scores[high] - scores[low],
+        "ci": percentile_ci(reps_of(high) - reps_of(low)),
+    }
 
 
 def _attribute(labels, patient_ids, groups, points, reps, attr) -> dict:
@@ -106,8 +113,7 @@ def _attribute(labels, patient_ids, groups, points, reps, attr) -> dict:
     out["n_unassigned"] = int((~assigned).sum())
     gaps = {}
     for j, f in enumerate(FINDINGS):
-        scores = {g: d["findings"][f]["auc"] for g, d in out["groups"].items()
-                  if d["findings"][f]["auc"] is not None}  # fmt: skip
+        scores = {g: d["findings"][f]["auc"] for g, d in out["groups"].items() if d["findings"][f]["auc"] is not None}
         gaps[f] = _gap(scores, lambda g, j=j: reps[(attr, g, j)])
     out["finding_gaps"] = gaps
     # The mean-AUC gap compares like with like: over the findings defined in both groups.
@@ -115,28 +121,41 @@ def _attribute(labels, patient_ids, groups, points, reps, attr) -> dict:
     gap = None
     if len(means) >= 2:
         high, low = max(means, key=means.get), min(means, key=means.get)
-        common = [j for j, f in enumerate(FINDINGS) if gaps[f] is not None
-                  and out["groups"][high]["findings"][f]["auc"] is not None
-                  and out["groups"][low]["findings"][f]["auc"] is not None]  # fmt: skip
+        common = [
+            j
+            for j, f in enumerate(FINDINGS)
+            if gaps[f] is not None
+            and out["groups"][high]["findings"][f]["auc"] is not None
+            and out["groups"][low]["findings"][f]["auc"] is not None
+        ]
         if common:
+
             def mean_of(g):
                 return np.mean([reps[(attr, g, j)] for j in common], axis=0)
 
-            point = {g: float(np.mean([out["groups"][g]["findings"][FINDINGS[j]]["auc"] for j in common]))
-                     for g in (high, low)}  # fmt: skip
-            gap = {"high": high, "low": low, "gap": point[high] - point[low],
-                   "ci": percentile_ci(mean_of(high) - mean_of(low)), "n_findings": len(common)}  # fmt: skip
+            point = {
+                g: float(np.mean([out["groups"][g]["findings"][FINDINGS[j]]["auc"] for j in common]))
+                for g in (high, low)
+            }
+            gap = {
+                "high": high,
+                "low": low,
+                "gap": point[high] - point[low],
+                "ci": percentile_ci(mean_of(high) - mean_of(low)),
+                "n_findings": len(common),
+            }
     out["mean_auc_gap"] = gap
     return out
 
 
-def subgroup_metrics(labels, probs, patient_ids, meta: pd.DataFrame | None, n_bootstrap: int,
-                     seed: int) -> dict:  # fmt: skip
+def subgroup_metrics(labels, probs, patient_ids, meta: pd.DataFrame | None, n_bootstrap: int, seed: int) -> dict:
     """metrics.json's `subgroups`: per attribute, per group AUCs with CIs and the gaps."""
     if meta is None:
-        return {"available": False,
-                "reason": "the labels carry no sex/age/view metadata (a split list or an "
-                "index.csv from before they were recorded); pass the Data_Entry file as --labels"}  # fmt: skip
+        return {
+            "available": False,
+            "reason": "the labels carry no sex/age/view metadata (a split list or an "
+            "index.csv from before they were recorded); pass the Data_Entry file as --labels",
+        }
     masks = group_masks(meta)
     points = _point_aucs(labels, probs, masks)
     reps = _replicates(labels, probs, np.asarray(patient_ids), masks, points, n_bootstrap, seed)

@@ -42,7 +42,11 @@ class CBAM(nn.Module):
         )
         k = self.spatial_kernel
         spatial_gate = nn.Conv(
-            1, (k, k), padding=((k // 2, k // 2),) * 2, use_bias=False, dtype=self.dtype,
+            1,
+            (k, k),
+            padding=((k // 2, k // 2),) * 2,
+            use_bias=False,
+            dtype=self.dtype,
             name="spatial_conv",
         )(pooled)
         return x * nn.sigmoid(spatial_gate).astype(x.dtype)

@@ -87,9 +87,7 @@ class ChestXrayClassifier(nn.Module):
     def features(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Final feature map [B, h, w, C] in the compute dtype (after CBAM when enabled)."""
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
-            raise ValueError(
-                f"expected NHWC input with {self.in_channels} channel(s), got shape {x.shape}"
-            )
+            raise ValueError(f"expected NHWC input with {self.in_channels} channel(s), got shape {x.shape}")
         fmap = self.backbone(x, train=train)
         return self.attention(fmap) if self.cbam else fmap
 

@@ -26,7 +26,8 @@ concat + BN + ReLU + convs are recomputed, instead of one growing concat per lay
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

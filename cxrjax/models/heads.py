@@ -6,7 +6,8 @@ small matmuls, and float32 logits keep the loss and the sigmoid well conditioned
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -10,8 +10,9 @@ source lacks (CBAM, a head) keep a fresh initialization and are reported.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import h5py
 import jax
@@ -55,8 +56,10 @@ def read_layers(source: str | Path, model_cfg) -> tuple[str, LayerTensors]:
         except OSError as e:  # h5py's messages name no file
             raise WeightsError(f"{source}: a damaged or truncated HDF5 file ({e})") from None
     if not head.startswith(TORCH_SIGNATURES):
-        raise WeightsError(f"{source}: neither an HDF5 file (Keras .h5, .weights.h5) nor a torch checkpoint "
-                           f"(zip or pickle); it starts with {head!r}")  # fmt: skip
+        raise WeightsError(
+            f"{source}: neither an HDF5 file (Keras .h5, .weights.h5) nor a torch checkpoint "
+            f"(zip or pickle); it starts with {head!r}"
+        )
     from cxrjax.models.torch_state_dict import read_torch_state_dict
 
     return "torchvision-state-dict", read_torch_state_dict(source)
@@ -170,8 +173,7 @@ def map_layers(
             take(next(iter(layers)), ("classifier", "logits"), DENSE_VARIABLES)
         else:
             found = ", ".join(
-                f"{n} ({', '.join(f'{v}{list(np.shape(a))}' for v, a in t.items())})"
-                for n, t in sorted(layers.items())
+                f"{n} ({', '.join(f'{v}{list(np.shape(a))}' for v, a in t.items())})" for n, t in sorted(layers.items())
             )
             problems.append(
                 f"unexpected layer(s) {found}: besides the backbone only one Dense layer with "

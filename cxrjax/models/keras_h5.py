@@ -19,8 +19,8 @@ must agree with the name the order implies.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import h5py
 import numpy as np
@@ -128,9 +128,7 @@ def read_keras3_weights_h5(path: str | Path, backbone_layers: Sequence[str]) -> 
             entries.sort()
             expected = by_kind.get(kind)
             if expected is not None and len(entries) != len(expected):
-                raise WeightsError(
-                    f"{path}: {len(entries)} {kind} layers, the model has {len(expected)}"
-                )
+                raise WeightsError(f"{path}: {len(entries)} {kind} layers, the model has {len(expected)}")
             for position, (_, key) in enumerate(entries):
                 vars_group = group[key]["vars"]
                 stored_name = vars_group.attrs.get("name")
@@ -147,9 +145,14 @@ def read_keras3_weights_h5(path: str | Path, backbone_layers: Sequence[str]) -> 
         inside = group.name.rstrip("/") + "/"
         outside = []
         f.visititems(
-            lambda name, item: outside.append("/" + name)
-            if isinstance(item, h5py.Group) and name.split("/")[-1] == "vars" and len(item)
-            and not ("/" + name).startswith(inside) else None
+            lambda name, item: (
+                outside.append("/" + name)
+                if isinstance(item, h5py.Group)
+                and name.split("/")[-1] == "vars"
+                and len(item)
+                and not ("/" + name).startswith(inside)
+                else None
+            )
         )
         for name in outside:
             vars_group = f[name]
@@ -165,6 +168,5 @@ def _keras3_vars(vars_group: h5py.Group, kind: str, where: str) -> dict[str, np.
     if len(vars_group) > len(names) and kind in KERAS3_VARIABLES:
         raise WeightsError(f"{where}: {len(vars_group)} variables, a {kind} layer has at most {len(names)}")
     return {
-        (names[i] if i < len(names) else str(i)): _dataset(vars_group, str(i), where)
-        for i in range(len(vars_group))
+        (names[i] if i < len(names) else str(i)): _dataset(vars_group, str(i), where) for i in range(len(vars_group))
     }

@@ -26,7 +26,10 @@ def saved_activation_bytes_per_image(model, image_size: int) -> int:
         def pullback(variables, x):
             def forward(params):
                 logits, updates = model.apply(
-                    {**variables, "params": params}, x, train=True, mutable=["batch_stats"],
+                    {**variables, "params": params},
+                    x,
+                    train=True,
+                    mutable=["batch_stats"],
                     rngs={"dropout": jax.random.key(0)},
                 )
                 return jnp.sum(logits), updates

@@ -38,9 +38,7 @@ def _load(path: Path):
     try:
         import torch
     except ImportError as e:
-        raise ImportError(
-            f"reading {path} needs PyTorch, which is optional: pip install 'cxrjax[torch]'"
-        ) from e
+        raise ImportError(f"reading {path} needs PyTorch, which is optional: pip install 'cxrjax[torch]'") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -109,7 +107,7 @@ def read_torch_state_dict(path: str | Path) -> LayerTensors:
         if not key.startswith(prefix):
             unexpected.append(key)
             continue
-        short = _OLD_STYLE.sub(r"\1\2.", key[len(prefix):])
+        short = _OLD_STYLE.sub(r"\1\2.", key[len(prefix) :])
         mapped = _keras_name(short)
         if mapped is None:
             unexpected.append(key)

@@ -10,8 +10,9 @@ Grad-CAM / prediction read it. Layout::
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import ml_collections
@@ -51,9 +52,7 @@ def load_weights(path: str | Path, target: Any = None) -> tuple[ml_collections.C
     path = Path(path).absolute()
     config_file = path / CONFIG_FILE
     if not config_file.is_file() or not (path / VARIABLES_DIR).is_dir():
-        raise FileNotFoundError(
-            f"{path} is not a weights directory: expected {CONFIG_FILE} and {VARIABLES_DIR}/"
-        )
+        raise FileNotFoundError(f"{path} is not a weights directory: expected {CONFIG_FILE} and {VARIABLES_DIR}/")
     cfg = default_model_config()
     stored = json.loads(config_file.read_text())
     unknown = sorted(set(stored) - set(cfg))
@@ -143,8 +142,6 @@ def merge_pretrained(
         report["loaded"].append(name)
     missing = [p for p in fresh_flat if _part(p) in take and p not in loaded_flat]
     if missing:
-        raise WeightsError(
-            "weights lack tensor(s) the model needs: " + ", ".join("/".join(p) for p in missing)
-        )
+        raise WeightsError("weights lack tensor(s) the model needs: " + ", ".join("/".join(p) for p in missing))
     report["fresh"] = ["/".join(p) for p in fresh_flat if _part(p) not in take]
     return _unflat(merged), report

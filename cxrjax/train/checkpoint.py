@@ -38,13 +38,18 @@ def make_manager(directory: str | Path, keep: int) -> ocp.CheckpointManager:
     to rank by them; without it `best_step` is simply the latest step. Mid-epoch
     checkpoints carry no metrics and age out through LatestN like the others.
     """
-    policy = policies.AnyPreservationPolicy([
-        policies.LatestN(n=keep),
-        policies.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
-    ])
+    policy = policies.AnyPreservationPolicy(
+        [
+            policies.LatestN(n=keep),
+            policies.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
+        ]
+    )
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, best_fn=_best_metric, best_mode="max",
-        enable_async_checkpointing=True, create=True,
+        preservation_policy=policy,
+        best_fn=_best_metric,
+        best_mode="max",
+        enable_async_checkpointing=True,
+        create=True,
         cleanup_tmp_directories=True,  # a save cut short by SIGKILL leaves one behind
     )
     return ocp.CheckpointManager(

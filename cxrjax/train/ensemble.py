@@ -18,7 +18,7 @@ def member_configs(config) -> list:
         member.seed = config.seed + i
         member.ensemble.members = 1
         member.ensemble.overrides = ""
-        for assignment in (overrides[i].split(",") if overrides and overrides[i] else []):
+        for assignment in overrides[i].split(",") if overrides and overrides[i] else []:
             field, _, value = assignment.partition("=")
             node = member
             *parents, leaf = field.strip().split(".")
@@ -28,4 +28,3 @@ def member_configs(config) -> list:
             node[leaf] = type(node[leaf])(json.loads(value)) if not isinstance(node[leaf], str) else value
         members.append(member)
     return members
-

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import signal
 import time
 from pathlib import Path
@@ -34,8 +35,16 @@ from cxrjax.train.monitor import MetricsLog
 from cxrjax.train.state import TrainState
 from cxrjax.train.step import make_steps
 from cxrjax.workdir import (
-    BEST_WEIGHTS, CHECKPOINTS, augment_ranges, input_stats, save_statistics, saved_statistics, write_run_config,
+    BEST_WEIGHTS,
+    CHECKPOINTS,
+    augment_ranges,
+    input_stats,
+    save_statistics,
+    saved_statistics,
+    write_run_config,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -147,13 +156,18 @@ def predict(state, eval_step, source, config, mesh, image_size: int, should_stop
     labels are the records' own (CRC-checked), not the index's. Raises EvaluationStopped
     when `should_stop()` says so after a batch."""
     global_batch = config.eval.batch_size or config.global_batch_size
+
     def after_batch():
         if should_stop is not None and should_stop():
             raise EvaluationStopped
 
     out = predict_records(
-        source, lambda images: eval_step(state, to_global({"image": images}, mesh)), mesh=mesh,
-        batch_size=per_process_batch(global_batch, mesh), image_size=image_size, seed=config.seed,
+        source,
+        lambda images: eval_step(state, to_global({"image": images}, mesh)),
+        mesh=mesh,
+        batch_size=per_process_batch(global_batch, mesh),
+        image_size=image_size,
+        seed=config.seed,
         after_batch=after_batch,
     )
     probs, logits = np.asarray(out["probs"], np.float64), np.asarray(out["logits"], np.float32)
@@ -190,8 +204,10 @@ def _initial_state(config, model, tx, mesh):
         loaded_cfg, loaded = load_weights(config.model.init_from)
         variables, report = merge_pretrained(variables, loaded, loaded_cfg, config.model)
         if jax.process_index() == 0:
-            print(f"init_from {config.model.init_from}: {len(report['loaded'])} tensors loaded, "
-                  f"fresh: {sorted({'/'.join(p.split('/')[:3]) for p in report['fresh']}) or 'none'}")
+            logger.info(
+                f"init_from {config.model.init_from}: {len(report['loaded'])} tensors loaded, "
+                f"fresh: {sorted({'/'.join(p.split('/')[:3]) for p in report['fresh']}) or 'none'}"
+            )
     variables = jax.device_get(variables)  # numpy: the same on every process
     create = functools.partial(TrainState.create, tx=tx, seed=config.seed)
     sharding = jax.tree.map(lambda _: replicated(mesh), jax.eval_shape(create, variables))
@@ -244,8 +260,13 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
     total_steps = steps_per_epoch * config.epochs
 
     loader = make_loader(
-        train_src, batch_size=local_batch, image_size=size, seed=config.seed, train=True,
-        augment=augment_ranges(config.data) if config.data.augment else None, workers=config.data.workers,
+        train_src,
+        batch_size=local_batch,
+        image_size=size,
+        seed=config.seed,
+        train=True,
+        augment=augment_ranges(config.data) if config.data.augment else None,
+        workers=config.data.workers,
     )
     data_iter = iter(loader)
     mean, std = _normalization(config, workdir, train_src)
@@ -261,15 +282,16 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
     def eval_step(state, batch):  # the one jitted forward of every prediction (cxrjax.forward)
         return predict_batch(model, mean, std, state.variables, batch["image"])
 
-    plateau = optim.Plateau(config.optim.plateau_factor, config.optim.plateau_patience,
-                            config.optim.min_lr, config.optim.learning_rate)
+    plateau = optim.Plateau(
+        config.optim.plateau_factor, config.optim.plateau_patience, config.optim.min_lr, config.optim.learning_rate
+    )
     early = optim.EarlyStopping(config.early_stopping_patience)
     manager = checkpoint.make_manager(workdir / CHECKPOINTS, config.checkpoint.keep)
     meta = {"plateau": {}, "early": {}}
     if manager.latest_step() is not None:
         state, meta = checkpoint.restore(manager, manager.latest_step(), _abstract(state), data_iter)
         if jax.process_index() == 0:
-            print(f"resumed from step {int(state.step)} in {workdir / CHECKPOINTS}")
+            logger.info(f"resumed from step {int(state.step)} in {workdir / CHECKPOINTS}")
     for key, value in meta["plateau"].items():
         setattr(plateau, key, value)
     for key, value in meta["early"].items():
@@ -284,8 +306,7 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
     def end_epoch(epoch):
         """Validate the epoch that ended at `step` and checkpoint it with its metrics."""
         nonlocal state
-        val = validate(state, eval_step, val_src, loss_fn, config, mesh, workdir,
-                       should_stop=stop.during_evaluation)
+        val = validate(state, eval_step, val_src, loss_fn, config, mesh, workdir, should_stop=stop.during_evaluation)
         if config.optim.schedule == "plateau":
             scale = np.float32(plateau.update(val["val_loss"]))
             state = state.replace(lr_scale=jax.device_put(scale, replicated(mesh)))
@@ -297,9 +318,9 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
             manager.delete(step)
         save(step, {"val_mean_auc": val["val_mean_auc"]})
         if jax.process_index() == 0:
-            print(f"epoch {epoch + 1}: val loss {val['val_loss']:.4f}, val mean AUC {val['val_mean_auc']:.4f}")
+            logger.info(f"epoch {epoch + 1}: val loss {val['val_loss']:.4f}, val mean AUC {val['val_mean_auc']:.4f}")
             if early.stopped:
-                print(f"early stopping: no better val mean AUC for {early.patience} epochs")
+                logger.info(f"early stopping: no better val mean AUC for {early.patience} epochs")
 
     def stop_in_validation():
         """A stop during validation: the epoch's training is kept, its validation runs first on resume."""
@@ -319,8 +340,13 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
                 stopped = True
         while step < total_steps and not stopped and not early.stopped:
             epoch = step // steps_per_epoch
-            bar = tqdm(total=steps_per_epoch, initial=step % steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
-                       unit="step", disable=jax.process_index() != 0 or None)
+            bar = tqdm(
+                total=steps_per_epoch,
+                initial=step % steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{config.epochs}",
+                unit="step",
+                disable=jax.process_index() != 0 or None,
+            )
             previous, tick = None, time.perf_counter()
             while True:
                 batch = to_global(next(data_iter), mesh)
@@ -351,7 +377,9 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
                     _check_finite(_host(metrics), step, workdir)
                     save(step)
                     if asked and jax.process_index() == 0:
-                        print(f"SIGUSR1 (rebalance recommendation): checkpoint saved at step {step}; training goes on")
+                        logger.info(
+                            f"SIGUSR1 (rebalance recommendation): checkpoint saved at step {step}; training goes on"
+                        )
             bar.close()
             if stopped:
                 break
@@ -369,7 +397,7 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
             save(step)
             manager.wait_until_finished()
         if jax.process_index() == 0 or stop.signal:
-            print(f"{stop.reason}: checkpoint saved at step {step}; rerun the same command to resume")
+            logger.info(f"{stop.reason}: checkpoint saved at step {step}; rerun the same command to resume")
         manager.close()
         return {"stopped": stop.reason, "step": step}
 
@@ -378,8 +406,10 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
     try:
         summary = _finish(config, workdir, manager, state, eval_step, mesh, prepared, manifest, stop)
     except EvaluationStopped:
-        print(f"{stop.signal} received during the final evaluation: every checkpoint is saved; "
-              "rerun the same command to evaluate again")
+        logger.info(
+            f"{stop.signal} received during the final evaluation: every checkpoint is saved; "
+            "rerun the same command to evaluate again"
+        )
         return {"stopped": f"{stop.signal} received during the final evaluation", "step": step}
     finally:
         manager.close()
@@ -395,14 +425,19 @@ def _finish(config, workdir, manager, state, eval_step, mesh, prepared, manifest
     weights_dir = workdir / BEST_WEIGHTS
     if jax.process_index() == 0:
         checkpoint.export_weights(weights_dir, jax.device_get(state.variables), config.model)
-    summary = {"best_step": int(best), "weights": str(weights_dir), "split": manifest["split"],
-               "image_size": config.data.image_size}
+    summary = {
+        "best_step": int(best),
+        "weights": str(weights_dir),
+        "split": manifest["split"],
+        "image_size": config.data.image_size,
+    }
     if config.eval.test:
         predictions = {}
         for part in ("test", "val"):
             source = ShardedRecords(prepared / part)
-            keys, probs, _, labels = predict(state, eval_step, source, config, mesh, config.data.image_size,
-                                             stop.during_evaluation)
+            keys, probs, _, labels = predict(
+                state, eval_step, source, config, mesh, config.data.image_size, stop.during_evaluation
+            )
             # Ids and labels as the records hold them (each read checks the id against the index).
             predictions[part] = (source.image_ids[keys], probs, labels)
         summary["predictions"] = predictions

@@ -20,7 +20,7 @@ class TrainState(flax.struct.PyTreeNode):
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
     @classmethod
-    def create(cls, variables, tx, seed: int) -> "TrainState":
+    def create(cls, variables, tx, seed: int) -> TrainState:
         params = variables["params"]
         return cls(
             step=jnp.zeros((), jnp.int32),

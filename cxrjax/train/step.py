@@ -37,11 +37,14 @@ def train_step(state: TrainState, batch: dict, *, model, loss_fn, mean, std, l2:
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-    )
-    metrics = {"loss": data_loss, "total_loss": total, "grad_norm": _norm(grads), "param_norm": _norm(params),
-               "nonfinite_state": _count_nonfinite((params, batch_stats))}
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    metrics = {
+        "loss": data_loss,
+        "total_loss": total,
+        "grad_norm": _norm(grads),
+        "param_norm": _norm(params),
+        "nonfinite_state": _count_nonfinite((params, batch_stats)),
+    }
     return new_state, metrics
 
 
