@@ -33,9 +33,13 @@ wheelhouse=${WHEELHOUSE:-benchmarks/wheelhouse}
 python=${PYTHON:-python3}
 read -r -a extra <<<"${QUICK_ARGS:-}"
 
-# The distributions of benchmarks/wheelhouse.txt that this interpreter lacks.
+# What cxrjax imports beyond the model stack; when any is missing, every distribution of
+# benchmarks/wheelhouse.txt that this interpreter lacks is installed from the wheelhouse.
 missing=$("$python" - <<'PY'
-import importlib.metadata, re
+import importlib.metadata, importlib.util, re
+needed = ("ml_collections", "grain", "tensorflow_datasets", "google_crc32c")
+if all(importlib.util.find_spec(m) is not None for m in needed):
+    raise SystemExit(0)
 names = [re.sub(r"#.*", "", line).strip() for line in open("benchmarks/wheelhouse.txt")]
 def installed(name):
     try:

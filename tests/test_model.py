@@ -114,7 +114,7 @@ def test_tiny_forward_backward_shapes_and_batch_stats_update():
     _, variables, _ = init(tiny_cfg(cbam=True, head="fisher"))
     assert set(variables) == {"params", "batch_stats"}
     assert set(variables["params"]) == {"backbone", "attention", "classifier"}
-    grads, (logits, updates) = _grads(False)
+    grads, (logits, updates) = _grads("none")
     assert logits.shape == (2, 14) and logits.dtype == jnp.float32
     assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
@@ -154,7 +154,7 @@ def test_bfloat16_compute_keeps_float32_params_stats_and_logits():
     assert fmap.dtype == jnp.bfloat16
     assert logits16.dtype == jnp.float32
     assert all(v.dtype == jnp.float32 for _, v in leaves_with_paths(updates))
-    _, (logits32, _) = _grads(False)  # the same training forward in float32
+    _, (logits32, _) = _grads("none")  # the same training forward in float32
     np.testing.assert_allclose(logits16, logits32, atol=0.15)  # bf16 rounding only
 
 
@@ -190,7 +190,7 @@ def test_fisher_head_layers_dropout_and_l2():
     expected = h @ np.asarray(head["logits"]["kernel"]) + np.asarray(head["logits"]["bias"])
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
-    _, (train_logits, _) = _grads(False)  # dropout key DROPOUT_KEY
+    _, (train_logits, _) = _grads("none")  # dropout key DROPOUT_KEY
     other, _ = apply(model, variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(4)})
     assert not np.allclose(train_logits, other)  # dropout is active in training
 
