@@ -422,16 +422,26 @@ def test_a_case_past_the_deadline_is_cut_off_with_its_helpers():
     assert found["measurements"][0]["reason"].startswith("time: cut off at the deadline")
 
 
+def test_a_peer_without_its_library_is_skipped_before_a_worker_starts(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else real(name, *a))
+    monkeypatch.setattr(subprocess, "Popen", None)  # a worker started here would fail the test
+    for framework in ("torch", "torch_compile"):
+        spec = CaseSpec(framework, "tiny", 32, "float32", "none", batch=1, steps=1)
+        rows = run_in_subprocess(spec)["measurements"]
+        assert [(r["status"], r["reason"]) for r in rows] == [
+            ("skipped", "torch/torchvision not usable: torchvision not installed")
+        ] * 2  # training and inference
+
+
 def test_quick_smoke_runs_the_gpu_script_end_to_end(tmp_path):
     """benchmarks/gpu_quick.sh --smoke: every case of the GPU run at tiny size, on the CPU."""
     out = tmp_path / "quick"
-    # XLA's backend optimizations off: compiles take a third of the time, and this test checks
-    # the script's plumbing, not its figures.
-    env = {
-        **os.environ,
-        "TOTAL_S": "900",
-        "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
-    }
+    # XLA_FLAGS from conftest (backend optimizations off): this checks the script's plumbing,
+    # not its figures.
+    env = {**os.environ, "TOTAL_S": "900"}
     proc = subprocess.run(
         ["bash", str(REPO / "benchmarks" / "gpu_quick.sh"), "--smoke", str(out)],
         capture_output=True,

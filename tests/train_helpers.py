@@ -40,13 +40,15 @@ def prepared(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def train_env(tmp_path_factory) -> dict:
     """Environment of `cxrjax train` subprocesses: one CPU device unless a test says
-    otherwise, unbuffered output, wandb's files out of the home directory, and a persistent XLA cache shared by every run of the session (the
-    runs compile the same programs; later runs load them instead of compiling)."""
+    otherwise, unbuffered output, wandb's files out of the home directory, conftest's
+    fast-compile XLA flags, and a persistent XLA cache shared by every run of the session
+    (the runs compile the same programs; later runs load them instead of compiling)."""
     base = tmp_path_factory.getbasetemp()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "CXRJAX_", "WANDB_"))}
     env.update(
         PYTHONUNBUFFERED="1",
         JAX_PLATFORMS="cpu",
+        XLA_FLAGS=os.environ["XLA_FLAGS"],  # conftest's fast-compile flags
         JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",

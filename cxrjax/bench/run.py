@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.util
 import json
 import logging
 import os
@@ -100,9 +101,26 @@ def plan(o: BenchOptions) -> list[CaseSpec]:
     return specs
 
 
+# A peer whose libraries are not installed is skipped before its worker starts: the worker
+# would spend seconds importing jax and torch only to find torchvision missing. (A library
+# that is installed but broken is still found, and named, by the worker's own import.)
+PEER_LIBRARIES = {"torch": ("torch", "torchvision"), "torch_compile": ("torch", "torchvision")}
+
+
+def missing_peer_library(spec: CaseSpec) -> str | None:
+    """Why `spec`'s peer cannot run here, or None."""
+    needed = PEER_LIBRARIES.get(spec.framework, ())
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"{'/'.join(needed)} not usable: {', '.join(missing)} not installed"
+    return None
+
+
 def run_in_subprocess(spec: CaseSpec, timeout_s: float | None = None) -> dict:
     """The case in a fresh worker process (and its own process group, so that a cut-off
     case takes torch.compile's or grain's helper processes with it)."""
+    if (missing := missing_peer_library(spec)) is not None:
+        return not_measured(spec, "skipped", missing)
     with tempfile.TemporaryDirectory(prefix="cxrjax-bench-") as tmp:
         result = Path(tmp) / "result.json"
         command = [sys.executable, "-m", "cxrjax.bench.worker", json.dumps(dataclasses.asdict(spec)), str(result)]
