@@ -42,7 +42,12 @@ def installed(tmp_path_factory) -> Path:
     ).stdout.strip()
     Path(site, "outer_environment.pth").write_text(sysconfig.get_path("purelib") + "\n")
     (wheel,) = (root / "dist").glob("cxrjax-*.whl")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True)
+    # --force-reinstall: a cxrjax already visible through the .pth (this checkout's editable
+    # install, or its build metadata on PYTHONPATH) must not stand in for the wheel.
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--force-reinstall", str(wheel)],
+        check=True,
+    )
     return root / "venv" / "bin"
 
 
