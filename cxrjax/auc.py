@@ -7,7 +7,6 @@ evaluation (the test metrics), so both score with the same function.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 
 def defined(y: np.ndarray) -> bool:
@@ -16,4 +15,8 @@ def defined(y: np.ndarray) -> bool:
 
 
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float | None:
+    # Imported here: scikit-learn (with scipy) takes seconds to import, and a trainer
+    # stopped before its first validation never needs it.
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(y, p)) if defined(y) else None

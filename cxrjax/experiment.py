@@ -14,7 +14,6 @@ import jax
 from cxrjax.data.pipeline import labels_table
 from cxrjax.data.prepare import read_manifest
 from cxrjax.eval.ensemble import ensemble_files
-from cxrjax.eval.evaluate import evaluate_predictions
 from cxrjax.eval.predictions import write_predictions
 from cxrjax.train.distributed import maybe_initialize
 from cxrjax.train.ensemble import member_configs
@@ -57,6 +56,10 @@ def train_and_test(config, workdir: str | Path) -> dict:
 
 def _evaluate_test(config, workdir: Path, test, val) -> float | None:
     """Write the test predictions and their evaluation (thresholds chosen on val)."""
+    # Imported here: evaluation brings scikit-learn, scipy and matplotlib (seconds), which
+    # a run stopped before its test pass never needs.
+    from cxrjax.eval.evaluate import evaluate_predictions
+
     (ids, probs, labels), (val_ids, val_probs, val_labels) = test, val
     out = workdir / TEST_DIR
     out.mkdir(exist_ok=True)

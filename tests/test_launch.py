@@ -33,7 +33,7 @@ from launch_helpers import (
     s3_objects,
     script,
 )
-from train_helpers import wait_for
+from train_helpers import prepared, train_env, wait_for  # noqa: F401  (fixtures)
 
 BASE = ["--s3-prefix", "s3://cxrjax-bucket/runs/demo", "--run-config", "demo"]
 DRY = [*BASE, "--subnet", "subnet-0abc", "--ami", "ami-0abc", "--dry-run"]
@@ -357,7 +357,7 @@ def _restore_arrays(step_dir: Path) -> dict:
     return arrays
 
 
-def test_spot_notice_during_training_resumes(repo, tmp_path):
+def test_spot_notice_during_training_resumes(repo, prepared, train_env, tmp_path):
     """The real trainer under the watcher: a notice mid-training checkpoints and exits
     cleanly; a rerun finishes with the same result as a run that was never interrupted."""
     if importlib.util.find_spec("cxrjax.train.loop") is None:
@@ -366,22 +366,13 @@ def test_spot_notice_during_training_resumes(repo, tmp_path):
     import pandas as pd
 
     cli = [sys.executable, "-m", "cxrjax.cli"]
-    # One compilation cache for the three runs, as the instance keeps one on its volume.
-    env = clean_env(
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
+    # One compilation cache for the three runs, as the instance keeps one on its volume:
+    # the test session's, which the other training tests fill with the same programs.
+    env = clean_env(**{k: v for k, v in train_env.items() if k.startswith(("JAX_", "XLA_"))})
 
     def run(*args: str, **kwargs):
         result = subprocess.run([*cli, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600, **kwargs)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-
-    from cxrjax.data.prepare import PrepareOptions, prepare
-    from cxrjax.data.synth import write_synthetic_nih
-
-    write_synthetic_nih(tmp_path / "nih", num_patients=60, image_size=32)
-    prepare(tmp_path / "nih", tmp_path / "prepared", PrepareOptions(image_size=32, source_size=0, workers=1))
 
     def train(workdir: Path) -> list[str]:
         return [
@@ -391,7 +382,7 @@ def test_spot_notice_during_training_resumes(repo, tmp_path):
             "configs/chexnet.py:smoke",
             "--workdir",
             str(workdir),
-            f"--config.data.prepared={tmp_path / 'prepared'}",
+            f"--config.data.prepared={prepared}",
             "--config.epochs=4",
         ]
 

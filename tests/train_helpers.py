@@ -44,12 +44,15 @@ def train_env(tmp_path_factory) -> dict:
     fast-compile XLA flags, and a persistent XLA cache shared by every run of the session
     (the runs compile the same programs; later runs load them instead of compiling)."""
     base = tmp_path_factory.getbasetemp()
+    # Under pytest-xdist each worker has its own base; the cache beside them is shared by
+    # all (jax takes an entry it cannot read, say one half-written, as a miss).
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "CXRJAX_", "WANDB_"))}
     env.update(
         PYTHONUNBUFFERED="1",
         JAX_PLATFORMS="cpu",
         XLA_FLAGS=os.environ["XLA_FLAGS"],  # conftest's fast-compile flags
-        JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
+        JAX_COMPILATION_CACHE_DIR=str(cache),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
         WANDB_DIR=str(base / "wandb"),

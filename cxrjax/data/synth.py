@@ -16,7 +16,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from scipy.stats import norm
 
 from cxrjax.findings import FINDINGS, NO_FINDING
 
@@ -77,6 +76,10 @@ def _latent_correlation() -> np.ndarray:
 
 def _sample_labels(rng, n_patients, images_per_patient, min_prevalence):
     prevalence = np.array([max(NIH_PREVALENCE[f], min_prevalence) for f in FINDINGS])
+    # Imported here: scipy.stats takes a second, and the trainer imports this module
+    # (through prepare) without making data.
+    from scipy.stats import norm
+
     threshold = norm.ppf(1 - prevalence)
     chol = np.linalg.cholesky(_latent_correlation())
     rows = []
