@@ -26,8 +26,6 @@ from cxrjax.cli import main as cli_main
 from cxrjax.mesh import make_mesh
 from cxrjax.models.densenet import arch_spec
 
-pytestmark = pytest.mark.xdist_group("bench")  # the bench run is built once
-
 SIZE, BATCH = 32, 2
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,6 @@ import pytest
 from cxrjax.cli import main
 from cxrjax.findings import FINDINGS
 
-pytestmark = pytest.mark.xdist_group("demo")  # the wheel and its demo run are built once
-
 SMOKE = "demo:smoke"
 REPO = Path(__file__).resolve().parents[1]
 

@@ -35,10 +35,7 @@ KERAS_NOTOP_PARAMS = 7_037_504
 # keras-applications named the stem `conv1/conv`, `conv1/bn`; the published h5 keeps that.
 PUBLISHED_NAMES = {"conv1_conv": "conv1/conv", "conv1_bn": "conv1/bn"}
 # Keras' numpy conversion of its variables warns under numpy 2; not ours to fix.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-    pytest.mark.xdist_group("import_weights"),  # the Keras reference model is built once
-]
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 KERAS_VARIABLE_ORDER = ("kernel", "bias", "gamma", "beta", "moving_mean", "moving_variance")
 
 

@@ -30,8 +30,6 @@ from cxrjax.data.pipeline import read_index
 from cxrjax.findings import FINDINGS
 from cxrjax.models.weights import load_weights
 
-pytestmark = pytest.mark.xdist_group("train_run")  # the monitored training run is built once
-
 EPOCHS, PATIENCE = 6, 2
 # A seed whose best validation epoch is not the last, so keeping the best is tested (seed 0
 # stopped being one when the synthetic patients' metadata changed their random draws).

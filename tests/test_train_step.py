@@ -20,8 +20,6 @@ from cxrjax.train import losses, optim
 from cxrjax.train.state import TrainState
 from cxrjax.train.step import make_steps
 
-pytestmark = pytest.mark.xdist_group("train_step")  # the 8-device and 1-device runs are built once
-
 SIZE = 32
 MEAN, STD = stats_for("imagenet", 3)
 
