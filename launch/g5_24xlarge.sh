@@ -24,6 +24,9 @@ readonly IMDS="${CXRJAX_IMDS_ENDPOINT:-http://169.254.169.254}"
 readonly SPOT_POLL_SECONDS="${CXRJAX_SPOT_POLL_SECONDS:-5}"
 readonly KEEP_POLL_SECONDS="${CXRJAX_KEEP_POLL_SECONDS:-60}"
 readonly LOGS_POLL_SECONDS="${CXRJAX_LOGS_POLL_SECONDS:-30}"
+# Seconds between looks at an AWS resource changing state (EFS ready, mount targets gone,
+# a security group free to delete); whole seconds.
+readonly AWS_POLL_SECONDS="${CXRJAX_AWS_POLL_SECONDS:-5}"
 # The trainer config field that names the prepared dataset directory.
 readonly DATA_FIELD=data.prepared
 readonly RUN_TAG=cxrjax-run
@@ -296,7 +299,8 @@ shared_file_system() {  # SG SUBNET: the run's encrypted EFS with a mount target
   else
     log "reusing EFS file system $fs: it holds the run's workdir"
   fi
-  retry 60 5 file_system_available "$fs" || die "EFS file system $fs is not available after 5 minutes"
+  retry 60 "$AWS_POLL_SECONDS" file_system_available "$fs" \
+    || die "EFS file system $fs is not available after 60 looks, ${AWS_POLL_SECONDS}s apart"
   out=$(aws_text None efs describe-mount-targets --file-system-id "$fs" \
     --query "MountTargets[?SubnetId=='$subnet'] | [0].[MountTargetId,IpAddress]")
   read -r target ip <<<"$out"
@@ -317,7 +321,7 @@ delete_file_system() {  # FS: its mount targets, then itself
   targets=$(aws_text '<mount-target-id>' efs describe-mount-targets --file-system-id "$fs" --query 'MountTargets[].MountTargetId')
   for target in $targets; do aws_do efs delete-mount-target --mount-target-id "$target"; done
   # A file system with mount targets cannot be deleted; the deletion below says so if they linger.
-  ((DRY_RUN)) || retry 60 5 no_mount_targets "$fs" || true
+  ((DRY_RUN)) || retry 60 "$AWS_POLL_SECONDS" no_mount_targets "$fs" || true
   aws_do efs delete-file-system --file-system-id "$fs"
 }
 
@@ -662,7 +666,7 @@ finished() {  # whether the run's done.json is in S3 (under --dry-run: the call,
 delete_security_group() {  # SG: retried while a deleted mount target's interface lets go of it
   local sg=$1
   ((DRY_RUN)) && { aws_do ec2 delete-security-group --group-id "$sg"; return 0; }
-  retry 24 5 aws --region "$REGION" ec2 delete-security-group --group-id "$sg" 2>/dev/null \
+  retry 24 "$AWS_POLL_SECONDS" aws --region "$REGION" ec2 delete-security-group --group-id "$sg" 2>/dev/null \
     || aws --region "$REGION" ec2 delete-security-group --group-id "$sg"  # once more, to show why
 }
 

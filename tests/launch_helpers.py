@@ -102,6 +102,7 @@ def aws(tmp_path_factory):
         AWS_ACCESS_KEY_ID="AKIAFAKEFAKEFAKE",
         AWS_DEFAULT_REGION="us-east-1",
         AWS_ENDPOINT_URL=endpoint,
+        CXRJAX_AWS_POLL_SECONDS="1",  # moto changes a resource's state at once
         **SECRETS,
     )
     session = boto3.Session(
