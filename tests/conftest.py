@@ -41,3 +41,10 @@ def nih_dir() -> Path:
     if not (NIH_DIR / "README.md").exists():
         pytest.skip(f"real NIH sample not found at {NIH_DIR} (set CXRJAX_NIH_DIR)")
     return NIH_DIR
+
+
+def pytest_collection_modifyitems(items):
+    """Modules with a slow test first, each module kept whole: under --dist loadfile the two
+    workers then finish together, instead of one waiting out a long module handed out last."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow)

@@ -436,6 +436,7 @@ def test_a_peer_without_its_library_is_skipped_before_a_worker_starts(monkeypatc
         ] * 2  # training and inference
 
 
+@pytest.mark.slow
 def test_quick_smoke_runs_the_gpu_script_end_to_end(tmp_path):
     """benchmarks/gpu_quick.sh --smoke: every case of the GPU run at tiny size, on the CPU."""
     out = tmp_path / "quick"

@@ -77,6 +77,7 @@ def demo_out(tmp_path_factory, installed):
     return out
 
 
+@pytest.mark.slow
 def test_demo_writes_every_stage(demo_out):
     summary = json.loads((demo_out / "demo.json").read_text())
     assert summary["synthetic"] is True
@@ -125,6 +126,7 @@ def test_demo_rerun_resumes_without_redoing_stages(demo_out, capsys):
     assert json.loads((demo_out / "demo.json").read_text())["auc"] == first["auc"]
 
 
+@pytest.mark.slow
 def test_demo_on_the_real_nih_sample(nih_dir, tmp_path, capsys):
     """The real flow on the 64 shared PNGs: the rest of the 112,120 are listed as missing."""
     out = tmp_path / "nih"

@@ -357,6 +357,7 @@ def _restore_arrays(step_dir: Path) -> dict:
     return arrays
 
 
+@pytest.mark.slow
 def test_spot_notice_during_training_resumes(repo, prepared, train_env, tmp_path):
     """The real trainer under the watcher: a notice mid-training checkpoints and exits
     cleanly; a rerun finishes with the same result as a run that was never interrupted."""
@@ -446,6 +447,7 @@ def test_spot_notice_during_training_resumes(repo, prepared, train_env, tmp_path
 # ---------------------------------------------------------------- against moto on loopback
 
 
+@pytest.mark.slow
 def test_up_status_down_against_moto(repo, aws, tmp_path):
     ec2 = aws["ec2"]
     prefix = ["--s3-prefix", "s3://cxrjax-bucket/runs/moto", "--run-config", "demo"]

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from fake_imds import FakeImds
 from launch_helpers import CAPACITY_ERROR, refusing_aws, script
 from train_helpers import wait_for
@@ -192,6 +193,7 @@ def test_capacity_fallback_tries_each_type_in_each_subnet_until_one_launches(rep
     assert "refused: " not in stop.stderr
 
 
+@pytest.mark.slow
 def test_keep_relaunches_an_interrupted_run_until_done_within_its_budget(repo, aws, tmp_path):
     """keep: launches, sees a member gone (a spot interruption), relaunches it with the same
     S3 prefix to resume from, and gives up with a clear error once its budget is spent."""

@@ -68,6 +68,7 @@ def _expected_stop(aucs: list[float]) -> tuple[int, bool]:
     return EPOCHS, False
 
 
+@pytest.mark.slow
 def test_metrics_log_validation_loss_and_per_finding_auc_every_epoch(monitored):
     workdir, _ = monitored
     val = metrics_rows(workdir, "val")
@@ -215,6 +216,7 @@ def test_divergence_stops_with_the_step_and_keeps_only_good_checkpoints(prepared
     assert not (workdir / "done.json").exists() and not (workdir / "best_weights").exists()
 
 
+@pytest.mark.slow
 def test_ensemble_members_get_their_own_seeds_and_workdirs(prepared, train_env, tmp_path):
     workdir = tmp_path / "ensemble"
     done = run_train(workdir, prepared, train_env, "--config.ensemble.members=2", "--config.epochs=1")

@@ -34,6 +34,7 @@ def _signal_on_call(monkeypatch, name: str, call: int, sig=signal.SIGTERM) -> li
     return calls
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="needs POSIX signals")
 def test_a_stop_during_validation_or_the_final_evaluation_ends_the_pass_and_resumes(
     prepared, tmp_path, monkeypatch, capsys
