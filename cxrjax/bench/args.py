@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from cxrjax.bench.spec import DTYPES, PEERS
+from cxrjax.bench.spec import DTYPES, PEERS, RESULT_KEYS
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -37,6 +37,16 @@ def _remat_modes(text: str) -> tuple[str, ...]:
     from cxrjax.models.densenet import REMAT_MODES  # lazily: `cxrjax --help` imports no flax
 
     return _choices(REMAT_MODES)(text)
+
+
+def _target_keys() -> list[str]:
+    from cxrjax.bench.gpu_target import targets
+
+    return list(targets())
+
+
+def _targets(text: str) -> tuple[str, ...]:
+    return _choices(_target_keys())(text.lower())
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,6 +76,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a `cxrjax prepare` output: also time the step fed by the grain pipeline",
     )
     p.add_argument("--workers", type=int, default=0, help="grain decode processes for --prepared")
+    p.add_argument(
+        "--target",
+        type=_targets,
+        default=(),
+        help="compile for these GPU targets instead of measuring here (no GPU needed; memory plan and largest "
+        "batch, nothing runs): " + ", ".join(_target_keys()),
+    )
+    p.add_argument(
+        "--target-devices", type=int, default=1, help="devices of the target on one host (4 for a g5.24xlarge)"
+    )
+    p.add_argument(
+        "--allowance-gb",
+        type=float,
+        default=None,
+        help="GiB of each target card left out of its budget for what XLA does not plan (CUDA context, cuDNN "
+        "workspace, fragmentation; default 1.5); --memory-budget-gb replaces the budget",
+    )
     p.add_argument(
         "--deadline-s",
         type=float,
@@ -101,6 +128,10 @@ def command_line(args: argparse.Namespace, prog: str) -> str:
         words.append("--scaling")
     if args.prepared:
         words += ["--prepared", str(args.prepared), "--workers", str(args.workers)]
+    if args.target:
+        words += ["--target", ",".join(args.target), "--target-devices", str(args.target_devices)]
+        if args.allowance_gb is not None:
+            words += ["--allowance-gb", f"{args.allowance_gb:g}"]
     if args.deadline_s:
         words += ["--deadline-s", f"{args.deadline_s:g}"]
     return shlex.join(words)
@@ -108,7 +139,7 @@ def command_line(args: argparse.Namespace, prog: str) -> str:
 
 def run(args: argparse.Namespace, prog: str) -> int:
     """Run the benchmark; `prog` is how it was invoked (`cxrjax bench`, `python -m cxrjax.bench`)."""
-    from cxrjax.bench.run import BenchOptions, run_bench
+    from cxrjax.bench.run import BenchOptions, compiled_line, run_bench
 
     try:
         options = BenchOptions(
@@ -125,11 +156,17 @@ def run(args: argparse.Namespace, prog: str) -> int:
             prepared=str(args.prepared) if args.prepared else "",
             workers=args.workers,
             deadline_s=args.deadline_s,
+            targets=args.target,
+            target_devices=args.target_devices,
+            **({} if args.allowance_gb is None else {"allowance_gb": args.allowance_gb}),
         )
     except ValueError as e:
         print(f"cxrjax bench: error: {e}", file=sys.stderr)
         return 2
     results = run_bench(options, command_line(args, prog))
     print(f"bench: {args.out / (args.arch + '.md')}")
-    failed = [r for key in ("measurements", "max_batch", "scaling") for r in results[key] if r["status"] == "failed"]
+    for row in results["compiled"]:
+        if row["status"] == "ok":
+            print(compiled_line(row))
+    failed = [r for key in RESULT_KEYS for r in results[key] if r["status"] == "failed"]
     return 1 if failed else 0

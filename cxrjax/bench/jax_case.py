@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cxrjax.bench.memory import PEAK_SOURCE, compiled_memory, device_peak_bytes, largest_batch
-from cxrjax.bench.spec import SCALING_DEVICES, CaseSpec
+from cxrjax.bench.memory import PEAK_SOURCE, compiled_memory, device_peak_bytes, largest_batch, planned_batch
+from cxrjax.bench.spec import SCALING_DEVICES, CaseSpec, empty_result
 from cxrjax.bench.timing import time_steps
 from cxrjax.data.normalize import stats_for
 from cxrjax.findings import NUM_FINDINGS
@@ -101,11 +101,32 @@ def synthetic_host_batch(global_batch: int, size: int, seed: int = 0) -> dict:
 
 
 def flops(lowered) -> float | None:
-    cost = lowered.cost_analysis()
+    """XLA's FLOP count of a lowered computation, where its backend implements one."""
+    try:
+        cost = lowered.cost_analysis()
+    except Exception:  # NotImplementedError on PJRT C API backends (the CUDA plugin), UNIMPLEMENTED
+        return None
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
         cost = cost[0] if cost else None
     value = float(cost.get("flops", 0.0)) if cost else 0.0
     return value if value > 0 else None
+
+
+FLOPS_SOURCE = "XLA cost analysis of the same step lowered for the CPU (unoptimized HLO; backend-independent)"
+
+
+def step_flops(cfg, size: int, global_batch: int, labels: np.ndarray, task: str = "train") -> float | None:
+    """FLOPs of one training (or inference) step of `cfg` at `global_batch`, counted from the
+    step lowered for one CPU device: the same HLO on every backend, and it works where the
+    device's own cost analysis does not (CUDA through the PJRT plugin, compile-only
+    targets). Lowering only: nothing is compiled or run."""
+    try:
+        cpu = jax.devices("cpu")[:1]
+    except RuntimeError:  # JAX_PLATFORMS without cpu: nothing to count on
+        return None
+    steps = build_steps(cfg, size, make_mesh(cpu), labels)
+    fn = steps.train_step if task == "train" else steps.eval_step
+    return flops(fn.lower(steps.abstract_state, steps.abstract_batch(global_batch)))
 
 
 def compile_timed(jitted, *args):
@@ -143,12 +164,15 @@ class _Trainer:
         return metrics
 
 
-def _model_train_flops(spec: CaseSpec, steps: Steps, global_batch: int, labels) -> float | None:
-    """Training FLOPs of the same step without remat: the work the model needs."""
-    plain = build_steps(training_config(spec.arch, spec.dtype, "none"), spec.size, steps.mesh, labels)
-    return _per_image(
-        flops(plain.train_step.lower(plain.abstract_state, plain.abstract_batch(global_batch))), global_batch
-    )
+def _train_flops_per_image(spec: CaseSpec, global_batch: int, labels) -> tuple[float | None, float | None]:
+    """Training FLOPs per image as run (with remat's recomputation) and as the model needs
+    them (the same step without remat: what MFU counts)."""
+    cfg = training_config(spec.arch, spec.dtype, spec.remat)
+    run = _per_image(step_flops(cfg, spec.size, global_batch, labels), global_batch)
+    if spec.remat == "none":
+        return run, run
+    plain = training_config(spec.arch, spec.dtype, "none")
+    return run, _per_image(step_flops(plain, spec.size, global_batch, labels), global_batch)
 
 
 def measure_case(spec: CaseSpec) -> dict:
@@ -171,9 +195,9 @@ def measure_case(spec: CaseSpec) -> dict:
 
     rows = []
     if spec.inference:  # first: its allocator peak is read before training raises it
-        lowered, compiled, compile_s = compile_timed(steps.eval_step, state, batch)
+        _, compiled, compile_s = compile_timed(steps.eval_step, state, batch)
         timing = time_steps(functools.partial(compiled, state, batch), jax.block_until_ready, spec.steps)
-        infer_flops = _per_image(flops(lowered), global_batch)
+        infer_flops = _per_image(step_flops(cfg, spec.size, global_batch, host["labels"], "inference"), global_batch)
         rows.append(
             spec.row(
                 task="inference",
@@ -182,17 +206,16 @@ def measure_case(spec: CaseSpec) -> dict:
                 **timing.fields(global_batch, n),
                 flops_per_image=infer_flops,
                 model_flops_per_image=infer_flops,
+                flops_source=FLOPS_SOURCE,
                 **_memory_fields(compiled, devices, spec.batch),
             )
         )
 
-    lowered, compiled, compile_s = compile_timed(steps.train_step, state, batch)
+    _, compiled, compile_s = compile_timed(steps.train_step, state, batch)
     trainer = _Trainer(compiled, state)
     state = None  # donated by the first step; the trainer holds the live state
     timing = time_steps(functools.partial(trainer.step, batch), jax.block_until_ready, spec.steps)
-    train_flops = _per_image(flops(lowered), global_batch)
-    plain = spec.remat == "none"
-    model_flops = train_flops if plain else _model_train_flops(spec, steps, global_batch, host["labels"])
+    train_flops, model_flops = _train_flops_per_image(spec, global_batch, host["labels"])
     train = spec.row(
         task="train",
         **common,
@@ -200,6 +223,7 @@ def measure_case(spec: CaseSpec) -> dict:
         **timing.fields(global_batch, n),
         flops_per_image=train_flops,
         model_flops_per_image=model_flops,
+        flops_source=FLOPS_SOURCE,
         saved_activation_bytes_per_image=saved_activation_bytes_per_image(build_model(cfg.model), spec.size),
         **_memory_fields(compiled, devices, spec.batch),
     )
@@ -207,7 +231,7 @@ def measure_case(spec: CaseSpec) -> dict:
 
     if spec.prepared:
         rows.append(_measure_fed(spec, trainer, mesh, common, train))
-    return {"measurements": rows, "max_batch": [], "scaling": []}
+    return {**empty_result(), "measurements": rows}
 
 
 def _measure_fed(spec: CaseSpec, trainer: _Trainer, mesh, common: dict, synthetic: dict) -> dict:
@@ -276,7 +300,7 @@ def measure_max_batch(spec: CaseSpec) -> dict:
         memory_source="compiled.memory_analysis(): arguments + outputs - aliased + temporaries",
         **found,
     )
-    return {"measurements": [], "max_batch": [row], "scaling": []}
+    return {**empty_result(), "max_batch": [row]}
 
 
 def measure_scaling(spec: CaseSpec) -> dict:
@@ -305,4 +329,81 @@ def measure_scaling(spec: CaseSpec) -> dict:
         trainer = _Trainer(compiled, steps.new_state())
         timing = time_steps(functools.partial(trainer.step, batch), jax.block_until_ready, spec.steps)
         rows.append(spec.row(**common, status="ok", compile_s=compile_s, **timing.fields(spec.batch * n, n)))
-    return {"measurements": [], "max_batch": [], "scaling": rows}
+    return {**empty_result(), "scaling": rows}
+
+
+COMPILED_NOTE = (
+    "compiled for the target, not measured: XLA's buffer assignment of the training step; nothing ran, "
+    "and the compile-only convolutions carry no cuDNN workspace (the allowance stands for it)"
+)
+
+
+def _compiled_at(steps: Steps, batch_per_device: int, devices: int) -> tuple[dict, float]:
+    start = time.perf_counter()
+    compiled = steps.train_step.lower(steps.abstract_state, steps.abstract_batch(batch_per_device * devices)).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled_memory(compiled)
+    if memory is None:
+        raise RuntimeError("the compile-only target gave no memory analysis")
+    return memory, seconds
+
+
+def measure_compiled(spec: CaseSpec) -> dict:
+    """The training step compiled for a GPU target (present or not): compiled memory at
+    `spec.batch` per device, FLOPs, compile time, and the largest batch per device under the
+    budget (the card's memory less the allowance, unless a budget is given) in <= 3 compiles."""
+    from cxrjax.bench.gpu_target import compile_only_devices, get_target, target_for_device
+
+    if spec.target == "auto":  # the target that describes the GPU this runs on
+        kind = jax.devices()[0].device_kind
+        target = target_for_device(kind)
+        if target is None:
+            reason = f"no GPU target describes this device ({kind})"
+            return {**empty_result(), "compiled": [spec.row(task="compiled", status="skipped", reason=reason)]}
+    else:
+        target = get_target(spec.target)
+    devices, versions = compile_only_devices(target, spec.target_devices)
+    n = len(devices)
+    labels = synthetic_host_batch(spec.batch, 32)["labels"]
+    cfg = training_config(spec.arch, spec.dtype, spec.remat)
+    steps = build_steps(cfg, spec.size, make_mesh(devices), labels)
+    seconds: dict[int, float] = {}
+    memories: dict[int, dict] = {}
+
+    def bytes_for(batch: int) -> int:
+        memories[batch], seconds[batch] = _compiled_at(steps, batch, n)
+        return memories[batch]["total_bytes"]
+
+    budget = spec.memory_budget_bytes or target.memory_bytes - spec.allowance_bytes
+    plan = planned_batch(bytes_for, budget, first=spec.batch)
+    memory = memories[spec.batch]
+    train_flops, model_flops = _train_flops_per_image(spec, spec.batch * n, labels)
+    row = spec.row(
+        task="compiled",
+        status="ok",
+        target=target.key,
+        device_kind=target.name,
+        platform="compiled",
+        devices=n,
+        global_batch=spec.batch * n,
+        cuda=versions["cuda"],
+        cudnn=versions["cudnn"],
+        cuda_versions=versions,
+        compiled_memory=memory,
+        bytes_per_image=memory["total_bytes"] / spec.batch,
+        compile_s=seconds[spec.batch],
+        compile_s_source="this host's wall clock for lower() + compile()",
+        compile_s_by_batch={str(b): s for b, s in sorted(seconds.items())},
+        compiled_memory_by_batch={str(b): m for b, m in sorted(memories.items())},
+        flops_per_image=train_flops,
+        model_flops_per_image=model_flops,
+        flops_source=FLOPS_SOURCE,
+        saved_activation_bytes_per_image=saved_activation_bytes_per_image(build_model(cfg.model), spec.size),
+        card_memory_bytes=target.memory_bytes,
+        allowance_bytes=0 if spec.memory_budget_bytes else spec.allowance_bytes,
+        budget_source="given" if spec.memory_budget_bytes else "card memory - allowance",
+        xla_mem_fraction=budget / target.memory_bytes,
+        largest_batch=plan,
+        note=COMPILED_NOTE,
+    )
+    return {**empty_result(), "compiled": [row]}

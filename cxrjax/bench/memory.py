@@ -102,3 +102,59 @@ def largest_batch(bytes_for: Callable[[int], int], budget_bytes: int, limit: int
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return result(lo)
+
+
+def planned_batch(bytes_for: Callable[[int], int], budget_bytes: int, first: int) -> dict:
+    """The largest batch that fits `budget_bytes`, in at most three calls of `bytes_for`
+    (each a compile that can take minutes at 1024 px). Compiled memory is affine in the
+    batch (fixed: parameters, optimizer state; per image: activations and their buffers),
+    so `first` and 2 * `first` give the line, and its prediction is compiled to confirm.
+    If the prediction does not fit, the line through it and the larger earlier probe gives
+    the answer, which is then an extrapolation (`confirmed` False) unless it was probed.
+    """
+    first = max(first, 1)
+    probes: dict[int, int] = {}
+
+    def probe(b: int) -> int:
+        if b not in probes:
+            probes[b] = int(bytes_for(b))
+        return probes[b]
+
+    def line(a: int, b: int) -> tuple[float, float]:
+        slope = (probe(b) - probe(a)) / (b - a)
+        return slope, probe(a) - slope * a
+
+    def predict(slope: float, fixed: float) -> int:
+        return 0 if slope <= 0 else max(int((budget_bytes - fixed) // slope), 0)
+
+    a, b = first, 2 * first
+    slope, fixed = line(a, b)
+    guess = predict(slope, fixed)
+    confirmed = False
+    if guess > 0 and guess not in probes and slope > 0:
+        if probe(guess) <= budget_bytes:
+            confirmed = True
+        else:
+            fitting = max((p for p in probes if probes[p] <= budget_bytes), default=None)
+            if fitting is None:
+                slope, fixed = line(b, guess)
+            else:
+                slope, fixed = line(fitting, guess)
+            guess = min(predict(slope, fixed), guess - 1)
+    if guess in probes:
+        confirmed = probes[guess] <= budget_bytes
+        if not confirmed:  # a probed batch over the budget: the largest probed one under it
+            guess = max((p for p in probes if probes[p] <= budget_bytes), default=0)
+            confirmed = guess > 0
+    return {
+        "batch": guess,
+        "confirmed": confirmed,
+        "budget_bytes": int(budget_bytes),
+        "bytes_at_batch": probes.get(guess),
+        "predicted_bytes_at_batch": int(fixed + slope * guess),
+        "predicted_bytes_at_next": int(fixed + slope * (guess + 1)),
+        "bytes_per_image_slope": slope,
+        "fixed_bytes": fixed,
+        "compiles": len(probes),
+        "probes": dict(sorted(probes.items())),
+    }

@@ -26,7 +26,7 @@ import os
 import numpy as np
 
 from cxrjax.bench.memory import largest_batch
-from cxrjax.bench.spec import CaseSpec, not_measured
+from cxrjax.bench.spec import CaseSpec, empty_result, not_measured
 from cxrjax.bench.timing import time_steps
 from cxrjax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from cxrjax.findings import NUM_FINDINGS
@@ -151,7 +151,7 @@ def measure_torch(spec: CaseSpec) -> dict:
             torch.cuda.reset_peak_memory_stats(net.device)
         timing = time_steps(step, net.wait, spec.steps)
         rows.append(spec.row(task=task, **common, **timing.fields(spec.batch, 1), **peak()))
-    return {"measurements": rows, "max_batch": [], "scaling": []}
+    return {**empty_result(), "measurements": rows}
 
 
 def measure_torch_max_batch(spec: CaseSpec) -> dict:
@@ -195,7 +195,7 @@ def measure_torch_max_batch(spec: CaseSpec) -> dict:
         "(set_per_process_memory_fraction); out of memory counts as over the budget",
         **found,
     )
-    return {"measurements": [], "max_batch": [row], "scaling": []}
+    return {**empty_result(), "max_batch": [row]}
 
 
 def measure_keras(spec: CaseSpec) -> dict:
@@ -253,4 +253,4 @@ def measure_keras(spec: CaseSpec) -> dict:
                 bytes_per_image_source="peak_bytes" if peak is not None else None,
             )
         )
-    return {"measurements": rows, "max_batch": [], "scaling": []}
+    return {**empty_result(), "measurements": rows}

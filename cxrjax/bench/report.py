@@ -170,6 +170,70 @@ def max_batch_table(rows: list[dict]) -> str:
     return table(header, body)
 
 
+COMPILED_EXPLAINER = (
+    "Compiled for the target, not measured: nothing ran. Memory is XLA's buffer assignment of the training "
+    "step compiled for the described GPU (arguments + outputs - donated + temporaries, per device); compile-only "
+    "convolutions carry no cuDNN workspace, which the allowance stands for. MiB/image is that total over the "
+    "batch per device. FLOPs are counted from the same step lowered for the CPU. Compile s is this host's "
+    "wall clock, not the GPU machine's. The largest batch comes from two compiles and a third that checks the "
+    "prediction (extrapolated when the check did not fit)."
+)
+
+
+def compiled_table(rows: list[dict]) -> str:
+    header = [
+        "target",
+        "devices",
+        "px",
+        "dtype",
+        "remat",
+        "batch/device",
+        "arguments",
+        "outputs",
+        "donated",
+        "temporaries",
+        "total",
+        "MiB/image",
+        "saved MiB/image",
+        "GFLOP/image",
+        "compile s",
+        "budget",
+        "largest batch/device",
+        "status",
+    ]
+    body = []
+    for r in rows:
+        if r["status"] != "ok":
+            cells = [r.get("target") or NA, NA, str(r["size"]), r["dtype"], _remat(r), str(r["batch_per_device"])]
+            body.append([*cells, *[NA] * 11, f"{r['status']}: {r.get('reason', '')}".replace("|", "/")])
+            continue
+        m, plan = r["compiled_memory"], r["largest_batch"]
+        largest = f"{plan['batch']} ({'fits, compiled' if plan['confirmed'] else 'extrapolated'})"
+        body.append(
+            [
+                r["device_kind"],
+                str(r["devices"]),
+                str(r["size"]),
+                r["dtype"],
+                _remat(r),
+                str(r["batch_per_device"]),
+                _bytes(m["argument_bytes"]),
+                _bytes(m["output_bytes"]),
+                _bytes(m["alias_bytes"]),
+                _bytes(m["temp_bytes"]),
+                _bytes(m["total_bytes"]),
+                _fmt(r["bytes_per_image"], ".1f", 1 / MIB),
+                _fmt(r.get("saved_activation_bytes_per_image"), ".1f", 1 / MIB),
+                _fmt(r.get("flops_per_image"), ".2f", 1e-9),
+                _fmt(r.get("compile_s"), ".0f"),
+                _bytes(plan["budget_bytes"]),
+                largest,
+                "ok",
+            ]
+        )
+    return table(header, body)
+
+
 def scaling_table(rows: list[dict]) -> str:
     header = ["px", "dtype", "remat", "devices", "batch/device", "images/s", "images/s/device", "efficiency", "status"]
     return table(
@@ -232,25 +296,35 @@ def markdown(results: dict) -> str:
     rows = results["measurements"]
     steady = [r for r in rows if r["task"] in ("train", "inference")]
     fed = [r for r in rows if r["task"] == "train_fed"]
+    compiled = results.get("compiled", [])
+    measured = bool(rows or results["max_batch"] or results["scaling"])
     peak_text = f"{peak['name']} — {peak['source']}" if peak else "none listed for this device, MFU not reported"
+    where = device.get("device_kind") or ("GPU targets, compiled (nothing ran)" if compiled else "unknown device")
     parts = [
-        f"# cxrjax bench: {meta['name']} on {device.get('device_kind') or 'unknown device'}",
+        f"# cxrjax bench: {meta['name']} on {where}",
         "",
         f"- date: {meta['date']}",
         f"- command: `{meta['command']}`",
-        f"- device: {device.get('device_kind')} ({device.get('platform')}, {device.get('devices')} device(s))",
-        f"- MFU peak: {peak_text}",
+    ]
+    if measured:
+        parts += [
+            f"- device: {device.get('device_kind')} ({device.get('platform')}, {device.get('devices')} device(s))",
+            f"- MFU peak: {peak_text}",
+        ]
+    cuda = sorted({(r["cuda"], r["cudnn"]) for r in compiled if r["status"] == "ok"})
+    if cuda:
+        parts.append("- compiled for: " + "; ".join(f"CUDA {c}, cuDNN {d}" for c, d in cuda))
+    parts += [
         f"- host: {meta['host']['cpu_count']} CPUs, {meta['host']['machine']}, Python {meta['host']['python']}",
         f"- versions: {versions}",
         *[f"- note: {n}" for n in meta["notes"]],
-        "",
-        EXPLAINER,
-        "",
-        "## Measurements",
-        "",
-        measurements_table(steady),
     ]
+    if measured:
+        parts += ["", EXPLAINER]
+    if steady:
+        parts += ["", "## Measurements", "", measurements_table(steady)]
     sections = (
+        ("Compiled for a GPU target (not measured)", compiled, compiled_section),
         ("Same-run ratios (cxrjax ÷ peer, per device)", results["ratios"], ratios_table),
         ("Training fed by the grain pipeline", fed, fed_table),
         ("Largest batch under the memory budget", results["max_batch"], max_batch_table),
@@ -263,6 +337,10 @@ def markdown(results: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
+def compiled_section(rows: list[dict]) -> str:
+    return COMPILED_EXPLAINER + "\n\n" + compiled_table(rows)
+
+
 def plot(results: dict, out: Path, stem: str) -> list[str]:
     """Throughput and memory per image against image size; scaling when measured."""
     import matplotlib
@@ -272,6 +350,8 @@ def plot(results: dict, out: Path, stem: str) -> list[str]:
 
     ok = [r for r in results["measurements"] if r["status"] == "ok" and r["task"] in ("train", "inference")]
     written = []
+    if not ok and not results["scaling"]:  # nothing measured (a compiled-only run): no empty figures
+        return written
 
     colors = {"cxrjax": "tab:blue", "torch": "tab:orange", "torch_compile": "tab:green", "keras": "tab:red"}
     series_keys = sorted(

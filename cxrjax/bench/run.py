@@ -28,7 +28,7 @@ from pathlib import Path
 
 from cxrjax.bench.device import device_peak, library_versions, mfu
 from cxrjax.bench.memory import GIB, MIB
-from cxrjax.bench.spec import PEERS, CaseSpec, empty_result, not_measured
+from cxrjax.bench.spec import PEERS, RESULT_KEYS, CaseSpec, empty_result, not_measured
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,11 @@ PEAK_BYTES_PER_IMAGE_TARGET = 0.25 * GIB
 MAX_BATCH_RATIO_TARGET = 2.0  # cxrjax's largest batch ÷ torch's, same budget
 FED_FRACTION_TARGET = 0.95  # grain-fed ÷ synthetic-data images/s
 SAVED_ACTIVATIONS_TARGET = 100 * MIB  # per image; counted from shapes, so judged on any platform
+# What a compiled target's budget leaves out of the card: the CUDA context (about 0.5 GiB
+# outside JAX's pool), the cuDNN workspaces that autotuning adds on a real card (compile-only
+# convolutions carry none) and allocator fragmentation. A stated guess, checked by the quick
+# GPU run's plan check (compiled total beside the real peak); override with --allowance-gb.
+DEFAULT_ALLOWANCE_GB = 1.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +64,22 @@ class BenchOptions:
     prepared: str = ""  # a `cxrjax prepare` output: also time the grain-fed step
     workers: int = 0
     deadline_s: float = 0.0  # 0: none
+    targets: tuple[str, ...] = ()  # GPU targets to compile for instead of measuring here
+    target_devices: int = 1  # devices of each target on one host
+    allowance_gb: float = DEFAULT_ALLOWANCE_GB  # card memory left out of a target's budget
 
     def __post_init__(self):
+        from cxrjax.bench.gpu_target import get_target
         from cxrjax.models.densenet import arch_spec, remat_mode
+
+        for target in self.targets:
+            get_target(target)
+        if self.targets and (self.peers or self.scaling or self.prepared):
+            raise ValueError(
+                "--target compiles cxrjax's step for a GPU that is not here: no peers, --scaling or --prepared"
+            )
+        if self.target_devices < 1 or self.allowance_gb < 0:
+            raise ValueError("--target-devices must be at least 1 and --allowance-gb not negative")
 
         arch_spec(self.arch)
         for remat in self.remat:
@@ -90,6 +108,20 @@ def plan(o: BenchOptions) -> list[CaseSpec]:
         for dtype in o.dtypes:
             for remat in o.remat:
                 same = {"arch": o.arch, "size": size, "dtype": dtype, "remat": remat, "batch": batch, "steps": o.steps}
+                if o.targets:
+                    specs.extend(
+                        CaseSpec(
+                            "cxrjax",
+                            **same,
+                            task="compiled",
+                            target=target,
+                            target_devices=o.target_devices,
+                            allowance_bytes=int(o.allowance_gb * GIB),
+                            memory_budget_bytes=budget,
+                        )
+                        for target in o.targets
+                    )
+                    continue
                 specs.append(CaseSpec("cxrjax", **same, prepared=o.prepared, workers=o.workers))
                 specs.extend(CaseSpec(peer, **same) for peer in o.peers)
                 if budget:
@@ -184,8 +216,9 @@ def run_cases(
             f.write(json.dumps({"case": spec.label(), "spec": dataclasses.asdict(spec), **found}) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        for row in found["measurements"] + found["max_batch"] + found["scaling"]:
-            progress(f"  {summary_line(row)}")
+        for key in RESULT_KEYS:
+            for row in found[key]:
+                progress(f"  {summary_line(row)}")
     results = derive(results)
     results["meta"] = metadata(name, options, command, results["measurements"])
     write_report(results, out, name)
@@ -198,8 +231,23 @@ def summary_line(row: dict) -> str:
         return f"{head}: {row['status']}: {row.get('reason', '')}"
     if row["task"] == "max_batch":
         return f"{head}: largest batch {row['batch']} under {row['budget_bytes'] / GIB:g} GiB"
+    if row["task"] == "compiled":
+        return compiled_line(row)
     return f"{head}: {row['images_per_s']:.1f} images/s, step {row['step_s_median'] * 1e3:.1f} ms" + (
         f", compile {row['compile_s']:.1f} s" if row.get("compile_s") is not None else ""
+    )
+
+
+def compiled_line(row: dict) -> str:
+    """One line a person reads: the compiled plan of one case for one target."""
+    plan = row["largest_batch"]
+    state = "compiled, fits" if plan["confirmed"] else "extrapolated"
+    return (
+        f"compiled for {row['devices']} x {row['device_kind']} ({row['size']} px {row['dtype']} remat {row['remat']}): "
+        f"{row['bytes_per_image'] / MIB:.1f} MiB/image at batch {row['batch_per_device']}/device "
+        f"({row['compiled_memory']['total_bytes'] / GIB:.2f} GiB); largest batch {plan['batch']}/device under "
+        f"{plan['budget_bytes'] / GIB:.2f} GiB ({state}, {plan['compiles']} compiles; "
+        f"XLA_PYTHON_CLIENT_MEM_FRACTION={row['xla_mem_fraction']:.2f} gives JAX that budget)"
     )
 
 
@@ -246,7 +294,8 @@ def derive(results: dict) -> dict:
     for row in results["scaling"]:
         base = single.get(_key(row, "train"))
         row["efficiency"] = row["images_per_s"] / (row["devices"] * base) if row["status"] == "ok" and base else None
-    results["targets"] = targets(results["measurements"], ratios, results["max_batch"])
+    measured = results["measurements"] or results["max_batch"] or results["scaling"]
+    results["targets"] = targets(results["measurements"], ratios, results["max_batch"]) if measured else []
     return results
 
 

@@ -24,6 +24,7 @@ def measure(spec: CaseSpec) -> dict:
             "step": jax_case.measure_case,
             "max_batch": jax_case.measure_max_batch,
             "scaling": jax_case.measure_scaling,
+            "compiled": jax_case.measure_compiled,
         }[spec.task]
         return run(spec)
     from cxrjax.bench import peers
@@ -33,7 +34,12 @@ def measure(spec: CaseSpec) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     spec_json, result_path = sys.argv[1:] if argv is None else argv
-    spec = CaseSpec(**json.loads(spec_json))
+    fields = json.loads(spec_json)
+    if fields.get("task") == "compiled":  # before JAX is imported: the CUDA plugin must register without a driver
+        from cxrjax.bench.gpu_target import ensure_plugin_registered
+
+        ensure_plugin_registered()
+    spec = CaseSpec(**fields)
     if spec.task == "scaling":  # on a CPU backend, simulate the devices; GPUs are what they are
         import jax
 
