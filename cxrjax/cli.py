@@ -581,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cxrjax.bench.gpu_target import ensure_plugin_registered
+
+    ensure_plugin_registered()  # before JAX starts: no CUDA plugin traceback on a machine without a driver
     show_library_logs()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -9,12 +9,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import jax
-import pytest
+from cxrjax.bench.gpu_target import ensure_plugin_registered
+
+# Before JAX starts: the dev extra's CUDA plugin (for compiling to GPU targets) registers
+# without a driver instead of failing its start-up check with a traceback.
+ensure_plugin_registered()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # The launch tests' fixtures, here so that a session-scoped one (moto's server, which keeps
 # its state in this process) is made once, not once per module that uses it.
-from launch_helpers import aws, repo  # noqa: F401
+from launch_helpers import aws, repo  # noqa: F401, E402
 
 # Before any test touches a backend: data-parallel code is exercised on 8 CPU devices.
 jax.config.update("jax_num_cpu_devices", 8)

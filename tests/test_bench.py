@@ -140,7 +140,7 @@ def test_ratios_come_from_the_measured_rows(bench):
     half = dict(rows_of(results, "cxrjax", "train")[0], framework="torch")
     half["images_per_s_per_device"] /= 2
     half["step_s_median"] *= 4
-    derived = derive({"measurements": rows + [half], "max_batch": [], "scaling": []})
+    derived = derive({**empty_result(), "measurements": rows + [half]})
     (ratio,) = derived["ratios"]
     assert ratio["peer"] == "torch" and ratio["speedup"] == pytest.approx(2.0)
     assert ratio["speedup_median_step"] == pytest.approx(4.0)
@@ -187,7 +187,26 @@ def test_targets_judged_on_gpu_rows():
         row("torch", 600.0, 1024, "all", 1.3 * 2**30),
         row("cxrjax", 650.0, 1024, "all", task="train_fed", fed_fraction=650 / 700),
     ]
-    derived = derive({"measurements": rows, "max_batch": [largest("cxrjax", 90), largest("torch", 40)], "scaling": []})
+    plan = {  # the compile-only plan of the same GPU and setting (batch 1, as the measured rows)
+        **{k: v for k, v in row("cxrjax", 1.0, 1024, "all").items() if k in ("framework", "size", "dtype", "remat")},
+        "task": "compiled",
+        "status": "ok",
+        "target": "h100",
+        "device_kind": "NVIDIA H100 80GB HBM3",
+        "batch_per_device": 1,
+        "bytes_per_image": 0.25 * 2**30,
+    }
+    rows = [dict(r, batch_per_device=1, peak_bytes=r["bytes_per_image"]) for r in rows]
+    derived = derive(
+        {
+            **empty_result(),
+            "measurements": rows,
+            "max_batch": [largest("cxrjax", 90), largest("torch", 40)],
+            "compiled": [plan, dict(plan, remat="none")],  # the second has no measured peer
+        }
+    )
+    (check,) = derived["plan_check"]
+    assert check["measured_over_compiled"] == pytest.approx(0.2 / 0.25) and check["target"] == "h100"
     status = {t["target"]: (t["status"], t["value"]) for t in derived["targets"]}
     assert status["train 224px bfloat16 remat none: cxrjax ÷ torch images/s >= 1.3"] == ("met", 1.4)
     assert status["train 224px bfloat16 remat none: cxrjax ÷ torch_compile images/s >= 1.1"][0] == "not met"  # 1.08
@@ -204,7 +223,8 @@ def test_targets_judged_on_gpu_rows():
     saved = "train 1024px bfloat16 remat all: saved activations MiB per image <= 100 (any platform)"
     assert status[saved] == ("met", 66.0)
     # The same rows from a CPU judge no GPU target, but saved activations (counted from shapes) still count.
-    cpu = derive({"measurements": [dict(r, platform="cpu") for r in rows], "max_batch": [], "scaling": []})
+    cpu = derive({**empty_result(), "measurements": [dict(r, platform="cpu") for r in rows]})
+    assert cpu["plan_check"] == []  # a CPU keeps no allocator peak to check a plan against
     judged = {t["target"]: t["status"] for t in cpu["targets"] if t["status"] != "not measured"}
     assert judged == {saved: "met"}
 
@@ -425,8 +445,12 @@ def test_a_case_past_the_deadline_is_cut_off_with_its_helpers():
 def test_a_peer_without_its_library_is_skipped_before_a_worker_starts(monkeypatch):
     import importlib.util
 
+    # torch present, torchvision absent, whatever this machine really has
+    present = {"torch": object(), "torchvision": None}
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: present[name] if name in present else real(name, *a)
+    )
     monkeypatch.setattr(subprocess, "Popen", None)  # a worker started here would fail the test
     for framework in ("torch", "torch_compile"):
         spec = CaseSpec(framework, "tiny", 32, "float32", "none", batch=1, steps=1)
@@ -455,20 +479,24 @@ def test_quick_smoke_runs_the_gpu_script_end_to_end(tmp_path):
     assert [
         (line["spec"]["framework"], line["spec"]["task"], line["spec"]["size"], line["spec"]["remat"]) for line in lines
     ] == [(c.framework, c.task, c.size, c.remat) for c in quick_plan(SMOKE)]
-    rows = [r for line in lines for key in ("measurements", "max_batch") for r in line[key]]
+    rows = [r for line in lines for key in ("measurements", "max_batch", "compiled") for r in line[key]]
     ours = [r for r in rows if r["framework"] == "cxrjax"]
     assert {(r["task"], r["size"], r["remat"]) for r in ours} == {
         ("train", 64, "all"),
         ("train_fed", 64, "all"),
         ("train", 32, "none"),
         ("max_batch", 64, "all"),
+        ("compiled", 64, "all"),
         ("train", 64, "dense_layers"),
     }
     assert all(r["status"] == "ok" for r in ours), [r for r in ours if r["status"] != "ok"]
     trains = {r["remat"]: r for r in ours if r["task"] == "train" and r["size"] == 64}
     saved = {remat: r["saved_activation_bytes_per_image"] for remat, r in trains.items()}
     assert 0 < saved["all"] < saved["dense_layers"]
-    assert next(r for r in ours if r["task"] == "max_batch")["batch"] >= 1
+    largest = next(r for r in ours if r["task"] == "max_batch")
+    assert largest["batch"] >= 1 and largest["planned_batch_ran"] is True  # the plan was run at its batch
+    plan = next(r for r in ours if r["task"] == "compiled")  # the smoke compiles its plan for an A10G
+    assert plan["device_kind"] == "NVIDIA A10G" and plan["largest_batch"]["compiles"] <= 3
     for r in rows:  # peers are measured where torchvision imports, else skipped with the reason
         assert r["status"] == "ok" or (r["status"] == "skipped" and r["reason"]), r
     tail = proc.stdout.strip().splitlines()
@@ -511,3 +539,13 @@ def test_bench_imports_without_grain_wandb_or_tfds():
     proc = subprocess.run([sys.executable, "-c", BLOCKER], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_torch_saved_activations_are_a_lower_bound_that_memory_efficient_cuts():
+    pytest.importorskip("torchvision", reason="torchvision not installed (the bench extra has it)")
+    from cxrjax.bench.peers import torch_saved_activation_bytes_per_image
+    from cxrjax.models.densenet import saved_activation_floor
+
+    plain, efficient = (torch_saved_activation_bytes_per_image("tiny", 64, "float32", e) for e in (False, True))
+    floor = saved_activation_floor(arch_spec("tiny"), 64, 3, 4)  # float32, 3-channel input
+    assert floor <= efficient < plain

@@ -4,11 +4,13 @@ import argparse
 import sys
 
 from cxrjax.bench.args import add_arguments, run
+from cxrjax.bench.gpu_target import ensure_plugin_registered
 from cxrjax.cli import show_library_logs
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    ensure_plugin_registered()
     show_library_logs()
     parser = argparse.ArgumentParser(prog="python -m cxrjax.bench", description=__doc__)
     add_arguments(parser)

@@ -271,8 +271,10 @@ def _measure_fed(spec: CaseSpec, trainer: _Trainer, mesh, common: dict, syntheti
 
 
 def train_step_bytes(arch: str, size: int, dtype: str, remat: str, device, labels):
-    """batch -> bytes XLA assigns to the training step compiled for one device (memoized)."""
+    """batch -> bytes XLA assigns to the training step compiled for one device (memoized;
+    `bytes_for.compiled[batch]` keeps each executable, so the answer can be run)."""
     steps = build_steps(training_config(arch, dtype, remat), size, make_mesh([device]), labels)
+    executables: dict[int, object] = {}
 
     @functools.cache
     def bytes_for(batch: int) -> int:
@@ -280,18 +282,36 @@ def train_step_bytes(arch: str, size: int, dtype: str, remat: str, device, label
         memory = compiled_memory(compiled)
         if memory is None:
             raise RuntimeError(f"{device.platform} gives no memory analysis for compiled steps")
+        executables[batch] = compiled
         return memory["total_bytes"]
 
+    bytes_for.compiled, bytes_for.steps = executables, steps
     return bytes_for
+
+
+def run_planned_batch(bytes_for, batch: int, size: int, steps: int = 2) -> dict:
+    """Run the compiled step at the planned batch: does the plan hold on this device, and
+    what does the allocator reach against what XLA planned?"""
+    plan = bytes_for.steps
+    try:
+        state = plan.new_state()
+        host = synthetic_host_batch(batch, size)
+        trainer = _Trainer(bytes_for.compiled[batch], state)
+        for _ in range(steps):
+            jax.block_until_ready(trainer.step(to_global(host, plan.mesh)))
+    except Exception as e:  # RESOURCE_EXHAUSTED: the plan did not hold
+        return {"planned_batch_ran": False, "planned_batch_error": str(e).splitlines()[0][:300]}
+    return {"planned_batch_ran": True, "planned_batch_peak_bytes": device_peak_bytes(plan.mesh.devices.flat)}
 
 
 def measure_max_batch(spec: CaseSpec) -> dict:
     """Largest per-device training batch whose compiled step fits the budget: compiled,
-    never run, so an A10G's 24 GiB can be searched on a larger card of the same backend."""
+    then run at that batch to check the plan (the allocator's peak beside the compiled total)."""
     device = jax.devices()[0]
     labels = synthetic_host_batch(spec.batch, spec.size)["labels"]
     bytes_for = train_step_bytes(spec.arch, spec.size, spec.dtype, spec.remat, device, labels)
     found = largest_batch(bytes_for, spec.memory_budget_bytes, first=spec.batch)
+    ran = run_planned_batch(bytes_for, found["batch"], spec.size) if found["batch"] else {}
     row = spec.row(
         task="max_batch",
         status="ok",
@@ -299,6 +319,7 @@ def measure_max_batch(spec: CaseSpec) -> dict:
         platform=device.platform,
         memory_source="compiled.memory_analysis(): arguments + outputs - aliased + temporaries",
         **found,
+        **ran,
     )
     return {**empty_result(), "max_batch": [row]}
 

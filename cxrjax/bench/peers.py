@@ -254,3 +254,48 @@ def measure_keras(spec: CaseSpec) -> dict:
             )
         )
     return {**empty_result(), "measurements": rows}
+
+
+def torch_saved_activation_bytes_per_image(arch: str, size: int, dtype: str, memory_efficient: bool) -> int:
+    """What torchvision's DenseNet keeps for the backward pass, per image: every tensor
+    autograd saves outside the checkpointed bottlenecks, plus each dense layer's output
+    (what `memory_efficient=True` keeps instead), by distinct storage, parameters excluded.
+    The difference between one and two images takes out what is per step (bf16 weight
+    copies). A lower bound of torch's peak memory per image; runs on the CPU."""
+    import torch
+
+    spec = CaseSpec(
+        "torch", arch, size, dtype, "dense_layers" if memory_efficient else "none", batch=2, steps=1, inference=False
+    )
+    net, not_usable = _import_torch(spec)
+    if net is None:
+        raise RuntimeError(not_usable["measurements"][0]["reason"])
+    params = {p.untyped_storage().data_ptr() for p in net.model.parameters()}
+
+    def saved_bytes(batch: int) -> int:
+        seen: dict[int, int] = {}
+
+        def keep(t):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in params:
+                    seen[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        layers = [
+            m.register_forward_hook(lambda _m, _i, out: keep(out))
+            for m in net.model.modules()
+            if type(m).__name__ == "_DenseLayer"
+        ]
+        images, labels = net.batch(batch)
+        net.model.train()
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+                loss = net.loss_of(images, labels)
+        finally:
+            for hook in layers:
+                hook.remove()
+        del loss
+        return sum(seen.values())
+
+    return saved_bytes(2) - saved_bytes(1)

@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cxrjax.bench.gpu_target import ensure_plugin_registered
 from cxrjax.bench.memory import GIB
 from cxrjax.bench.spec import CaseSpec
 from cxrjax.cli import show_library_logs
@@ -41,12 +42,15 @@ class QuickSettings:
     steps: int
     budget_gb: float
     synthetic_patients: int  # for the grain-fed case's prepare
+    target: str  # the compiled plan beside the measurements: "auto" is the GPU present
+    target_budget_gb: float  # 0: the target card's memory less the allowance
 
 
-GPU = QuickSettings("densenet121", 224, 1024, 128, 16, 10, 24.0, 30)
+GPU = QuickSettings("densenet121", 224, 1024, 128, 16, 10, 24.0, 30, "auto", 0.0)
 # The smoke budget (3 MiB) fits the tiny net's batch 2 at 64 px but not batch 4, so the
-# search ends after three compiles instead of reaching for batch 50.
-SMOKE = QuickSettings("tiny", 32, 64, 4, 2, 2, 3 / 1024, 12)
+# search ends after three compiles instead of reaching for batch 50. The smoke compiles its
+# plan for an A10G (compile-only, on the CPU host).
+SMOKE = QuickSettings("tiny", 32, 64, 4, 2, 2, 3 / 1024, 12, "a10g", 3 / 1024)
 
 
 def quick_plan(s: QuickSettings, prepared: str = "", workers: int = 0) -> list[CaseSpec]:
@@ -62,6 +66,14 @@ def quick_plan(s: QuickSettings, prepared: str = "", workers: int = 0) -> list[C
     }
     small = {**full, "size": s.small, "remat": "none", "batch": s.small_batch}
     budget = int(s.budget_gb * GIB)
+    from cxrjax.bench.run import DEFAULT_ALLOWANCE_GB
+
+    plan_for_target = {
+        "task": "compiled",
+        "target": s.target,
+        "allowance_bytes": int(DEFAULT_ALLOWANCE_GB * GIB),
+        "memory_budget_bytes": int(s.target_budget_gb * GIB),
+    }
     return [
         CaseSpec("cxrjax", **full, prepared=prepared, workers=workers),
         CaseSpec("torch", **full),
@@ -71,6 +83,7 @@ def quick_plan(s: QuickSettings, prepared: str = "", workers: int = 0) -> list[C
         CaseSpec("torch_compile", **small),
         CaseSpec("cxrjax", **full, task="max_batch", memory_budget_bytes=budget),
         CaseSpec("torch", **full, task="max_batch", memory_budget_bytes=budget),
+        CaseSpec("cxrjax", **full, **plan_for_target),  # the compile-only plan of this GPU, checked by case 1
         CaseSpec("cxrjax", **{**full, "remat": "dense_layers"}),
     ]
 
@@ -91,6 +104,12 @@ def synthetic_prepare(out: Path, s: QuickSettings, workers: int) -> str:
 
 def target_lines(results: dict) -> list[str]:
     lines = [
+        f"plan: {c['size']}px {c['dtype']} remat {c['remat']} batch {c['batch_per_device']}: compiled for "
+        f"{c['target_name']} {c['compiled_bytes_per_image'] / 2**20:.1f} MiB/image, measured peak "
+        f"{c['measured_bytes_per_image'] / 2**20:.1f} MiB/image (measured ÷ compiled {c['measured_over_compiled']:.2f})"
+        for c in results.get("plan_check", [])
+    ]
+    lines += [
         f"ratio: train {r['size']}px {r['dtype']} remat {r['remat']}: cxrjax ÷ {r['peer']} "
         f"= {r['speedup']:.2f} (images/s)"
         for r in results["ratios"]
@@ -130,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=-1, help="grain decode processes (default: every core; smoke: 0, in-process)"
     )
     args = parser.parse_args(argv)
+    ensure_plugin_registered()
     show_library_logs()
     settings = SMOKE if args.smoke else GPU
     if args.batch:
@@ -160,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"quick: {args.out / (NAME + '.md')}, every case in {args.out / (NAME + '.jsonl')}")
     for line in target_lines(results):
         print(line)
-    failed = [r for key in ("measurements", "max_batch") for r in results[key] if r["status"] == "failed"]
+    failed = [r for key in ("measurements", "max_batch", "compiled") for r in results[key] if r["status"] == "failed"]
     return 1 if failed else 0
 
 

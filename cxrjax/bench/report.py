@@ -22,7 +22,7 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
     return NA if value is None else format(value * scale, spec)
 
 
-def _bytes(value) -> str:
+def format_bytes(value) -> str:
     """Bytes in the largest binary unit that keeps at least one whole unit."""
     if value is None:
         return NA
@@ -159,10 +159,10 @@ def max_batch_table(rows: list[dict]) -> str:
                 str(r["size"]),
                 r["dtype"],
                 _remat(r),
-                _bytes(r["budget_bytes"]),
+                format_bytes(r["budget_bytes"]),
                 str(r["batch"]),
-                _bytes(r["bytes_at_batch"]),
-                _bytes(r["bytes_at_next"]),
+                format_bytes(r["bytes_at_batch"]),
+                format_bytes(r["bytes_at_next"]),
                 str(len(r["probes"])),
                 "ok",
             ]
@@ -209,6 +209,8 @@ def compiled_table(rows: list[dict]) -> str:
             continue
         m, plan = r["compiled_memory"], r["largest_batch"]
         largest = f"{plan['batch']} ({'fits, compiled' if plan['confirmed'] else 'extrapolated'})"
+        if plan.get("refined_batch") and plan["refined_batch"] != plan["batch"]:
+            largest += f"; last two probes' line: {plan['refined_batch']}"
         body.append(
             [
                 r["device_kind"],
@@ -217,20 +219,47 @@ def compiled_table(rows: list[dict]) -> str:
                 r["dtype"],
                 _remat(r),
                 str(r["batch_per_device"]),
-                _bytes(m["argument_bytes"]),
-                _bytes(m["output_bytes"]),
-                _bytes(m["alias_bytes"]),
-                _bytes(m["temp_bytes"]),
-                _bytes(m["total_bytes"]),
+                format_bytes(m["argument_bytes"]),
+                format_bytes(m["output_bytes"]),
+                format_bytes(m["alias_bytes"]),
+                format_bytes(m["temp_bytes"]),
+                format_bytes(m["total_bytes"]),
                 _fmt(r["bytes_per_image"], ".1f", 1 / MIB),
                 _fmt(r.get("saved_activation_bytes_per_image"), ".1f", 1 / MIB),
                 _fmt(r.get("flops_per_image"), ".2f", 1e-9),
                 _fmt(r.get("compile_s"), ".0f"),
-                _bytes(plan["budget_bytes"]),
+                format_bytes(plan["budget_bytes"]),
                 largest,
                 "ok",
             ]
         )
+    return table(header, body)
+
+
+def plan_check_table(rows: list[dict]) -> str:
+    header = [
+        "px",
+        "dtype",
+        "remat",
+        "batch/device",
+        "compiled for",
+        "compiled MiB/image",
+        "measured peak MiB/image",
+        "measured ÷ compiled",
+    ]
+    body = [
+        [
+            str(r["size"]),
+            r["dtype"],
+            r["remat"],
+            str(r["batch_per_device"]),
+            r["target_name"],
+            _fmt(r["compiled_bytes_per_image"], ".1f", 1 / MIB),
+            _fmt(r["measured_bytes_per_image"], ".1f", 1 / MIB),
+            _fmt(r["measured_over_compiled"], ".2f"),
+        ]
+        for r in rows
+    ]
     return table(header, body)
 
 
@@ -325,6 +354,7 @@ def markdown(results: dict) -> str:
         parts += ["", "## Measurements", "", measurements_table(steady)]
     sections = (
         ("Compiled for a GPU target (not measured)", compiled, compiled_section),
+        ("The compiled plan against the measured peak", results.get("plan_check", []), plan_check_table),
         ("Same-run ratios (cxrjax ÷ peer, per device)", results["ratios"], ratios_table),
         ("Training fed by the grain pipeline", fed, fed_table),
         ("Largest batch under the memory budget", results["max_batch"], max_batch_table),

@@ -240,13 +240,21 @@ def summary_line(row: dict) -> str:
 
 def compiled_line(row: dict) -> str:
     """One line a person reads: the compiled plan of one case for one target."""
+    from cxrjax.bench.report import format_bytes
+
     plan = row["largest_batch"]
     state = "compiled, fits" if plan["confirmed"] else "extrapolated"
     return (
         f"compiled for {row['devices']} x {row['device_kind']} ({row['size']} px {row['dtype']} remat {row['remat']}): "
         f"{row['bytes_per_image'] / MIB:.1f} MiB/image at batch {row['batch_per_device']}/device "
-        f"({row['compiled_memory']['total_bytes'] / GIB:.2f} GiB); largest batch {plan['batch']}/device under "
-        f"{plan['budget_bytes'] / GIB:.2f} GiB ({state}, {plan['compiles']} compiles; "
+        f"({format_bytes(row['compiled_memory']['total_bytes'])}); largest batch {plan['batch']}/device under "
+        f"{format_bytes(plan['budget_bytes'])} ({state}, {plan['compiles']} compiles"
+        + (
+            f"; the line through the last two probes says {plan['refined_batch']}, not compiled"
+            if plan.get("refined_batch") and plan["refined_batch"] != plan["batch"]
+            else ""
+        )
+        + "; "
         f"XLA_PYTHON_CLIENT_MEM_FRACTION={row['xla_mem_fraction']:.2f} gives JAX that budget)"
     )
 
@@ -294,9 +302,42 @@ def derive(results: dict) -> dict:
     for row in results["scaling"]:
         base = single.get(_key(row, "train"))
         row["efficiency"] = row["images_per_s"] / (row["devices"] * base) if row["status"] == "ok" and base else None
+    results["plan_check"] = plan_check(results["compiled"], ok)
     measured = results["measurements"] or results["max_batch"] or results["scaling"]
     results["targets"] = targets(results["measurements"], ratios, results["max_batch"]) if measured else []
     return results
+
+
+def plan_check(compiled: list[dict], measured: list[dict]) -> list[dict]:
+    """A compile-only plan beside the same step measured on a real GPU: compiled total per
+    image against the allocator's peak per image, same setting and batch per device."""
+    real = {
+        (r["size"], r["dtype"], r["remat"], r["batch_per_device"], r["device_kind"]): r
+        for r in measured
+        if r["task"] == "train" and r["framework"] == "cxrjax" and r.get("peak_bytes") and r["platform"] == "gpu"
+    }
+    checks = []
+    for c in compiled:
+        if c["status"] != "ok":
+            continue
+        r = real.get((c["size"], c["dtype"], c["remat"], c["batch_per_device"], c["device_kind"]))
+        if r is None:
+            continue
+        checks.append(
+            {
+                "size": c["size"],
+                "dtype": c["dtype"],
+                "remat": c["remat"],
+                "batch_per_device": c["batch_per_device"],
+                "target": c["target"],
+                "target_name": c["device_kind"],
+                "compiled_bytes_per_image": c["bytes_per_image"],
+                "measured_bytes_per_image": r["bytes_per_image"],
+                "measured_over_compiled": r["bytes_per_image"] / c["bytes_per_image"],
+                "measured_compiled_total_bytes": (r.get("compiled_memory") or {}).get("total_bytes"),
+            }
+        )
+    return checks
 
 
 def _target(text: str, value: float | None, passed: bool) -> dict:

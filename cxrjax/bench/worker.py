@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from cxrjax.bench.gpu_target import ensure_plugin_registered
 from cxrjax.bench.spec import SCALING_DEVICES, CaseSpec
 
 
@@ -34,12 +35,8 @@ def measure(spec: CaseSpec) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     spec_json, result_path = sys.argv[1:] if argv is None else argv
-    fields = json.loads(spec_json)
-    if fields.get("task") == "compiled":  # before JAX is imported: the CUDA plugin must register without a driver
-        from cxrjax.bench.gpu_target import ensure_plugin_registered
-
-        ensure_plugin_registered()
-    spec = CaseSpec(**fields)
+    ensure_plugin_registered()  # before JAX is imported: the CUDA plugin registers without a driver
+    spec = CaseSpec(**json.loads(spec_json))
     if spec.task == "scaling":  # on a CPU backend, simulate the devices; GPUs are what they are
         import jax
 
