@@ -2,6 +2,13 @@
 everything rematerialized (66 MiB of saved activations per image, the memory-efficient
 DenseNet's floor) so a large batch fits on a 24 GB A10G, AdamW with cosine decay.
 
+Memory on an A10G, compiled for the target (not measured; benchmarks/README.md, "Memory for a
+GPU that is not here"): the training step at 8 images per A10G, this recipe's batch, takes
+2.01 GiB (257 MiB per image); the largest batch under 20.99 GiB (23,028 MiB less a 1.5 GiB
+allowance) is 86 per A10G (18.8 GiB compiled). To plan another batch or card:
+
+    cxrjax bench --out /tmp/plan --arch densenet121 --sizes 1024 --remat all --batch 8 --target a10g
+
     cxrjax prepare --nih-dir /data/nih --out /data/nih-1024 --image-size 1024
     cxrjax train --config configs/full1024.py --workdir runs/full1024 \\
         --config.data.prepared=/data/nih-1024

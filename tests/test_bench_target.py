@@ -191,3 +191,27 @@ def test_the_budget_is_the_card_less_the_allowance():
     a10g = get_target("a10g")
     assert a10g.memory_bytes == 23028 * 2**20 and math.isclose(a10g.memory_bytes / GIB, 22.49, abs_tol=0.01)
     assert jax.devices()[0].platform == "cpu"  # the tests never reached for a GPU
+
+
+@pytest.mark.slow
+def test_what_holds_the_peak_is_read_from_xla_s_own_dump(tmp_path):
+    """benchmarks/compiled_peak.py: the live buffers at the compiled peak add up to XLA's
+    peak, which the compiled total (packed temporaries, arguments, outputs) covers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compiled_peak.py"
+    out = tmp_path / "peak"
+    args = ["--target", "a10g", "--arch", "tiny", "--size", str(SIZE), "--batch", str(BATCH), "--remat", "all"]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args, "--out", str(out)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "compiled_peak.json").read_text())
+    assert result["target"] == "NVIDIA A10G" and result["case"]["remat"] == "all"
+    buffers = result["peak_buffers"]
+    assert buffers and sum(b["bytes"] for b in buffers) == result["live_peak_bytes"]
+    assert all(b["source"] for b in buffers) and buffers == sorted(buffers, key=lambda b: -b["bytes"])
+    assert 0 < result["live_peak_bytes"] <= result["compiled_memory"]["total_bytes"]
+    assert "live at the peak" in (out / "compiled_peak.md").read_text()
