@@ -188,7 +188,7 @@ render_task() {  # FILE: skypilot.yaml with the run's instance types x regions a
 
 cmd_up() {
   validate_up
-  command -v sky >/dev/null || ((DRY_RUN)) || die "sky not found: pip install 'cxrjax[launch]' (SkyPilot; best in its own venv)"
+  command -v sky >/dev/null || ((DRY_RUN)) || die "sky not found: pip install 'skypilot[aws]>=0.14' (the launch extra), best in a venv of its own; see launch/README.md"
   local dir
   dir=$(mktemp -d)
   # shellcheck disable=SC2064  # the path is fixed now

@@ -283,11 +283,15 @@ class Node:
         beats = self.work.with_name(self.work.name + ".nodes")
         beats.mkdir(parents=True, exist_ok=True)
         mine = beats / f"process-{self.a.process_id}"
+        mine.write_text("alive")
+        started = mine.stat().st_mtime  # a peer's file from an earlier launch counts once rewritten
         while self.trainer is None or self.trainer.poll() is None:
             mine.write_text("alive")
             for peer in range(self.a.nodes):
                 path = beats / f"process-{peer}"
                 if peer == self.a.process_id or not path.exists() or path.read_text() != "alive":
+                    continue
+                if path.stat().st_mtime < started:
                     continue
                 behind = mine.stat().st_mtime - path.stat().st_mtime
                 if behind > PEER_TIMEOUT:
@@ -330,6 +334,7 @@ class Node:
             code = self.train(config_arg, prepared)
         except Preempted as e:
             log.info(f"{e}; exiting {PREEMPTED} so that SkyPilot resumes the run on a new node")
+            self.s3.push(self.logs, f"logs/process-{self.a.process_id}")
             return PREEMPTED
         finally:
             watcher.stop()

@@ -220,7 +220,7 @@ def test_up_status_logs_down_go_through_sky_jobs(repo, aws, tmp_path):
     refused = script(repo, "up", *BASE, env=dict(env, FAKE_SKY_EXIT="3"))
     assert refused.returncode == 3 and "submitted" not in refused.stderr  # SkyPilot's refusal is up's
     no_sky = script(repo, "up", *BASE, env=dict(aws["env"], PATH="/usr/bin:/bin"))
-    assert no_sky.returncode == 2 and "sky not found: pip install 'cxrjax[launch]'" in no_sky.stderr
+    assert no_sky.returncode == 2 and "sky not found: pip install 'skypilot[aws]>=0.14'" in no_sky.stderr
 
 
 def test_iam_setup_against_moto_creates_the_job_role_with_the_rendered_policy(repo, aws):

@@ -118,6 +118,8 @@ class Node:
         for name, text in (
             ("cxrjax", f"#!{sys.executable}\n{FAKE_CXRJAX}"),
             ("python", f'#!/bin/sh\nexec {sys.executable} "$@"\n'),
+            # The AWS CLI that setup installs into the venv: records the call, then the next on PATH.
+            ("aws", f'#!/bin/sh\necho "$3 $4" >>{self.record}/venv-aws\nPATH=${{PATH#*:}} exec aws "$@"\n'),
         ):
             (self.home / "venv" / "bin" / name).write_text(text)
             (self.home / "venv" / "bin" / name).chmod(0o755)
@@ -180,6 +182,8 @@ def test_a_notice_checkpoints_uploads_and_exits_with_the_recovery_code_then_done
         f"train --config configs/demo.py:small --workdir {home}/work/flow "
         f"--config.data.prepared={home}/data/prepared-48 --config.wandb.mode=online"
     )
+    # The AWS calls go through the venv's CLI, first on PATH (SkyPilot's own is not on the task's).
+    assert {"s3 sync", "s3 cp", "ssm get-parameter"} <= set((node.record / "venv-aws").read_text().splitlines())
     assert (node.record / "env").read_text().splitlines() == [
         f"JAX_COMPILATION_CACHE_DIR={home}/jax-cache",
         f"WANDB_API_KEY={WANDB_IN_SSM}",
