@@ -34,6 +34,7 @@ SPOT_POLL = float(os.environ.get("CXRJAX_SPOT_POLL_SECONDS", "5"))
 HEARTBEAT = float(os.environ.get("CXRJAX_HEARTBEAT_SECONDS", "10"))
 PEER_TIMEOUT = float(os.environ.get("CXRJAX_PEER_TIMEOUT_SECONDS", "90"))
 STOP_GRACE = float(os.environ.get("CXRJAX_STOP_GRACE_SECONDS", "30"))
+UPLOAD_RETRY = float(os.environ.get("CXRJAX_UPLOAD_RETRY_SECONDS", "5"))
 NOTICE = "meta-data/spot/instance-action"
 REBALANCE = "meta-data/events/recommendations/rebalance"
 
@@ -308,6 +309,7 @@ class Node:
         mine.write_text("exited")
 
     def main(self) -> int:
+        from cxrjax.errors import InputError
         from cxrjax.workdir import read_done
 
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -338,7 +340,11 @@ class Node:
             return PREEMPTED
         finally:
             watcher.stop()
-        done = read_done(self.work) is not None
+        try:
+            done = read_done(self.work) is not None
+        except InputError as e:  # a done.json that is not the trainer's: not done, and say why
+            log.error(str(e))
+            done, code = False, code or FAILED
         if self.peer_lost:
             verdict = FAILED
             log.error(f"exiting {FAILED}: {self.peer_lost}")
@@ -355,7 +361,7 @@ class Node:
             if self.sync():
                 break
             log.warning(f"upload {attempt + 1} of 3 failed")
-            time.sleep(5)
+            time.sleep(UPLOAD_RETRY)
         else:
             log.error(f"the final upload to {self.a.s3_prefix}/workdir/ failed; exiting {FAILED}")
             return FAILED

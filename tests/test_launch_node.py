@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from fake_imds import FakeImds
 from launch_helpers import LAUNCH, WANDB_IN_SSM, assert_no_secret, refusing_aws, s3_objects
@@ -156,6 +157,7 @@ class Node:
 SETTINGS = "S3_PREFIX=s3://cxrjax-bucket/runs/{run}\nREGION=us-east-1\nRUN_CONFIG=demo:small\nSYNC_INTERVAL=3600\n"
 
 
+@pytest.mark.slow
 def test_a_notice_checkpoints_uploads_and_exits_with_the_recovery_code_then_done_exits_0(repo, aws, tmp_path):
     """The notice scenario: the trainer checkpoints and exits 0 without done.json, and the
     run step exits with the code SkyPilot recovers (never 0, which it takes as success and
@@ -218,6 +220,7 @@ def test_a_notice_checkpoints_uploads_and_exits_with_the_recovery_code_then_done
     assert code == 0 and "already trained" in output, output
 
 
+@pytest.mark.slow
 def test_a_failing_trainer_is_a_failure_with_its_own_status(repo, aws, tmp_path):
     aws["s3"].put_object(Bucket="cxrjax-bucket", Key="runs/fails/prepared-48/manifest.json", Body=b"{}")
     node = Node(repo, tmp_path, aws, SETTINGS.format(run="fails"))
@@ -239,13 +242,14 @@ def test_a_notice_during_set_up_stops_the_run_before_training(repo, aws, tmp_pat
     assert not (node.record / "calls").exists()  # neither prepare nor train ran
 
 
+@pytest.mark.slow
 def test_a_failed_final_upload_fails_the_run(repo, aws, tmp_path):
     """A checkpoint that did not reach S3 is lost with the node: not a clean preemption."""
     aws["s3"].put_object(Bucket="cxrjax-bucket", Key="runs/upload/prepared-48/manifest.json", Body=b"{}")
     node = Node(repo, tmp_path, aws, SETTINGS.format(run="upload"))
     refused = refusing_aws(tmp_path / "bin", {"runs/upload/workdir/checkpoints": "An error occurred (AccessDenied)"})
     with FakeImds() as imds:
-        proc = node.start(imds, PATH=refused["PATH"])
+        proc = node.start(imds, PATH=refused["PATH"], CXRJAX_UPLOAD_RETRY_SECONDS="0")
         try:
             node.training(proc)
             imds.notice()
@@ -256,6 +260,7 @@ def test_a_failed_final_upload_fails_the_run(repo, aws, tmp_path):
     assert "AccessDenied" in output and "the final upload" in output
 
 
+@pytest.mark.slow
 def test_a_rebalance_recommendation_uploads_a_checkpoint_and_training_goes_on(repo, aws, tmp_path):
     aws["s3"].put_object(Bucket="cxrjax-bucket", Key="runs/rebalance/prepared-48/manifest.json", Body=b"{}")
     node = Node(repo, tmp_path, aws, SETTINGS.format(run="rebalance"))
@@ -280,6 +285,7 @@ def test_a_rebalance_recommendation_uploads_a_checkpoint_and_training_goes_on(re
     assert "runs/rebalance/workdir/checkpoints/2/state" in s3_objects(aws["s3"], "runs/rebalance/")
 
 
+@pytest.mark.slow
 def test_a_cluster_node_stops_with_a_clear_message_when_a_peer_node_dies(repo, aws, tmp_path):
     """Two nodes share a workdir; node 1 dies (SIGKILL of its run step, as a lost instance).
     Node 0 notices from the missing heartbeats, stops its trainer and exits non-zero, so
