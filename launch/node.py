@@ -390,13 +390,12 @@ class Node:
             log.info(f"no readable SSM parameter {self.a.wandb_parameter}: wandb stays as the config says")
         if self.stop_requested.is_set():
             raise Preempted("stopped during set-up")
-        # SIGUSR1 is ignored in the trainer until its own handler is in place.
         self.trainer = subprocess.Popen(
             command,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN),
+            preexec_fn=_trainer_preexec,
         )
         tee = threading.Thread(target=self.tee, args=(self.trainer.stdout,), daemon=True)
         tee.start()
@@ -423,6 +422,18 @@ class Node:
                 sys.stdout.flush()
                 copy.write(line)
                 copy.flush()
+
+
+def _trainer_preexec() -> None:
+    """In the trainer before exec: SIGUSR1 ignored until its own handler is in place, and
+    (Linux) killed with this process, so a run step that dies leaves no trainer behind."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 class Preempted(Exception):

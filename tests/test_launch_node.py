@@ -9,7 +9,6 @@ trainer is a stand-in that behaves like `cxrjax train` as far as the run step ca
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -146,12 +145,22 @@ class Node:
 
     def run(self, imds: FakeImds | None = None, **extra: str) -> tuple[int, str]:
         proc = self.start(imds, **extra)
-        output, _ = proc.communicate(timeout=120)
+        try:
+            output, _ = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
         return proc.returncode, output
 
     def training(self, proc: subprocess.Popen) -> None:
         wait_for(lambda: (self.record / "training").exists() or proc.poll() is not None, 90, "training")
         assert proc.poll() is None, proc.stdout.read()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 SETTINGS = "S3_PREFIX=s3://cxrjax-bucket/runs/{run}\nREGION=us-east-1\nRUN_CONFIG=demo:small\nSYNC_INTERVAL=3600\n"
@@ -311,8 +320,9 @@ def test_a_cluster_node_stops_with_a_clear_message_when_a_peer_node_dies(repo, a
             "CXRJAX_NUM_PROCESSES=2",
             "CXRJAX_PROCESS_ID=1",
         ]
-        procs[1].kill()  # the node is gone: its run step and its trainer
-        os.kill(int((nodes[1].record / "trainer.pid").read_text()), signal.SIGKILL)
+        trainer = int((nodes[1].record / "trainer.pid").read_text())
+        procs[1].kill()  # the node is gone: its run step and with it its trainer
+        wait_for(lambda: not _alive(trainer), 30, "node 1's trainer to die with its run step")
         output, _ = procs[0].communicate(timeout=60)  # bounded: a hang fails here
     finally:
         for p in procs:
