@@ -1,9 +1,10 @@
 """A fake EC2 instance metadata service (IMDSv2 only) on 127.0.0.1 for the launch tests.
 
-It behaves like the real one where launch/g5_24xlarge.sh depends on it: a session token
+It behaves like the real one where launch/node.py depends on it: a session token
 from PUT /latest/api/token (with the TTL header), 401 for any GET without that token,
 404 on spot/instance-action until `notice()`, then the JSON notice AWS documents; the same
-for events/recommendations/rebalance and `rebalance()`.
+for events/recommendations/rebalance and `rebalance()`; and the instance's type, zone,
+lifecycle and address.
 """
 
 from __future__ import annotations
@@ -22,8 +23,14 @@ TOKEN_HEADER = "X-aws-ec2-metadata-token"
 
 
 class FakeImds:
-    def __init__(self, local_ipv4: str = "127.0.0.1"):
+    def __init__(self, local_ipv4: str = "127.0.0.1", instance_type: str = "g5.24xlarge", zone: str = "us-east-1a"):
         self.local_ipv4 = local_ipv4
+        self.meta = {
+            "/latest/meta-data/local-ipv4": local_ipv4,
+            "/latest/meta-data/instance-type": instance_type,
+            "/latest/meta-data/placement/availability-zone": zone,
+            "/latest/meta-data/instance-life-cycle": "spot",
+        }
         self.token = secrets.token_hex(16)
         self.notice_body: bytes | None = None
         self.rebalance_body: bytes | None = None
@@ -104,8 +111,8 @@ class FakeImds:
                     return self._reply(200, notice) if notice else self._reply(404)
                 if self.path == REBALANCE_PATH:
                     return self._reply(200, rebalance) if rebalance else self._reply(404)
-                if self.path == "/latest/meta-data/local-ipv4":
-                    return self._reply(200, imds.local_ipv4.encode())
+                if self.path in imds.meta:
+                    return self._reply(200, imds.meta[self.path].encode())
                 self._reply(404)
 
         return Handler

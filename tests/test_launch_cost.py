@@ -1,6 +1,6 @@
 """`launch/g5_24xlarge.sh cost` and launch/run_cost.py: dollars per hour and per epoch from
-the spot price and the run's own metrics, checked against hand-computed figures, and the
-AWS calls against moto's server on loopback."""
+the spot price of what was launched and the run's own metrics, checked against
+hand-computed figures, and the AWS calls against moto's server on loopback."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launch_helpers import LAUNCH, clean_env, dry_run_calls, load_run_cost, recording_aws, script
+from launch_helpers import LAUNCH, clean_env, load_run_cost, recording_aws, script
 
 run_cost = load_run_cost()
 
@@ -86,40 +86,47 @@ def test_bad_metrics_are_refused_by_file_and_line(tmp_path, text, message):
     assert str(tmp_path) in result.stderr
 
 
-def test_cost_against_moto(repo, aws, tmp_path):
-    """The spot price of the subnet's zone (moto quotes $0.00001) times the run's figures."""
+def test_cost_prices_what_the_node_says_it_runs_on(repo, aws, tmp_path):
+    """The spot price of the type and zone the node recorded from IMDS (launch/node.py's
+    instance.json; moto quotes $0.00001), times the run's figures: a fallback type in
+    another zone is priced as such, not as the first choice."""
     metrics, config = write_run(tmp_path / "workdir")
+    s3 = aws["s3"]
     for path in (metrics, config):
-        aws["s3"].put_object(Bucket="cxrjax-bucket", Key=f"runs/priced/workdir/{path.name}", Body=path.read_bytes())
-    args = ["cost", "--s3-prefix", "s3://cxrjax-bucket/runs/priced", "--subnet", aws["subnet"], "--nodes", "2"]
+        s3.put_object(Bucket="cxrjax-bucket", Key=f"runs/priced/workdir/{path.name}", Body=path.read_bytes())
+
+    def launched(type_, zone, nodes=2):
+        instance = {"instance_type": type_, "availability_zone": zone, "lifecycle": "spot", "nodes": nodes}
+        s3.put_object(Bucket="cxrjax-bucket", Key="runs/priced/logs/process-0/instance.json", Body=json.dumps(instance))
+
+    launched("g5.48xlarge", "us-east-1a")
+    args = ["cost", "--s3-prefix", "s3://cxrjax-bucket/runs/priced"]
     recording, calls = recording_aws(tmp_path)
     result = script(repo, *args, env=dict(aws["env"], **recording))
     assert result.returncode == 0, result.stderr
-    assert (
-        calls.read_text().splitlines()
-        == dry_run_calls(script(repo, *args, "--dry-run").stdout)
-        == ["ec2 describe-subnets", "ec2 describe-spot-price-history", "s3 cp", "s3 cp"]
-    )
-    zone = aws["ec2"].describe_subnets(SubnetIds=[aws["subnet"]])["Subnets"][0]["AvailabilityZone"]
-    assert f"spot price of g5.24xlarge in {zone} at " in result.stdout
+    assert calls.read_text().splitlines() == ["s3 cp", "s3 cp", "s3 cp", "ec2 describe-spot-price-history"]
+    assert result.stdout.startswith("launched: 2 x g5.48xlarge in us-east-1a; spot price at ")
     expected = run_cost.report(run_cost.cost(metrics, config, price=0.00001, instances=2))
     assert result.stdout.splitlines()[1:] == expected.splitlines()
     assert "$1e-05 per instance-hour x 2 = $2e-05 per hour" in result.stdout
 
-    elsewhere = aws["ec2"].create_subnet(VpcId=aws["vpc"], CidrBlock="10.0.9.0/24", AvailabilityZone="us-east-1e")
-    unoffered = script(repo, *args[:3], "--subnet", elsewhere["Subnet"]["SubnetId"], env=aws["env"])
+    launched("g5.24xlarge", "us-east-1e")  # moto, like AWS, offers no g5 there
+    unoffered = script(repo, *args, env=aws["env"])
     assert unoffered.returncode == 2
-    assert "no spot price for g5.24xlarge in us-east-1e (is it offered there?)" in unoffered.stderr
+    assert "no spot price for g5.24xlarge in us-east-1e" in unoffered.stderr
 
     missing = script(repo, "cost", "--s3-prefix", "s3://cxrjax-bucket/runs/unstarted", env=aws["env"])
     assert missing.returncode == 2
-    assert "no s3://cxrjax-bucket/runs/unstarted/workdir/metrics.jsonl yet" in missing.stderr
+    assert "no s3://cxrjax-bucket/runs/unstarted/logs/process-0/instance.json yet" in missing.stderr
 
 
 def test_cost_dry_run_prints_its_calls(repo):
     result = script(repo, "cost", "--s3-prefix", "s3://cxrjax-bucket/runs/priced", "--dry-run", env=clean_env())
     assert result.returncode == 0, result.stderr
     calls = [line for line in result.stdout.splitlines() if line.startswith("[dry-run] aws")]
-    assert "describe-spot-price-history --instance-types g5.24xlarge --product-descriptions Linux/UNIX" in calls[0]
-    assert [c.split()[6] for c in calls[1:]] == ["--only-show-errors"] * 2
-    assert "dry run: no AWS call was made" in result.stderr
+    assert [c.split()[7] for c in calls] == [
+        "s3://cxrjax-bucket/runs/priced/logs/process-0/instance.json",
+        "s3://cxrjax-bucket/runs/priced/workdir/metrics.jsonl",
+        "s3://cxrjax-bucket/runs/priced/workdir/config.json",
+    ]
+    assert "dry run: nothing was launched" in result.stderr
