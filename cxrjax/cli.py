@@ -188,6 +188,17 @@ def _add_evaluate(sub) -> None:
     run.add_argument("--split", default="", help="which split exactly, e.g. chexnet")
     run.add_argument("--px", type=int, default=None, help="input resolution in pixels")
     run.add_argument("--backbone", default="", help="e.g. DenseNet-121")
+    run.add_argument(
+        "--replicate-group",
+        default="",
+        help="runs giving the same group are replicates (e.g. seeds): one leaderboard entry with ± runs",
+    )
+    run.add_argument(
+        "--test-images-full",
+        type=int,
+        default=None,
+        help="images in the split's full test list (official: always 25,596); fewer scored: not ranked",
+    )
     p.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for CIs")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient bootstrap")
     p.add_argument(
@@ -211,6 +222,8 @@ def _add_evaluate(sub) -> None:
             "split": args.split,
             "px": args.px,
             "backbone": args.backbone,
+            "replicate_group": args.replicate_group,
+            "test_images_full": args.test_images_full,
         }
         if any(v for v in described.values()):
             if args.run_info:

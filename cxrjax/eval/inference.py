@@ -228,7 +228,8 @@ def predict_for_evaluation(
         None if skip_val else _validation(predictor, data / "val", val_predictions, val_labels or labels, tta, sources)
     )
     # Described for the leaderboard as the trainer does.
-    run = run_info(trained.run_config, manifest, workdir) if workdir is not None else None
+    evaluation = part + (f", tta {tta}" if tta > 1 else "")
+    run = run_info(trained.run_config, manifest, workdir, evaluation, data) if workdir is not None else None
     return {
         "ids": ids,
         "probs": probs,
