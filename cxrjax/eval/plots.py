@@ -168,9 +168,13 @@ def subgroup_chart(subgroups: dict, path: Path, title: str) -> Path:
             if grp["mean_auc_ci"]:
                 ax.vlines(i, *grp["mean_auc_ci"], color="tab:blue", lw=1.5)
                 ax.hlines(grp["mean_auc_ci"], i - 0.08, i + 0.08, color="tab:blue", lw=1.5)
-            ax.plot(i, grp["mean_auc"], "o", color="tab:blue")
+            small = grp.get("small", False)  # too few positives/negatives: in no gap
+            ax.plot(i, grp["mean_auc"], "o", color="tab:blue", mfc="white" if small else "tab:blue")
             ax.annotate(
-                f"n={grp['n_images']}\n{grp['n_findings_in_mean']} findings", (i, 0.52), ha="center", fontsize=7
+                f"n={grp['n_images']}\n{grp['n_findings_in_mean']} findings" + ("\nsmall: in no gap" if small else ""),
+                (i, 0.52),
+                ha="center",
+                fontsize=7,
             )
         ax.set_xticks(range(len(names)), names)
         ax.set(xlim=(-0.5, len(names) - 0.5), ylim=(0.5, 1.0), ylabel="mean AUC", title=attr)

@@ -197,12 +197,18 @@ def _subgroup_section(sub: dict) -> list[str]:
     out = ["## Subgroups", ""]
     if not sub["available"]:
         return out + [f"Not computed: {sub['reason']}.", ""]
+    size = sub.get("min_group_size", {"positives": 0, "negatives": 0})
     out += [
         f"By sex, view position and age ({sub['age_bins']}). Gap: {sub['gap']}. CIs: "
-        "patient bootstrap, the same resamples for every group.",
+        "patient bootstrap, the same resamples for every group. A finding's AUC enters a gap "
+        f"only where its group holds at least {size['positives']} positives and "
+        f"{size['negatives']} negatives of it; smaller ones are marked * and a group with "
+        "no such finding is marked (small).",
         "",
     ]
     w = sub["worst_gap"]
+    if not w:
+        out += ["Largest mean-AUC gap: n/a (no attribute has two groups large enough).", ""]
     if w:
         out += [
             f"Largest mean-AUC gap: **{w['attribute']}** {w['high']} − {w['low']} = "
@@ -214,7 +220,7 @@ def _subgroup_section(sub: dict) -> list[str]:
         out += [f"### {attr}", ""]
         rows = [
             [
-                g,
+                g + (" (small)" if x.get("small") else ""),
                 str(x["n_images"]),
                 str(x["n_patients"]),
                 fmt(x["mean_auc"], 4),
@@ -227,7 +233,7 @@ def _subgroup_section(sub: dict) -> list[str]:
         gap = d["mean_auc_gap"]
         out += [
             "",
-            "Mean-AUC gap: n/a (fewer than two groups with a mean)."
+            "Mean-AUC gap: n/a (fewer than two groups large enough)."
             if gap is None
             else f"Mean-AUC gap {gap['high']} − {gap['low']}: {gap['gap']:+.4f} 95% CI "
             f"{fmt_ci(gap['ci'])} (over {gap['n_findings']} findings).",
@@ -240,7 +246,7 @@ def _subgroup_section(sub: dict) -> list[str]:
             row = [f]
             for g, x in groups.items():
                 e = x["findings"][f]
-                row.append(f"{fmt(e['auc'])} ({e['n_positive']})")
+                row.append(f"{fmt(e['auc'])}{'*' if e.get('small') else ''} ({e['n_positive']})")
                 if e["reason"]:
                     reasons.append(f"{f}, {g}: {e['reason']}")
             gp = d["finding_gaps"][f]
