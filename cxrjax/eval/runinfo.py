@@ -15,8 +15,9 @@ Schema (JSON object; extra keys are allowed and ignored):
     replicate_group str, optional runs that declare the same group are replicates (say,
                                   seeds of one recipe): one entry, mean and "± runs" over them
     test_images_full int, optional images in the split's full test list (for `official`
-                                  it is always NIH's 25,596); a row scored on fewer is not
-                                  ranked among published full-test results
+                                  it is always NIH's 25,596, for split "chexnet" 22,433 by
+                                  default); a row scored on fewer is not ranked among
+                                  published full-test results
     smoke         bool, optional  a pipeline check (tiny model, a few steps): never ranked
                                   among published results
 
@@ -36,6 +37,8 @@ from cxrjax.errors import InputError
 SPLIT_FAMILIES = ("official", "random", "synthetic")
 # Images in NIH's test_list.txt: the official split family's full test list.
 OFFICIAL_TEST_IMAGES = 25596
+# Fixed public splits whose test list size is known (split name -> images).
+KNOWN_TEST_LISTS = {"chexnet": 22433}
 
 
 class RunInfoError(InputError):
@@ -56,7 +59,9 @@ class RunInfo:
 
     def full_test_images(self) -> int | None:
         """How many images a full-test evaluation of this run's split scores, if known."""
-        return OFFICIAL_TEST_IMAGES if self.split_family == "official" else self.test_images_full
+        if self.split_family == "official":
+            return OFFICIAL_TEST_IMAGES
+        return self.test_images_full or KNOWN_TEST_LISTS.get(self.split)
 
     def to_json(self) -> dict:
         return asdict(self)
