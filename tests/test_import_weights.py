@@ -18,9 +18,9 @@ os.environ["KERAS_BACKEND"] = "jax"  # before keras is imported anywhere in this
 import json
 import re
 
+import cv2
 import h5py
 import jax
-import cv2
 import numpy as np
 import pytest
 
