@@ -273,6 +273,7 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
         train=True,
         augment=augment_ranges(config.data) if config.data.augment else None,
         workers=config.data.workers,
+        steps_per_epoch=steps_per_epoch,  # the loop's epochs are the loader's passes
     )
     data_iter = iter(loader)
     mean, std = _normalization(config, workdir, train_src)
