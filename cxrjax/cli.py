@@ -385,7 +385,9 @@ def _add_train(sub) -> None:
         except TrainingDiverged as e:
             print(f"cxrjax train: error: {e}", file=sys.stderr)
             return 1
-        print(summary)
+        from cxrjax.summaries import train_summary
+
+        print(train_summary(summary))
         return 0
 
     p.set_defaults(func=_input_errors_to_exit(run))
@@ -522,8 +524,11 @@ def _add_gradcam(sub) -> None:
             image_size=args.image_size,
             batch_size=args.batch_size,
         )
+        from cxrjax.summaries import plural
+
         print(
-            f"{summary['overlays']} overlays for {summary['images']} images with {summary['model']}: {summary['index']}"
+            f"{plural(summary['overlays'], 'overlay')} for {plural(summary['images'], 'image')} "
+            f"with {summary['model']}: {summary['index']}"
         )
 
     p.set_defaults(func=_input_errors_to_exit(run))

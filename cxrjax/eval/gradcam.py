@@ -21,7 +21,7 @@ import pandas as pd
 from cxrjax.data.normalize import to_model_input
 from cxrjax.eval.model_source import InferenceError
 from cxrjax.eval.paths import safe_child
-from cxrjax.findings import FINDINGS, canonical
+from cxrjax.findings import ALIASES, FINDINGS, canonical
 
 OVERLAY_ALPHA = 0.4  # share of the colour map in the overlay
 INDEX_FILE = "gradcam.csv"
@@ -66,8 +66,9 @@ def overlay_name(image_id: str, finding: str) -> str:
 
 def finding_indices(names: str) -> tuple[int, ...]:
     """'Effusion,Mass' → FINDINGS indices (any spelling `canonical` knows)."""
+    by_lower = {name.lower(): name for name in (*FINDINGS, *ALIASES)}  # `effusion` is Effusion
     try:
-        found = [FINDINGS.index(canonical(n)) for n in names.split(",") if n.strip()]
+        found = [FINDINGS.index(canonical(by_lower.get(n.strip().lower(), n))) for n in names.split(",") if n.strip()]
     except ValueError as e:
         raise InferenceError(str(e)) from None
     if not found:
