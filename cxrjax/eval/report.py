@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cxrjax.findings import FINDINGS
+from cxrjax.summaries import plural
 
 # Chosen thresholds first; the fixed 0.5 cut last (it assumes calibrated scores).
 OP_TITLES = {
@@ -57,7 +58,7 @@ def write_report(path: Path, m: dict, report_texts: dict[str, str]) -> Path:
         "",
         "## Summary",
         "",
-        f"- mean AUC (macro, over {m['n_findings_in_mean']} findings): "
+        f"- mean AUC (macro, over {plural(m['n_findings_in_mean'], 'finding')}): "
         f"**{fmt(m['mean_auc'], 4)}** 95% CI {fmt_ci(m['mean_auc_ci'])}; "
         f"std across findings {fmt(m['std_auc'])}",
         f"- micro AUC (all image-finding pairs pooled): {fmt(m['micro_auc'], 4)} 95% CI {fmt_ci(m['micro_auc_ci'])}",
@@ -212,7 +213,7 @@ def _subgroup_section(sub: dict) -> list[str]:
     if w:
         out += [
             f"Largest mean-AUC gap: **{w['attribute']}** {w['high']} − {w['low']} = "
-            f"{w['gap']:+.4f} 95% CI {fmt_ci(w['ci'])} (over {w['n_findings']} findings).",
+            f"{w['gap']:+.4f} 95% CI {fmt_ci(w['ci'])} (over {plural(w['n_findings'], 'finding')}).",
             "",
         ]
     for attr, d in sub["attributes"].items():
@@ -236,7 +237,7 @@ def _subgroup_section(sub: dict) -> list[str]:
             "Mean-AUC gap: n/a (fewer than two groups large enough)."
             if gap is None
             else f"Mean-AUC gap {gap['high']} − {gap['low']}: {gap['gap']:+.4f} 95% CI "
-            f"{fmt_ci(gap['ci'])} (over {gap['n_findings']} findings).",
+            f"{fmt_ci(gap['ci'])} (over {plural(gap['n_findings'], 'finding')}).",
         ]
         if d["n_unassigned"]:
             out.append(f"{d['n_unassigned']} image(s) fall in none of these groups.")
