@@ -124,6 +124,11 @@ def test_real_chexnet_reproduction_subgroups_and_calibration():
     assert got == pytest.approx(roc_auc_score(labels[ap, j], preds.probs[ap, j]), abs=1e-12)
     old = sub["attributes"]["age"]["groups"]["[80,inf)"]
     assert old["findings"]["Pneumonia"]["auc"] is None and old["n_findings_in_mean"] == 12
+    # 75 images: the gap is highest minus lowest over the findings both groups have enough
+    # of, never negative (the groups were once ranked on other findings than the gap's).
+    few = subgroup_metrics(labels[:75], preds.probs[:75], pids[:75], meta.iloc[:75].reset_index(drop=True), 10, 0)
+    gaps = [d["mean_auc_gap"] for d in few["attributes"].values() if d["mean_auc_gap"]]
+    assert gaps and all(g["gap"] >= 0 for g in gaps)
 
     cal = calibration(labels, preds.probs)
     j = FINDINGS.index("Atelectasis")

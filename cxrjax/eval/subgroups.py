@@ -133,27 +133,30 @@ def _attribute(labels, patient_ids, groups, points, reps, attr) -> dict:
         scores = {g: d["findings"][f]["auc"] for g, d in out["groups"].items() if _sized(d["findings"][f])}
         gaps[f] = _gap(scores, lambda g, j=j: reps[(attr, g, j)])
     out["finding_gaps"] = gaps
-    # The mean-AUC gap compares like with like: over the findings large enough in both
-    # groups; the groups are ranked by their mean over the findings large enough in each.
+    # The mean-AUC gap compares like with like: for each pair of groups, over the findings
+    # large enough in both; the attribute's gap is the pair that differs most.
     sized = {
         g: [j for j, f in enumerate(FINDINGS) if _sized(d["findings"][f])]
         for g, d in out["groups"].items()
         if not d["small"]
     }
-    means = {g: np.mean([out["groups"][g]["findings"][FINDINGS[j]]["auc"] for j in js]) for g, js in sized.items()}
     gap = None
-    if len(means) >= 2:
-        high, low = max(means, key=means.get), min(means, key=means.get)
-        common = [j for j in sized[high] if j in sized[low]]
-        if common:
+    names = list(sized)
+    for a_i, a in enumerate(names):
+        for b in names[a_i + 1 :]:
+            common = [j for j in sized[a] if j in sized[b]]
+            if not common:
+                continue
+            point = {
+                g: float(np.mean([out["groups"][g]["findings"][FINDINGS[j]]["auc"] for j in common])) for g in (a, b)
+            }
+            high, low = (a, b) if point[a] >= point[b] else (b, a)
+            if gap is not None and point[high] - point[low] <= gap["gap"]:
+                continue
 
-            def mean_of(g):
+            def mean_of(g, common=common):
                 return np.mean([reps[(attr, g, j)] for j in common], axis=0)
 
-            point = {
-                g: float(np.mean([out["groups"][g]["findings"][FINDINGS[j]]["auc"] for j in common]))
-                for g in (high, low)
-            }
             gap = {
                 "high": high,
                 "low": low,
