@@ -186,7 +186,7 @@ def subgroup_metrics(labels, probs, patient_ids, meta: pd.DataFrame | None, n_bo
         "available": True,
         "age_bins": "[0,20), [20,40), [40,60), [60,80), [80,inf) years",
         "gap": "highest minus lowest group of the attribute (by point estimate); the mean-AUC "
-        "gap is taken over the findings large enough in both groups",
+        "gap: the pair of groups that differs most over the findings large enough in both",
         "min_group_size": {"positives": MIN_POSITIVES, "negatives": MIN_NEGATIVES},
         "attributes": attributes,
         "worst_gap": None if worst is None else {"attribute": worst[0], **worst[1]},
