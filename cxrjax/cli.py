@@ -188,6 +188,17 @@ def _add_evaluate(sub) -> None:
     run.add_argument("--split", default="", help="which split exactly, e.g. chexnet")
     run.add_argument("--px", type=int, default=None, help="input resolution in pixels")
     run.add_argument("--backbone", default="", help="e.g. DenseNet-121")
+    run.add_argument(
+        "--replicate-group",
+        default="",
+        help="runs giving the same group are replicates (e.g. seeds): one leaderboard entry with ± runs",
+    )
+    run.add_argument(
+        "--test-images-full",
+        type=int,
+        default=None,
+        help="images in the split's full test list (official: always 25,596); fewer scored: not ranked",
+    )
     p.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for CIs")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient bootstrap")
     p.add_argument(
@@ -211,6 +222,8 @@ def _add_evaluate(sub) -> None:
             "split": args.split,
             "px": args.px,
             "backbone": args.backbone,
+            "replicate_group": args.replicate_group,
+            "test_images_full": args.test_images_full,
         }
         if any(v for v in described.values()):
             if args.run_info:
@@ -372,7 +385,9 @@ def _add_train(sub) -> None:
         except TrainingDiverged as e:
             print(f"cxrjax train: error: {e}", file=sys.stderr)
             return 1
-        print(summary)
+        from cxrjax.summaries import train_summary
+
+        print(train_summary(summary))
         return 0
 
     p.set_defaults(func=_input_errors_to_exit(run))
@@ -509,8 +524,11 @@ def _add_gradcam(sub) -> None:
             image_size=args.image_size,
             batch_size=args.batch_size,
         )
+        from cxrjax.summaries import plural
+
         print(
-            f"{summary['overlays']} overlays for {summary['images']} images with {summary['model']}: {summary['index']}"
+            f"{plural(summary['overlays'], 'overlay')} for {plural(summary['images'], 'image')} "
+            f"with {summary['model']}: {summary['index']}"
         )
 
     p.set_defaults(func=_input_errors_to_exit(run))

@@ -31,6 +31,7 @@ def run_demo(out: Path, config, nih_dir: Path | None = None, prepare_workers: in
     from cxrjax.data.synth import MARKER, write_synthetic_nih
     from cxrjax.eval.leaderboard import write_leaderboard
     from cxrjax.experiment import train_members
+    from cxrjax.summaries import part_counts
 
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -49,8 +50,7 @@ def run_demo(out: Path, config, nih_dir: Path | None = None, prepare_workers: in
         image_size=size, source_size=source_size, seed=config.seed, workers=prepare_workers, skip_bad=True
     )
     manifest = prepare(nih_dir, prepared, opts)
-    counts = {part: v["images"] for part, v in manifest["parts"].items()}
-    logger.info(f"prepared {counts} at {size}px in {prepared}")
+    logger.info(f"prepared {part_counts(manifest['parts'])} at {size}px in {prepared}")
     if manifest["skipped"]["count"]:
         logger.info(
             f"skipped {manifest['skipped']['count']} missing or unreadable images: see {prepared / 'skipped.csv'}"

@@ -104,8 +104,29 @@ def write_done(workdir: Path, summary: dict) -> None:
     (Path(workdir) / DONE).write_text(json.dumps(summary, indent=1))
 
 
-def run_info(config, manifest: dict, workdir: Path) -> dict:
-    """How the leaderboard describes the run (`run.json` of its test evaluation)."""
+def _split_test_images(manifest: dict, prepared: Path | None) -> int | None:
+    """Images the split put in its test part before any was skipped (missing or unreadable),
+    i.e. its full test list; None when the skipped list cannot be read."""
+    test = manifest.get("parts", {}).get("test", {}).get("images")
+    skipped = manifest.get("skipped", {"count": 0, "images": []})
+    listed = skipped.get("images", [])
+    if test is None:
+        return None
+    if not skipped.get("count"):
+        return int(test)
+    if isinstance(listed, list):
+        return int(test) + sum(1 for s in listed if s.get("part") == "test")
+    path = Path(prepared) / "skipped.csv" if prepared else None
+    if path is None or not path.is_file():
+        return None
+    import pandas as pd
+
+    return int(test) + int((pd.read_csv(path)["part"] == "test").sum())
+
+
+def run_info(config, manifest: dict, workdir: Path, evaluation: str = "test", prepared: Path | None = None) -> dict:
+    """How the leaderboard describes the run (`run.json` of its test evaluation).
+    `evaluation` tells two evaluations of one run apart (e.g. "test, tta 4")."""
     if manifest.get("synthetic"):  # never ranked against published NIH results
         family = "synthetic"
     else:
@@ -117,4 +138,7 @@ def run_info(config, manifest: dict, workdir: Path) -> dict:
         "split": manifest["split"],
         "px": config.data.image_size,
         "backbone": backbone,
+        "evaluation": evaluation,
+        "test_images_full": _split_test_images(manifest, prepared or config.data.get("prepared")),
+        "smoke": config.model.arch == "tiny",  # a pipeline check, never ranked
     }

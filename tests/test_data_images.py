@@ -109,3 +109,42 @@ def test_no_silent_upsampling_and_same_size_is_untouched():
     assert resize_square(image, 32, "s.png") is image
     with pytest.raises(ImageError, match=r"s\.png: image is 32x32, smaller than the requested 64x64"):
         resize_square(image, 64, "s.png")
+
+
+def _bomb(width, height) -> bytes:
+    """A small PNG whose header claims width x height 8-bit gray pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 4096, 9)  # far too little data for the claimed size
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [50000, 6000])
+def test_a_huge_png_header_is_refused_before_decoding_with_the_file_named(tmp_path, side):
+    """Issue 25.6: 50000x50000 used to end in cv2.error (not an input error), and a real
+    6000x6000 file was decoded whole; the IHDR size is checked first."""
+    from cxrjax.data.prepare import write_shard
+    from cxrjax.eval.image_files import read_gray
+
+    data = _bomb(side, side) if side == 50000 else encode_png(np.zeros((side, side), np.uint8))
+    with pytest.raises(ImageError, match=rf"^big\.png: PNG header says {side}x{side} pixels, above the"):
+        decode_to_gray8(data, "big.png")
+    path = tmp_path / "big.png"
+    path.write_bytes(data)
+    with pytest.raises(ImageError, match=rf"^{path}: PNG header says"):  # predict, gradcam
+        read_gray(path)
+    task = {"path": str(tmp_path / "s.tfrecord"), "image_size": 32, "source_size": 0, "skip_bad": True}
+    row = {"file": str(path), "image_id": "big.png", "labels": [0] * 14, "patient_id": 1, "follow_up": 0}
+    index = write_shard({**task, "rows": [{**row, "view": "PA", "age": 50, "sex": "M"}]})
+    assert [s["image_id"] for s in index["skipped"]] == ["big.png"]  # prepare --skip-bad skips it
+
+
+def test_a_png_without_ihdr_first_is_an_input_error():
+    data = encode_png(np.zeros((8, 8), np.uint8))
+    with pytest.raises(ImageError, match=r"^x\.png: not a valid PNG \(no IHDR chunk first\)"):
+        decode_to_gray8(data[:12] + b"JUNK" + data[16:], "x.png")

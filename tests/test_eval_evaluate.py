@@ -223,7 +223,17 @@ def test_cli_evaluate_describes_the_run_for_the_leaderboard(cli_files, capsys):
         == 0
     )
     run = json.loads((tmp / "out" / "run.json").read_text())
-    assert run == {"name": "mine", "split_family": "random", "split": "chexnet", "px": 224, "backbone": "DenseNet-121"}
+    assert run == {
+        "name": "mine",
+        "split_family": "random",
+        "split": "chexnet",
+        "px": 224,
+        "backbone": "DenseNet-121",
+        "evaluation": "",
+        "replicate_group": "",
+        "test_images_full": None,  # the chexnet split's 22,433 is known to the leaderboard
+        "smoke": False,
+    }
     assert main(["leaderboard", str(tmp / "out"), "--out", str(tmp / "board")]) == 0
     board = (tmp / "board" / "leaderboard.csv").read_text()
     assert "mine" in board and "CheXNet" in board  # ranked beside the random-split baselines

@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cxrjax.eval.evaluate import evaluate_predictions
-from cxrjax.eval.report import write_report
+from cxrjax.eval.report import _subgroup_section, write_report
 from cxrjax.eval.subgroups import subgroup_metrics
 from cxrjax.findings import FINDINGS
 
@@ -124,6 +124,11 @@ def test_real_chexnet_reproduction_subgroups_and_calibration():
     assert got == pytest.approx(roc_auc_score(labels[ap, j], preds.probs[ap, j]), abs=1e-12)
     old = sub["attributes"]["age"]["groups"]["[80,inf)"]
     assert old["findings"]["Pneumonia"]["auc"] is None and old["n_findings_in_mean"] == 12
+    # 75 images: the gap is highest minus lowest over the findings both groups have enough
+    # of, never negative (the groups were once ranked on other findings than the gap's).
+    few = subgroup_metrics(labels[:75], preds.probs[:75], pids[:75], meta.iloc[:75].reset_index(drop=True), 10, 0)
+    gaps = [d["mean_auc_gap"] for d in few["attributes"].values() if d["mean_auc_gap"]]
+    assert gaps and all(g["gap"] >= 0 for g in gaps)
 
     cal = calibration(labels, preds.probs)
     j = FINDINGS.index("Atelectasis")
@@ -145,3 +150,35 @@ def test_subgroup_chart_draws_a_ci_that_misses_its_point(tmp_path):
     men = sub["attributes"]["sex"]["groups"]["M"]
     men["mean_auc_ci"] = [men["mean_auc"] + 0.01, men["mean_auc"] + 0.05]
     assert subgroup_chart(sub, tmp_path / "s.png", "t").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_near_empty_groups_are_shown_marked_and_never_the_headline():
+    """Issue 21: a [80,inf) group of 2 images (AUC 0.000 or 1.000) led the report."""
+    meta, labels, probs = _table(seed=3)
+    meta["age"] = meta["age"].clip(upper=79)
+    old = meta.index[:2]  # two images aged 85: one positive and one negative of every finding
+    meta.loc[old, "age"] = 85
+    labels[old[0]], labels[old[1]] = 1, 0
+    probs[old[0]], probs[old[1]] = 0.01, 0.99  # AUC 0.000 in that group
+    sub = subgroup_metrics(labels, probs, meta["patient_id"].to_numpy(), meta, 50, 0)
+    assert sub["min_group_size"] == {"positives": 10, "negatives": 10}
+    age = sub["attributes"]["age"]
+    tiny = age["groups"]["[80,inf)"]
+    assert tiny["n_images"] == 2 and tiny["small"] and tiny["mean_auc"] == 0.0  # shown
+    assert tiny["findings"]["Mass"]["small"] and tiny["findings"]["Mass"]["auc"] == 0.0
+    assert age["mean_auc_gap"] is None or "[80,inf)" not in (age["mean_auc_gap"]["high"], age["mean_auc_gap"]["low"])
+    assert all(g is None or "[80,inf)" not in (g["high"], g["low"]) for g in age["finding_gaps"].values())
+    worst = sub["worst_gap"]
+    assert worst is not None and "[80,inf)" not in (worst["high"], worst["low"])
+    assert worst["gap"] < 0.5  # the 0.000 group would have given a gap near 0.6
+    text = "\n".join(_subgroup_section(sub))
+    assert "| [80,inf) (small) | 2 |" in text and "0.000* (1)" in text
+    assert "at least 10 positives and 10 negatives" in text
+
+
+def test_a_smoke_sized_test_set_has_no_subgroup_headline():
+    meta, labels, probs = _table(seed=1, patients=4)
+    sub = subgroup_metrics(labels, probs, meta["patient_id"].to_numpy(), meta, 20, 0)
+    assert sub["worst_gap"] is None
+    assert all(d["mean_auc_gap"] is None for d in sub["attributes"].values())
+    assert all(g["small"] for d in sub["attributes"].values() for g in d["groups"].values())

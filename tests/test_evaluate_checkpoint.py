@@ -153,3 +153,13 @@ def test_bad_checkpoint_inputs_are_named(prepared, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "--predictions", str(tmp_path / "p.csv"), "--out", str(tmp_path / "o")])
     assert "--labels is required with --predictions" in capsys.readouterr().err
+
+
+def test_records_smaller_than_the_model_are_refused_not_upsampled(prepared, tmp_path, capsys):
+    """Issue 25.5: a 64 px model on 32 px records was evaluated on upsampled images."""
+    write_run(tmp_path / "run64", 2 * SIZE, prepared=str(prepared["prep"]))
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run64"), "--out", str(out), "--bootstrap", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "records are 32x32 px, smaller than the model's 64x64 input" in err, err
+    assert not (out / "metrics.json").exists()

@@ -44,7 +44,7 @@ def setup(tmp_path_factory):
     for name, (h, w) in {
         "00000001_000.png": (128, 128),
         "00000002_000.png": (200, 160),
-        "sub/00000003_000.png": (64, 64),
+        "sub/00000003_000.png": (96, 96),  # the model's size: taken as it is
     }.items():
         gray[name.split("/")[-1]] = _picture(rng, h, w)
         cv2.imwrite(str(folder / name), gray[name.split("/")[-1]])
@@ -293,6 +293,16 @@ def test_bad_inputs_fail_with_the_file_named(setup, tmp_path, capsys):
             "unknown finding 'Efusion'",
         ),
     ]
+    small = tmp_path / "small.png"  # 64 px for a 96 px model: refused, never upsampled
+    cv2.imwrite(str(small), np.zeros((64, 80), np.uint8))
+    for command in ("predict", "gradcam"):
+        out = ["--out", str(tmp_path / ("p.csv" if command == "predict" else "c"))]
+        cases.append(
+            (
+                [command, "--weights", weights, str(small), *out],
+                f"{small}: image is 80x64, smaller than the model's input 96x96; cxrjax does not upsample",
+            )
+        )
     unfinished = tmp_path / "unfinished"
     (unfinished / "checkpoints").mkdir(parents=True)
     (unfinished / "config.json").write_text((setup["run"] / "config.json").read_text())

@@ -11,7 +11,7 @@ import pytest
 
 from cxrjax.cli import main
 from cxrjax.eval.baselines import load_baselines
-from cxrjax.eval.leaderboard import FAMILIES, LeaderboardError, write_leaderboard
+from cxrjax.eval.leaderboard import FAMILIES, LeaderboardError, leaderboard_table, read_run, write_leaderboard
 from cxrjax.eval.runinfo import RunInfoError
 from cxrjax.findings import FINDINGS
 
@@ -113,11 +113,20 @@ def test_every_baseline_cell_matches_the_markdown_source():
 # ----------------------------------------------------------------------- leaderboard
 
 
-def _run_dir(root, name, aucs, run=None, in_metrics=False):
+FULL = {"official": 25596, "random": 5000, "synthetic": 100}
+
+
+def _run_dir(root, name, aucs, run=None, in_metrics=False, n_images=None):
+    """A run folder; scored on its split's full test list unless `n_images` says otherwise."""
     d = root / name
     d.mkdir()
     defined = [v for v in aucs.values() if v is not None]
-    metrics = {"auc": aucs, "mean_auc": float(np.mean(defined))}
+    if run is not None and run.get("split_family") == "random":
+        run = {"test_images_full": FULL["random"], **run}
+    family = (run or {}).get("split_family")
+    n_images = n_images or FULL.get(family, 100)
+    metrics = {"auc": aucs, "mean_auc": float(np.mean(defined)), "n_images": n_images, "n_patients": n_images // 2}
+    metrics["mean_auc_ci"] = [metrics["mean_auc"] - 0.01, metrics["mean_auc"] + 0.01]
     if in_metrics:
         metrics["run"] = run
     elif run is not None:
@@ -133,8 +142,18 @@ def _aucs(base, **overrides):
 @pytest.fixture()
 def board(tmp_path):
     runs = [
-        _run_dir(tmp_path, "r1", _aucs(0.84), {"name": "mine|v1", "split_family": "random", "px": 224}),
-        _run_dir(tmp_path, "r2", _aucs(0.86), {"name": "mine|v1", "split_family": "random", "px": 224}),
+        _run_dir(
+            tmp_path,
+            "r1",
+            _aucs(0.84),
+            {"name": "s0", "replicate_group": "mine|v1", "split_family": "random", "px": 224},
+        ),
+        _run_dir(
+            tmp_path,
+            "r2",
+            _aucs(0.86),
+            {"name": "s1", "replicate_group": "mine|v1", "split_family": "random", "px": 224},
+        ),
         _run_dir(
             tmp_path, "o1", _aucs(0.81, Hernia=None), {"name": "off", "split_family": "official"}, in_metrics=True
         ),
@@ -174,7 +193,7 @@ def test_deltas_are_run_minus_baseline_of_same_family(board):
 def test_markdown_and_png(board):
     paths, _ = board
     md = paths["md"].read_text()
-    assert "mine\\|v1" in md and "(2 runs)" in md  # a '|' in a name cannot break the table
+    assert "mine\\|v1" in md and "(2 replicates)" in md  # a '|' in a name cannot break the table
     assert md.index("## Official") < md.index("## Random") < md.index("## Split not stated")
     off_row = next(line for line in md.splitlines() if line.startswith("| 2 | **off**"))
     assert off_row.rstrip(" |").endswith("n/a")  # Hernia undefined
@@ -212,9 +231,9 @@ def test_bad_metrics_and_conflicting_runs(tmp_path):
     d = _run_dir(tmp_path, "a", {"Mass": 0.8}, {"name": "a", "split_family": "random"})
     with pytest.raises(LeaderboardError, match="'auc' must map each of the 14 findings"):
         write_leaderboard([d], tmp_path / "lb")
-    a = _run_dir(tmp_path, "c", _aucs(0.8), {"name": "same", "split_family": "random"})
-    b = _run_dir(tmp_path, "d", _aucs(0.8), {"name": "same", "split_family": "official"})
-    with pytest.raises(LeaderboardError, match="disagree"):
+    a = _run_dir(tmp_path, "c", _aucs(0.8), {"name": "a", "replicate_group": "g", "split_family": "random"})
+    b = _run_dir(tmp_path, "d", _aucs(0.8), {"name": "b", "replicate_group": "g", "split_family": "official"})
+    with pytest.raises(LeaderboardError, match="replicate group 'g'.* differ in split_family"):
         write_leaderboard([a, b], tmp_path / "lb")
 
 
@@ -266,3 +285,58 @@ def test_subgroup_gap_and_adjudicated_sections_only_for_runs_that_carry_them(tmp
     (rich / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(LeaderboardError, match="subgroups.worst_gap is 'large'"):
         write_leaderboard([rich], tmp_path / "lb3")
+
+
+def _md_section(md, start):
+    return md[md.index(start) :].split("\n## ")[0]
+
+
+def test_a_75_image_evaluation_shows_its_size_and_is_never_ranked_among_full_test_results(tmp_path, capsys):
+    """Issue 21's "done when": the image count is shown and the 75-image row is not ranked."""
+    part = _run_dir(tmp_path, "p", _aucs(0.90), {"name": "sample-75", "split_family": "official"}, n_images=75)
+    full = _run_dir(tmp_path, "f", _aucs(0.80), {"name": "full", "split_family": "official"})
+    assert main(["leaderboard", str(part), str(full), "--out", str(tmp_path / "lb")]) == 0
+    t = pd.read_csv(tmp_path / "lb" / "leaderboard.csv", keep_default_na=False, na_values=[""])
+    sample = t[t["entry"] == "sample-75"].iloc[0]
+    assert np.isnan(sample["rank"]) and sample["test_images"] == 75
+    assert sample["not_ranked"] == "75 of the split's 25,596 test images"
+    official = t[(t["split_family"] == "official") & t["rank"].notna()]
+    assert "sample-75" not in set(official["entry"])  # its 0.90 would top the published rows
+    assert official["rank"].astype(int).tolist() == list(range(1, len(official) + 1))
+    md = (tmp_path / "lb" / "leaderboard.md").read_text()
+    official_md = _md_section(md, "## Official")
+    ranked_md, unranked_md = official_md.split("### Not ranked")
+    assert "sample-75" not in ranked_md and "**full**" in ranked_md
+    row = next(line for line in unranked_md.splitlines() if "**sample-75**" in line)
+    assert "| 75 of the split's 25,596 test images |" in row and "| 75 | 0.900 | [0.890, 0.910] |" in row
+    assert "| 25,596 |" in next(line for line in ranked_md.splitlines() if "**full**" in line)
+    assert "sample-75" not in set(pd.read_csv(tmp_path / "lb" / "leaderboard_deltas.csv")["run"])
+
+
+def test_smoke_models_and_unknown_test_list_sizes_are_not_ranked(tmp_path):
+    smoke = _run_dir(tmp_path, "s", _aucs(0.95), {"name": "smoke", "split_family": "official", "backbone": "tiny"})
+    flagged = _run_dir(tmp_path, "g", _aucs(0.95), {"name": "flag", "split_family": "official", "smoke": True})
+    unknown = _run_dir(tmp_path, "u", _aucs(0.95), {"name": "own", "split_family": "random", "test_images_full": None})
+    old = _run_dir(tmp_path, "o", _aucs(0.95), {"name": "old", "split_family": "official"})
+    metrics = json.loads((old / "metrics.json").read_text())
+    del metrics["n_images"]
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    t = leaderboard_table([read_run(d) for d in (smoke, flagged, unknown, old)], load_baselines()).set_index("entry")
+    assert t.loc["smoke", "not_ranked"] == t.loc["flag", "not_ranked"] == "smoke/tiny model"
+    assert "full test list size is unknown" in t.loc["own", "not_ranked"]
+    assert "not recorded" in t.loc["old", "not_ranked"]
+    assert (t.loc[["smoke", "flag", "own", "old"], "rank"] == "").all()
+
+
+def test_two_evaluations_of_one_run_are_two_entries_and_only_replicates_merge(tmp_path):
+    """test/ and eval-tta4/ of one run are not '2 runs': identity comes from run.json."""
+    run = {"name": "chexnet-224", "split_family": "official", "px": 224}
+    test = _run_dir(tmp_path, "test", _aucs(0.80), {**run, "evaluation": "test"})
+    tta = _run_dir(tmp_path, "eval-tta4", _aucs(0.81), {**run, "evaluation": "test, tta 4"})
+    t = leaderboard_table([read_run(test), read_run(tta)], load_baselines())
+    runs = t[t["kind"] == "run"].set_index("entry")
+    assert sorted(runs.index) == ["chexnet-224 (test)", "chexnet-224 (test, tta 4)"]
+    assert (runs["n_runs"] == 1).all() and runs["std_runs"].isna().all()
+    same_name = [_run_dir(tmp_path, f"copy{i}", _aucs(0.8 + i / 100), run) for i in range(2)]
+    runs = leaderboard_table([read_run(d) for d in same_name], load_baselines())
+    assert (runs.loc[runs["kind"] == "run", "n_runs"] == 1).all()  # a shared name is no replicate claim

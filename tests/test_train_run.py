@@ -87,6 +87,10 @@ def test_metrics_log_validation_loss_and_per_finding_auc_every_epoch(monitored):
 
     train = metrics_rows(workdir, "train")
     assert train, "no training rows"
+    # Every epoch logs its training metrics at its last step, as means over their window.
+    ends = {row["step"]: row for row in train if row["step"] % STEPS_PER_EPOCH == 0}
+    assert {row["step"] for row in val} <= set(ends)
+    assert all(1 <= row["steps_in_window"] <= STEPS_PER_EPOCH for row in train)
     for row in train:
         assert {"loss", "grad_norm", "param_norm", "lr", "images_per_s"} <= row.keys()
         # chexnet: Adam 1e-3 times the plateau scale set by the last validation before the step.

@@ -5,6 +5,7 @@ one-line error naming it, and every process predicts the same number of full bat
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from tiny_run import write_run
 
@@ -84,7 +85,23 @@ def test_run_info_names_the_split_family(tmp_path, manifest, family):
         "split": manifest["split"],
         "px": config.data.image_size,
         "backbone": f"{config.model.arch} + CBAM",
+        "evaluation": "test",
+        "test_images_full": None,  # the manifest has no parts
+        "smoke": config.model.arch == "tiny",
     }
+
+
+def test_run_info_counts_the_split_full_test_list_and_flags_smoke_models(tmp_path):
+    """The test images skipped (missing, unreadable) still belong to the split's test list."""
+    config = base_config()
+    config.model.arch = "tiny"
+    skipped = [{"image_id": "a.png", "part": "test"}, {"image_id": "b.png", "part": "train"}]
+    manifest = {"split": "chexnet", "parts": {"test": {"images": 75}}, "skipped": {"count": 2, "images": skipped}}
+    info = run_info(config, manifest, tmp_path / "r", "test, tta 4")
+    assert info["test_images_full"] == 76 and info["smoke"] is True and info["evaluation"] == "test, tta 4"
+    pd.DataFrame(skipped * 3).to_csv(tmp_path / "skipped.csv", index=False)
+    manifest["skipped"] = {"count": 6, "images": "see skipped.csv"}
+    assert run_info(config, manifest, tmp_path / "r", prepared=tmp_path)["test_images_full"] == 78
 
 
 def test_every_process_gets_the_same_number_of_full_batches():

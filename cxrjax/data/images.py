@@ -14,6 +14,10 @@ from cxrjax.errors import InputError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_END = b"IEND\xaeB`\x82"
+# A header can claim any size in a few hundred bytes (a decompression bomb: a 875 KB
+# 30000x30000 PNG takes 1.9 GB to decode), so the size is read from IHDR and checked
+# before decoding. NIH's images are 1024x1024; this leaves room for 5792x5792.
+MAX_PIXELS = 1 << 25
 
 
 class ImageError(InputError):
@@ -36,7 +40,16 @@ def decode_noting_color(data: bytes, source: str) -> tuple[np.ndarray, bool]:
     # only proof the file is whole.
     if not data.rstrip(b"\0").endswith(PNG_END):
         raise ImageError(f"{source}: truncated PNG (no IEND chunk)")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    width, height = png_size(data, source)
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"{source}: PNG header says {width}x{height} pixels, above the {MAX_PIXELS:,}-pixel limit "
+            "(not decoded: a chest X-ray is far smaller, a file this size is damaged or a decompression bomb)"
+        )
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:  # OpenCV's own refusals (e.g. its pixel limit)
+        raise ImageError(f"{source}: unreadable PNG ({str(e).strip().splitlines()[-1]})") from e
     if image is None:
         raise ImageError(f"{source}: unreadable PNG (corrupt data)")
     if image.dtype == np.uint16:
@@ -60,13 +73,31 @@ def decode_noting_color(data: bytes, source: str) -> tuple[np.ndarray, bool]:
     return gray, is_color
 
 
+def png_size(data: bytes, source: str) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk, which must come first, without decoding."""
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise ImageError(f"{source}: not a valid PNG (no IHDR chunk first)")
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if width == 0 or height == 0:
+        raise ImageError(f"{source}: PNG header says {width}x{height} pixels")
+    return width, height
+
+
+def refuse_upsampling(width: int, height: int, size: int, source: str, wanted: str = "the requested") -> None:
+    """An image smaller than size×size would have to be enlarged: made-up detail a model
+    never trained on. `prepare`, `predict` and `evaluate --checkpoint` refuse it alike."""
+    if size > min(width, height):
+        raise ImageError(
+            f"{source}: image is {width}x{height}, smaller than {wanted} {size}x{size}; cxrjax does not upsample"
+        )
+
+
 def resize_square(image: np.ndarray, size: int, source: str) -> np.ndarray:
     """Area-interpolated downscale to size×size; never upsamples silently."""
     h, w = image.shape[:2]
     if (h, w) == (size, size):
         return image
-    if size > min(h, w):
-        raise ImageError(f"{source}: image is {w}x{h}, smaller than the requested {size}x{size}")
+    refuse_upsampling(w, h, size, source)
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
 
 

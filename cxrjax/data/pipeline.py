@@ -185,6 +185,66 @@ class DecodeAndAugment(grain.RandomMapTransform):
         return {"image": image[..., None], "labels": element["labels"], "key": np.int64(element["key"])}
 
 
+EPOCHS_LIMIT = 1_000_000  # training streams are this many epochs long: forever, in practice
+
+
+class EpochBatches(grain.RandomAccessDataSource):
+    """Training batches, each a grain item, so that an epoch is exactly one pass.
+
+    Item i is this process's share of global batch j = i % steps of epoch e = i // steps:
+    records perm_e[j*G + p*B : j*G + (p+1)*B] of a seeded permutation perm_e of all the
+    records, fresh each epoch (G = B * processes; the last partial global batch of each
+    epoch is dropped). grain batching inside its worker processes would instead batch each
+    worker's own stride of the record stream, whose batches run across the epoch boundary
+    (with 2 workers, records seen twice and others missed in an epoch). Whole batches as
+    items keep the epochs exact for any number of workers and processes.
+    """
+
+    def __init__(self, source, batch_size: int, seed: int, process_index: int, process_count: int, steps=None):
+        self.source, self.batch_size, self.seed = source, batch_size, seed
+        self.process_index, self.global_batch = process_index, batch_size * process_count
+        full = len(source) // self.global_batch
+        self.steps = min(full, steps) if steps else full
+        if self.steps < 1:
+            raise ValueError(f"{len(source)} records are fewer than one global batch of {self.global_batch}")
+        self._permutation = (None, None)
+
+    def __len__(self) -> int:
+        return self.steps * EPOCHS_LIMIT
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_permutation"] = (None, None)
+        return state
+
+    def keys(self, i: int) -> np.ndarray:
+        epoch, j = divmod(int(i), self.steps)
+        if self._permutation[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+            self._permutation = (epoch, order)
+        start = j * self.global_batch + self.process_index * self.batch_size
+        return self._permutation[1][start : start + self.batch_size]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"records": [self.source[int(k)] for k in self.keys(i)]}
+
+    def __repr__(self) -> str:
+        return f"EpochBatches({self.source!r}, {self.steps} steps of {self.global_batch})"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBatch(grain.RandomMapTransform):
+    """An `EpochBatches` item → a batch, each record through `DecodeAndAugment`."""
+
+    image_size: int
+    augment: AugmentConfig | None = None
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        decode = DecodeAndAugment(self.image_size, self.augment)
+        out = [decode.random_map(record, rng) for record in element["records"]]
+        return {name: np.stack([o[name] for o in out]) for name in ("image", "labels", "key")}
+
+
 def make_loader(
     source: grain.RandomAccessDataSource,
     *,
@@ -197,13 +257,17 @@ def make_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     num_epochs: int | None = None,
+    steps_per_epoch: int | None = None,
 ) -> grain.DataLoader:
     """A grain DataLoader yielding this process's share of each global batch.
 
-    `batch_size` is per process. Training repeats forever with a fresh global
-    shuffle each epoch and drops the last partial batch (over P processes, also the
-    last n % P records); evaluation reads each record once, in order, each process a
-    contiguous range, and keeps the last partial batch.
+    `batch_size` is per process. Training repeats forever: epoch e is batches
+    [e*S, (e+1)*S), exactly one pass over a fresh seeded shuffle of the records, with
+    any number of `workers` (`EpochBatches`); S is the number of whole global batches,
+    or `steps_per_epoch` when that is smaller (then each epoch starts a new shuffle).
+    The last n % (batch_size * P) records of each shuffle are left out. Evaluation
+    reads each record once, in order, each process a contiguous range, and keeps the
+    last partial batch.
     """
     if process_index is None or process_count is None:
         import jax
@@ -212,6 +276,16 @@ def make_loader(
     if workers and not flags.FLAGS.is_parsed():
         # grain's worker processes read absl flags; outside absl.app nobody parsed them.
         flags.FLAGS.mark_as_parsed()
+    if train and num_epochs is None:
+        batches = EpochBatches(source, batch_size, seed, process_index, process_count, steps_per_epoch)
+        single = grain.ShardOptions(shard_index=0, shard_count=1)
+        return grain.DataLoader(
+            data_source=batches,
+            sampler=grain.IndexSampler(len(batches), single, shuffle=False, num_epochs=1, seed=seed),
+            operations=[DecodeBatch(image_size, augment)],
+            worker_count=workers,
+            shard_options=single,
+        )
     if not train and process_count > 1:
         # grain's DataLoader gives each of P shards n // P records even without
         # drop_remainder, so evaluation would silently skip up to P - 1 records.

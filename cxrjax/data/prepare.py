@@ -190,6 +190,8 @@ def sha256_of(path: Path) -> str:
 def prepare(nih_dir: str | Path, out: str | Path, opts: PrepareOptions) -> dict:
     """Run the whole conversion; returns the manifest."""
     nih_dir, out = Path(nih_dir), Path(out)
+    if not nih_dir.is_dir():
+        raise MetadataError(f"{nih_dir}: no such folder (--nih-dir names the NIH download)")
     label_file = Path(opts.labels) if opts.labels else find_metadata(nih_dir)
     table = read_metadata(label_file)
     part = make_split(
@@ -247,6 +249,11 @@ def prepare(nih_dir: str | Path, out: str | Path, opts: PrepareOptions) -> dict:
                 }
             )
     todo = [t for t in tasks if not _shard_is_done(Path(t["path"]), opts.skip_bad)]
+    if len(todo) < len(tasks):  # a rerun: say so, a reused folder is not a fresh conversion
+        log.info(
+            f"{out}: {len(tasks) - len(todo)} of {len(tasks)} shards already prepared with these options "
+            f"(sizes and sha256 checked) are reused; {len(todo)} to write"
+        )
     bar = tqdm(total=sum(len(t["rows"]) for t in todo), unit="img", desc="prepare", disable=None)
     if opts.workers <= 1 or len(todo) <= 1:
         for task in todo:

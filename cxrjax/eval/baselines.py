@@ -13,6 +13,9 @@ a different column order). Split families:
 Tags: `verified` (read from or recomputed with a public file of that work), `as-cited`
 (exactly as printed in the Fisher 2025 write-up), `secondary` (third-party
 compilation; mean agrees with the paper, cells unchecked).
+
+`test_images` is the size of the test list a row was scored on, where known (NIH's
+official test list: 25,596; the CheXNet reproduction split: 22,433).
 """
 
 from __future__ import annotations
@@ -26,14 +29,26 @@ from cxrjax.findings import FINDINGS
 
 FAMILIES = ("official", "random", "unstated")
 TAGS = ("verified", "as-cited", "secondary")
-COLUMNS = ("work", "year", "split_family", "split", "px", "backbone", "tag", "provenance", *FINDINGS, "mean")
+COLUMNS = (
+    "work",
+    "year",
+    "split_family",
+    "split",
+    "px",
+    "backbone",
+    "tag",
+    "provenance",
+    "test_images",
+    *FINDINGS,
+    "mean",
+)
 
 
 def load_baselines(path: str | Path | None = None) -> pd.DataFrame:
     """The baselines table; `path` overrides the packaged file (same columns)."""
     source = Path(path) if path else resources.files("cxrjax.eval") / "baselines.csv"
     with source.open() as f:
-        table = pd.read_csv(f, keep_default_na=False, na_values={c: [""] for c in FINDINGS})
+        table = pd.read_csv(f, keep_default_na=False, na_values={c: [""] for c in (*FINDINGS, "test_images")})
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
         raise ValueError(f"{source}: baselines table lacks column(s) {missing}")

@@ -21,7 +21,7 @@ import pandas as pd
 from cxrjax.data.normalize import to_model_input
 from cxrjax.eval.model_source import InferenceError
 from cxrjax.eval.paths import safe_child
-from cxrjax.findings import FINDINGS, canonical
+from cxrjax.findings import ALIASES, FINDINGS, canonical
 
 OVERLAY_ALPHA = 0.4  # share of the colour map in the overlay
 INDEX_FILE = "gradcam.csv"
@@ -59,6 +59,30 @@ def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = OVERLAY_ALPHA) ->
     return cv2.addWeighted(base, 1 - alpha, color, alpha, 0)
 
 
+def annotate(picture: np.ndarray, finding: str, probability: float) -> np.ndarray:
+    """The overlay with its title (finding, probability) at the top left and a colour bar
+    of the map (1 at the top, 0 at the bottom) at the right edge, drawn inside the image so
+    it keeps the original size."""
+    out = picture.copy()
+    h, w = out.shape[:2]
+    bar_w, top, bottom = max(3, w // 40), max(2, h // 10), h - max(2, h // 10)
+    left = w - bar_w - max(2, w // 60)
+    ramp = np.linspace(255, 0, bottom - top).astype(np.uint8)[:, None].repeat(bar_w, axis=1)
+    out[top:bottom, left : left + bar_w] = cv2.applyColorMap(ramp, cv2.COLORMAP_JET)
+    scale = max(0.3, w / 1400)
+    thick = max(1, round(scale * 2))
+
+    def text(s, x, y):
+        cv2.putText(out, s, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
+        cv2.putText(out, s, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA)
+
+    (_, text_h), _ = cv2.getTextSize("0", cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    text(f"Grad-CAM: {finding.replace('_', ' ')} p={probability:.3f}", max(2, w // 60), text_h + max(2, h // 60))
+    text("1", left - text_h - 2, top + text_h)
+    text("0", left - text_h - 2, bottom)
+    return out
+
+
 def overlay_name(image_id: str, finding: str) -> str:
     stem = image_id[:-4] if image_id.lower().endswith(".png") else image_id
     return f"{stem}_{finding}.png"
@@ -66,8 +90,9 @@ def overlay_name(image_id: str, finding: str) -> str:
 
 def finding_indices(names: str) -> tuple[int, ...]:
     """'Effusion,Mass' → FINDINGS indices (any spelling `canonical` knows)."""
+    by_lower = {name.lower(): name for name in (*FINDINGS, *ALIASES)}  # `effusion` is Effusion
     try:
-        found = [FINDINGS.index(canonical(n)) for n in names.split(",") if n.strip()]
+        found = [FINDINGS.index(canonical(by_lower.get(n.strip().lower(), n))) for n in names.split(",") if n.strip()]
     except ValueError as e:
         raise InferenceError(str(e)) from None
     if not found:
@@ -105,6 +130,7 @@ class HeatmapWriter:
                 finding = FINDINGS[c]
                 path = safe_child(self.out_dir, overlay_name(image_id, finding))
                 picture = overlay(originals[i], heatmap(cams[i, k], originals[i].shape))
+                picture = annotate(picture, finding, float(probs[i, c]))
                 if not cv2.imwrite(str(path), picture):
                     raise OSError(f"{path}: could not write the overlay")
                 self.rows.append(

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from cxrjax.data.augment import AugmentConfig, random_affine
-from cxrjax.data.images import to_model_size
+from cxrjax.data.images import refuse_upsampling, to_model_size
 from cxrjax.eval.image_files import collect_pngs, read_gray
 from cxrjax.eval.model_source import InferenceError, TrainedModel, load_trained, locate
 from cxrjax.findings import FINDINGS
@@ -83,6 +83,7 @@ def predict_files(predictor: Predictor, files: list[tuple[str, Path]], tta: int 
 
     def load(item):
         gray = read_gray(item[1])
+        refuse_upsampling(gray.shape[1], gray.shape[0], size, str(item[1]), "the model's input")
         return gray, to_model_size(gray, size)
 
     with ThreadPoolExecutor(max_workers=4) as pool:  # cv2 decodes outside the GIL
@@ -213,6 +214,12 @@ def predict_for_evaluation(
     read_index(part_dir)  # and so does a damaged index
     # A run gives its own image size; bare weights take the prepared records' size.
     trained = load_trained(checkpoint, None if workdir is not None else manifest["image_size"])
+    if manifest["image_size"] < trained.image_size:
+        raise InferenceError(
+            f"{data}: records are {manifest['image_size']}x{manifest['image_size']} px, smaller than the "
+            f"model's {trained.image_size}x{trained.image_size} input; cxrjax does not upsample (as `prepare` "
+            f"refuses to): prepare the data at {trained.image_size} px or more"
+        )
     predictor = Predictor(trained, batch_size)
     ids, probs, record_labels = predict_part(predictor, part_dir, tta)
     if label_table is None:
@@ -228,7 +235,8 @@ def predict_for_evaluation(
         None if skip_val else _validation(predictor, data / "val", val_predictions, val_labels or labels, tta, sources)
     )
     # Described for the leaderboard as the trainer does.
-    run = run_info(trained.run_config, manifest, workdir) if workdir is not None else None
+    evaluation = part + (f", tta {tta}" if tta > 1 else "")
+    run = run_info(trained.run_config, manifest, workdir, evaluation, data) if workdir is not None else None
     return {
         "ids": ids,
         "probs": probs,

@@ -3,8 +3,11 @@
 Each run folder holds `metrics.json` (from `evaluate_predictions`) and a run description
 (`run.json`, see `cxrjax.eval.runinfo`). A run is ranked only against baselines and
 runs of its own split family; the `unstated` baselines (split not stated) are listed
-apart and never ranked. Folders that share a run name form one entry: per-finding AUCs
-are averaged and the std of mean AUC across them is shown.
+apart and never ranked. A run's identity is what its run.json declares, never its
+folder: each evaluation is its own entry, and only runs that declare one
+`replicate_group` form one entry (per-finding AUCs averaged, "± runs" the std of their
+mean AUC). A run scored on fewer images than its split's full test list, or by a smoke
+model, is listed in its own "not ranked" table, never among published full-test results.
 """
 
 from __future__ import annotations
@@ -57,6 +60,30 @@ class RunResult:
     folder: str
     worst_gap: dict | None = None  # metrics.json subgroups.worst_gap
     adjudicated: dict | None = None  # metrics.json adjudicated (overall part and size)
+    n_images: int | None = None  # test images scored
+    n_patients: int | None = None
+    mean_ci: tuple | None = None  # 95% CI of the mean AUC
+
+    @property
+    def is_smoke(self) -> bool:
+        return self.info.smoke or self.info.backbone.lower().startswith("tiny")
+
+    def not_ranked_because(self) -> str:
+        """Why this run cannot be ranked among published full-test results ('' if it can)."""
+        if self.info.split_family == "synthetic":
+            return ""  # ranked only among synthetic runs, where no published result applies
+        if self.is_smoke:
+            return "smoke/tiny model"
+        full = self.info.full_test_images()
+        if self.n_images is None:
+            return "test images scored not recorded in metrics.json"
+        if full is None:
+            return (
+                f"{self.n_images} test images; the split's full test list size is unknown (run.json test_images_full)"
+            )
+        if self.n_images < full:
+            return f"{self.n_images:,} of the split's {full:,} test images"
+        return ""
 
 
 def _optional_sections(metrics: dict, metrics_path: Path) -> tuple[dict | None, dict | None]:
@@ -105,24 +132,47 @@ def read_run(run_dir: str | Path) -> RunResult:
     mean = metrics.get("mean_auc")
     if mean is not None and not isinstance(mean, int | float):
         raise LeaderboardError(f"{metrics_path}: mean_auc is {mean!r}")
-    return RunResult(info, auc, mean, str(run_dir), *_optional_sections(metrics, metrics_path))
+    counts = []
+    for key in ("n_images", "n_patients"):
+        v = metrics.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise LeaderboardError(f"{metrics_path}: {key} is {v!r}, not a count")
+        counts.append(v)
+    ci = metrics.get("mean_auc_ci")
+    if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(isinstance(c, int | float) for c in ci)):
+        raise LeaderboardError(f"{metrics_path}: mean_auc_ci is {ci!r}, not [low, high]")
+    return RunResult(
+        info, auc, mean, str(run_dir), *_optional_sections(metrics, metrics_path), *counts, tuple(ci) if ci else None
+    )
+
+
+def _label(info: RunInfo) -> str:
+    return info.name + (f" ({info.evaluation})" if info.evaluation else "")
 
 
 def _run_entries(runs: list[RunResult]) -> pd.DataFrame:
-    by_name: dict[str, list[RunResult]] = {}
-    for r in runs:
-        by_name.setdefault(r.info.name, []).append(r)
+    """One entry per run folder, except runs declaring one replicate_group: one entry."""
+    groups: dict[tuple, list[RunResult]] = {}
+    for i, r in enumerate(runs):
+        key = ("replicates", r.info.replicate_group) if r.info.replicate_group else ("run", i)
+        groups.setdefault(key, []).append(r)
     rows = []
-    for name, group in by_name.items():
+    for key, group in groups.items():
         first = group[0].info
+        same = ("split_family", "split", "px", "backbone", "evaluation")
         for r in group[1:]:
-            if r.info != first:
+            differ = [f for f in same if getattr(r.info, f) != getattr(first, f)]
+            if differ:
                 raise LeaderboardError(
-                    f"runs named {name!r} disagree on split/resolution/backbone "
-                    f"({group[0].folder}: {first}; {r.folder}: {r.info}); give them different names"
+                    f"replicate group {key[1]!r}: {group[0].folder} and {r.folder} differ in "
+                    f"{', '.join(differ)}; replicates share split, resolution, backbone and evaluation"
                 )
+        reasons = [r.not_ranked_because() for r in group]
+        n_images = [r.n_images for r in group]
         row = {
-            "entry": name,
+            "entry": f"{key[1]}" + (f" ({first.evaluation})" if first.evaluation else "")
+            if key[0] == "replicates"
+            else _label(first),
             "kind": "run",
             "n_runs": len(group),
             "tag": "",
@@ -131,6 +181,11 @@ def _run_entries(runs: list[RunResult]) -> pd.DataFrame:
             "split": first.split,
             "px": "" if first.px is None else str(first.px),
             "backbone": first.backbone,
+            "test_images": np.nan if None in n_images else float(min(n_images)),
+            "test_patients": np.nan
+            if any(r.n_patients is None for r in group)
+            else float(min(r.n_patients for r in group)),
+            "not_ranked": "; ".join(dict.fromkeys(x for x in reasons if x)),
             "provenance": "; ".join(r.folder for r in group),
         }
         for f in FINDINGS:
@@ -138,21 +193,28 @@ def _run_entries(runs: list[RunResult]) -> pd.DataFrame:
             row[f] = float(np.mean(values)) if values else np.nan
         means = [r.mean_auc for r in group if r.mean_auc is not None]
         row["mean"] = float(np.mean(means)) if means else np.nan
+        ci = group[0].mean_ci if len(group) == 1 else None  # one evaluation's bootstrap CI
+        row["mean_ci_low"], row["mean_ci_high"] = ci if ci else (np.nan, np.nan)
         row["std_runs"] = float(np.std(means, ddof=1)) if len(means) > 1 else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def leaderboard_table(runs: list[RunResult], baselines: pd.DataFrame) -> pd.DataFrame:
-    """All entries with family, rank within family (blank for `unstated`), std over findings."""
-    base = baselines.rename(columns={"work": "entry"}).assign(kind="baseline", n_runs=0, std_runs=np.nan)
+    """All entries with family, rank within family (blank for `unstated` and for runs not
+    comparable with published full-test results: see `not_ranked`), std over findings."""
+    base = baselines.rename(columns={"work": "entry"}).assign(
+        kind="baseline", n_runs=0, std_runs=np.nan, test_patients=np.nan, mean_ci_low=np.nan, mean_ci_high=np.nan
+    )
+    base["not_ranked"] = np.where(base["split_family"] == "unstated", "split not stated", "")
     base["px"] = base["px"].astype(str)
     base["year"] = base["year"].astype(str)
     table = pd.concat([_run_entries(runs), base], ignore_index=True)
     table["std_findings"] = table[list(FINDINGS)].std(axis=1, ddof=1)
     table["family_order"] = table["split_family"].map(FAMILIES.index)
-    table = table.sort_values(["family_order", "mean"], ascending=[True, False], kind="stable")
-    ranked = table["split_family"] != "unstated"
+    table["unranked"] = table["not_ranked"] != ""
+    table = table.sort_values(["family_order", "unranked", "mean"], ascending=[True, True, False], kind="stable")
+    ranked = ~table["unranked"]
     table["rank"] = ""
     table.loc[ranked, "rank"] = (
         table[ranked].groupby("split_family")["mean"].rank(ascending=False, method="min").astype(int).astype(str)
@@ -168,19 +230,25 @@ def leaderboard_table(runs: list[RunResult], baselines: pd.DataFrame) -> pd.Data
         "split",
         "px",
         "backbone",
+        "test_images",
+        "test_patients",
         *FINDINGS,
         "mean",
+        "mean_ci_low",
+        "mean_ci_high",
         "std_findings",
         "std_runs",
+        "not_ranked",
         "provenance",
     ]
     return table[columns].reset_index(drop=True)
 
 
 def deltas(table: pd.DataFrame) -> pd.DataFrame:
-    """Per-finding (and mean) AUC of each run minus each baseline of its split family."""
+    """Per-finding (and mean) AUC of each ranked run minus each baseline of its split
+    family (a run not comparable with the published results gets none)."""
     rows = []
-    for _, run in table[table["kind"] == "run"].iterrows():
+    for _, run in table[(table["kind"] == "run") & (table["not_ranked"] == "")].iterrows():
         same = table[(table["kind"] == "baseline") & (table["split_family"] == run["split_family"])]
         for _, b in same.iterrows():
             row = {"run": run["entry"], "baseline": b["entry"], "split_family": run["split_family"], "tag": b["tag"]}
@@ -215,7 +283,7 @@ def _beyond_auc_sections(runs: list[RunResult]) -> list[str]:
             g = r.worst_gap
             ci = g.get("ci")
             out.append(
-                f"| **{md_cell(r.info.name)}** | {r.info.split_family} | {md_cell(g.get('attribute'))} | "
+                f"| **{md_cell(_label(r.info))}** | {r.info.split_family} | {md_cell(g.get('attribute'))} | "
                 f"{md_cell(g.get('high'))} − {md_cell(g.get('low'))} | {g['gap']:+.3f} | "
                 f"{'n/a' if not ci else f'[{ci[0]:.3f}, {ci[1]:.3f}]'} | {g.get('n_findings', 'n/a')} | "
                 f"{md_cell(r.folder)} |"
@@ -240,11 +308,49 @@ def _beyond_auc_sections(runs: list[RunResult]) -> list[str]:
             a = r.adjudicated
             cells = [f"{_cell(a['overall'].get(n))} ({_cell(a['text_mined'].get(n))})" for n in names]
             out.append(
-                f"| **{md_cell(r.info.name)}** | {r.info.split_family} | {a['n_scored']} | "
+                f"| **{md_cell(_label(r.info))}** | {r.info.split_family} | {a['n_scored']} | "
                 + " | ".join(cells)
                 + f" | {md_cell(r.folder)} |"
             )
         out.append("")
+    return out
+
+
+def _count(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) or v == "" else f"{int(v):,}"
+
+
+def _ci(r) -> str:
+    lo, hi = r["mean_ci_low"], r["mean_ci_high"]
+    return "" if np.isnan(lo) else f"[{lo:.3f}, {hi:.3f}]"
+
+
+HEADER = ["entry", "kind", "tag", "px", "backbone", "test images", "mean", "95% CI", "std", "± runs"]
+
+
+def _table_rows(rows: pd.DataFrame, first: str) -> list[str]:
+    """Markdown rows; `first` names the first column: 'rank' or 'not ranked because'."""
+    header = [first, *HEADER, *(SHORT[f] for f in FINDINGS)]
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, r in rows.iterrows():
+        name = md_cell(r["entry"])
+        if r["kind"] == "run":
+            name = f"**{name}**" + (f" ({r['n_runs']} replicates)" if r["n_runs"] > 1 else "")
+        cells = [
+            r["rank"] if first == "rank" else md_cell(r["not_ranked"]),
+            name,
+            r["kind"],
+            r["tag"],
+            md_cell(r["px"]),
+            md_cell(r["backbone"]),
+            _count(r["test_images"]),
+            _cell(r["mean"]),
+            _ci(r),
+            _cell(r["std_findings"]),
+            _cell(r["std_runs"]),
+            *(_cell(r[f]) for f in FINDINGS),
+        ]
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
     return out
 
 
@@ -253,36 +359,33 @@ def _markdown(table: pd.DataFrame, delta: pd.DataFrame, runs: list[RunResult] = 
         "# cxrjax leaderboard",
         "",
         "Per-finding ROC AUC. A run is ranked only against entries of its own split "
-        "family: results on different splits are not comparable. `std` is the sample "
-        "std across the findings; `± runs` the std of mean AUC across run folders "
-        "sharing a name. Baseline tags: verified (from a public file of that work), "
-        "as-cited (as printed in the Fisher 2025 write-up), secondary (third-party "
-        "compilation, cells unchecked).",
+        "family: results on different splits are not comparable. A run scored on fewer "
+        "images than its split's full test list (NIH's official test list: 25,596), or by "
+        'a smoke/tiny model, is listed under "not ranked", never among the published '
+        "full-test results. `test images`: images scored; `95% CI`: patient-bootstrap CI "
+        "of the run's mean AUC; `std`: the sample std across the findings; `± runs`: the "
+        "std of mean AUC across runs that declare one replicate_group. Baseline tags: "
+        "verified (from a public file of that work), as-cited (as printed in the Fisher "
+        "2025 write-up), secondary (third-party compilation, cells unchecked).",
         "",
     ]
-    header = ["rank", "entry", "kind", "tag", "px", "backbone", "mean", "std", "± runs", *(SHORT[f] for f in FINDINGS)]
     for family in FAMILIES:
         rows = table[table["split_family"] == family]
         if rows.empty:
             continue
-        out += [f"## {FAMILY_TITLES[family]}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for _, r in rows.iterrows():
-            name = md_cell(r["entry"])
-            if r["kind"] == "run":
-                name = f"**{name}**" + (f" ({r['n_runs']} runs)" if r["n_runs"] > 1 else "")
-            cells = [
-                r["rank"],
-                name,
-                r["kind"],
-                r["tag"],
-                md_cell(r["px"]),
-                md_cell(r["backbone"]),
-                _cell(r["mean"]),
-                _cell(r["std_findings"]),
-                _cell(r["std_runs"]),
-                *(_cell(r[f]) for f in FINDINGS),
-            ]
-            out.append("| " + " | ".join(str(c) for c in cells) + " |")
+        out += [f"## {FAMILY_TITLES[family]}", ""]
+        if family == "unstated":
+            out += _table_rows(rows, "rank")
+        else:
+            out += _table_rows(rows[rows["not_ranked"] == ""], "rank")
+            unranked = rows[rows["not_ranked"] != ""]
+            if not unranked.empty:
+                out += [
+                    "",
+                    "### Not ranked: not comparable with the published full-test results",
+                    "",
+                    *_table_rows(unranked, "not ranked because"),
+                ]
         out.append("")
         if family in FOOTNOTES:
             out += [FOOTNOTES[family], ""]
@@ -294,7 +397,7 @@ def _markdown(table: pd.DataFrame, delta: pd.DataFrame, runs: list[RunResult] = 
                     "",
                 ]
     if not delta.empty:
-        out += ["## Per-finding difference to each baseline (run minus baseline)", ""]
+        out += ["## Per-finding difference to each baseline (ranked runs minus baseline)", ""]
         dheader = ["baseline", "tag", "mean", *(SHORT[f] for f in FINDINGS)]
         for run, group in delta.groupby("run", sort=False):
             out += [
@@ -336,7 +439,9 @@ def write_leaderboard(run_dirs, out_dir: str | Path, baselines: pd.DataFrame | N
         if (rows["kind"] == "run").any():
             entries = [
                 (
-                    r["entry"] + (f" [{r['tag']}]" if r["tag"] else ""),
+                    r["entry"]
+                    + (f" [{r['tag']}]" if r["tag"] else "")
+                    + (f" [not ranked: {r['not_ranked']}]" if r["kind"] == "run" and r["not_ranked"] else ""),
                     {f: None if np.isnan(r[f]) else r[f] for f in FINDINGS},
                     r["kind"] == "run",
                 )

@@ -92,7 +92,13 @@ def score_histograms(labels: np.ndarray, probs: np.ndarray, thresholds: list, pa
     return path
 
 
-def _draw_aucs(ax, entries: list[tuple[str, dict, bool]], title: str) -> None:
+def _auc_floor(entries: list[tuple[str, dict, bool]]) -> float:
+    """The y-axis start for these entries: 0.5 (chance), or lower to show every value."""
+    values = [v for _, aucs, _ in entries for v in aucs.values() if v is not None and np.isfinite(v)]
+    return min([0.5, *(v - 0.02 for v in values)])
+
+
+def _draw_aucs(ax, entries: list[tuple[str, dict, bool]], title: str, low: float | None = None) -> None:
     x = np.arange(len(FINDINGS))
     runs = [e for e in entries if e[2]]
     width = 0.8 / max(len(runs), 1)
@@ -104,9 +110,7 @@ def _draw_aucs(ax, entries: list[tuple[str, dict, bool]], title: str) -> None:
         values = [np.nan if aucs.get(f) is None else aucs[f] for f in FINDINGS]
         ax.plot(x, values, markers[i % len(markers)], ms=6, mfc="none", label=label)
     ax.set_xticks(x, [f.replace("_", " ") for f in FINDINGS], rotation=35, ha="right")
-    values = [v for _, aucs, _ in entries for v in aucs.values() if v is not None]
-    low = min([0.5, *(v - 0.02 for v in values if np.isfinite(v))])
-    ax.set(ylabel="ROC AUC", ylim=(low, 1.0), title=title)
+    ax.set(ylabel="ROC AUC", ylim=(_auc_floor(entries) if low is None else low, 1.0), title=title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncols=3)
 
@@ -118,13 +122,33 @@ def auc_chart(entries: list[tuple[str, dict, bool]], path: Path, title: str) -> 
 
 
 def auc_panels(panels: list[tuple[str, list]], path: Path) -> Path:
-    """One `auc_chart`-style panel per (title, entries), stacked vertically."""
+    """One `auc_chart`-style panel per (title, entries), stacked vertically, all on one
+    y-axis range so bar heights compare across panels."""
     fig = Figure(figsize=(15, 6 * len(panels)), layout="constrained")
     axes = np.atleast_1d(fig.subplots(len(panels), 1))
+    low = min(_auc_floor(entries) for _, entries in panels)
     for ax, (title, entries) in zip(axes, panels):
-        _draw_aucs(ax, entries, title)
+        _draw_aucs(ax, entries, title, low)
     fig.savefig(path, dpi=90)
     return path
+
+
+MIN_BIN_IMAGES = 10  # a bin's positive rate from fewer images is drawn hollow, off the line
+
+
+def reliability_points(bins: dict):
+    """(mean score, positive rate, count, line) over the non-empty bins; `line` is the
+    rate where the bin has MIN_BIN_IMAGES or more and NaN elsewhere, also between bins
+    that an empty bin separates, so the curve never jumps 0 <-> 1 through few images."""
+    count = np.asarray(bins["count"], np.float64)
+    keep = count > 0
+    x = np.asarray(bins["mean_score"], np.float64)[keep]
+    y = np.asarray(bins["positive_rate"], np.float64)[keep]
+    line = np.where(count[keep] >= MIN_BIN_IMAGES, y, np.nan)
+    index = np.flatnonzero(keep)
+    gaps = np.flatnonzero(np.diff(index) > 1)  # an empty bin between two kept ones
+    x_out, y_out, c_out, line_out = (np.insert(a, gaps + 1, np.nan) for a in (x, y, count[keep], line))
+    return x_out, y_out, np.nan_to_num(c_out, nan=0), line_out
 
 
 def reliability_grid(calibration: dict, path: Path, title: str) -> Path:
@@ -138,12 +162,12 @@ def reliability_grid(calibration: dict, path: Path, title: str) -> Path:
         if entry["platt"] is not None:
             parts.append(("Platt (fit on val)", entry["platt"], "tab:orange"))
         for label, scores, colour in parts:
-            bins = scores["bins"]
-            total = max(1, sum(bins["count"]))
-            pts = [(s, r, c) for s, r, c in zip(bins["mean_score"], bins["positive_rate"], bins["count"]) if c]
-            x, y, c = (np.array(v, np.float64) for v in zip(*pts))
-            ax.plot(x, y, "-", color=colour, lw=1, label=f"{label} ECE {scores['ece']:.3f}")
-            ax.scatter(x, y, s=4 + 200 * c / total, color=colour)
+            x, y, c, line = reliability_points(scores["bins"])
+            total = max(1, c.sum())
+            ax.plot(x, line, "-", color=colour, lw=1, label=f"{label} ECE {scores['ece']:.3f}")
+            small = c < MIN_BIN_IMAGES
+            ax.scatter(x[~small], y[~small], s=4 + 200 * c[~small] / total, color=colour)
+            ax.scatter(x[small], y[small], s=12, facecolors="none", edgecolors=colour, lw=0.8)
         ax.set_title(f"{name}  Brier {entry['raw']['brier']:.3f}", fontsize=10)
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="mean score in bin", ylabel="positive rate")
         ax.legend(fontsize=7, loc="upper left")
@@ -168,9 +192,13 @@ def subgroup_chart(subgroups: dict, path: Path, title: str) -> Path:
             if grp["mean_auc_ci"]:
                 ax.vlines(i, *grp["mean_auc_ci"], color="tab:blue", lw=1.5)
                 ax.hlines(grp["mean_auc_ci"], i - 0.08, i + 0.08, color="tab:blue", lw=1.5)
-            ax.plot(i, grp["mean_auc"], "o", color="tab:blue")
+            small = grp.get("small", False)  # too few positives/negatives: in no gap
+            ax.plot(i, grp["mean_auc"], "o", color="tab:blue", mfc="white" if small else "tab:blue")
             ax.annotate(
-                f"n={grp['n_images']}\n{grp['n_findings_in_mean']} findings", (i, 0.52), ha="center", fontsize=7
+                f"n={grp['n_images']}\n{grp['n_findings_in_mean']} findings" + ("\nsmall: in no gap" if small else ""),
+                (i, 0.52),
+                ha="center",
+                fontsize=7,
             )
         ax.set_xticks(range(len(names)), names)
         ax.set(xlim=(-0.5, len(names) - 0.5), ylim=(0.5, 1.0), ylabel="mean AUC", title=attr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cxrjax.findings import FINDINGS
+from cxrjax.summaries import plural
 
 # Chosen thresholds first; the fixed 0.5 cut last (it assumes calibrated scores).
 OP_TITLES = {
@@ -57,7 +58,7 @@ def write_report(path: Path, m: dict, report_texts: dict[str, str]) -> Path:
         "",
         "## Summary",
         "",
-        f"- mean AUC (macro, over {m['n_findings_in_mean']} findings): "
+        f"- mean AUC (macro, over {plural(m['n_findings_in_mean'], 'finding')}): "
         f"**{fmt(m['mean_auc'], 4)}** 95% CI {fmt_ci(m['mean_auc_ci'])}; "
         f"std across findings {fmt(m['std_auc'])}",
         f"- micro AUC (all image-finding pairs pooled): {fmt(m['micro_auc'], 4)} 95% CI {fmt_ci(m['micro_auc_ci'])}",
@@ -197,16 +198,22 @@ def _subgroup_section(sub: dict) -> list[str]:
     out = ["## Subgroups", ""]
     if not sub["available"]:
         return out + [f"Not computed: {sub['reason']}.", ""]
+    size = sub.get("min_group_size", {"positives": 0, "negatives": 0})
     out += [
         f"By sex, view position and age ({sub['age_bins']}). Gap: {sub['gap']}. CIs: "
-        "patient bootstrap, the same resamples for every group.",
+        "patient bootstrap, the same resamples for every group. A finding's AUC enters a gap "
+        f"only where its group holds at least {size['positives']} positives and "
+        f"{size['negatives']} negatives of it; smaller ones are marked * and a group with "
+        "no such finding is marked (small).",
         "",
     ]
     w = sub["worst_gap"]
+    if not w:
+        out += ["Largest mean-AUC gap: n/a (no attribute has two groups large enough).", ""]
     if w:
         out += [
             f"Largest mean-AUC gap: **{w['attribute']}** {w['high']} − {w['low']} = "
-            f"{w['gap']:+.4f} 95% CI {fmt_ci(w['ci'])} (over {w['n_findings']} findings).",
+            f"{w['gap']:+.4f} 95% CI {fmt_ci(w['ci'])} (over {plural(w['n_findings'], 'finding')}).",
             "",
         ]
     for attr, d in sub["attributes"].items():
@@ -214,7 +221,7 @@ def _subgroup_section(sub: dict) -> list[str]:
         out += [f"### {attr}", ""]
         rows = [
             [
-                g,
+                g + (" (small)" if x.get("small") else ""),
                 str(x["n_images"]),
                 str(x["n_patients"]),
                 fmt(x["mean_auc"], 4),
@@ -227,10 +234,10 @@ def _subgroup_section(sub: dict) -> list[str]:
         gap = d["mean_auc_gap"]
         out += [
             "",
-            "Mean-AUC gap: n/a (fewer than two groups with a mean)."
+            "Mean-AUC gap: n/a (fewer than two groups large enough)."
             if gap is None
             else f"Mean-AUC gap {gap['high']} − {gap['low']}: {gap['gap']:+.4f} 95% CI "
-            f"{fmt_ci(gap['ci'])} (over {gap['n_findings']} findings).",
+            f"{fmt_ci(gap['ci'])} (over {plural(gap['n_findings'], 'finding')}).",
         ]
         if d["n_unassigned"]:
             out.append(f"{d['n_unassigned']} image(s) fall in none of these groups.")
@@ -240,7 +247,7 @@ def _subgroup_section(sub: dict) -> list[str]:
             row = [f]
             for g, x in groups.items():
                 e = x["findings"][f]
-                row.append(f"{fmt(e['auc'])} ({e['n_positive']})")
+                row.append(f"{fmt(e['auc'])}{'*' if e.get('small') else ''} ({e['n_positive']})")
                 if e["reason"]:
                     reasons.append(f"{f}, {g}: {e['reason']}")
             gp = d["finding_gaps"][f]

@@ -5,6 +5,11 @@ Every subgroup and every gap is scored under the same patient resamples (one
 accounts for patients who appear in both (a patient's follow-ups can change view or
 age bin). A finding with one class only in a group is `None` with a reason; a group's
 mean AUC says over how many findings it was taken.
+
+A near-empty group's AUC is noise (two images give 0.000 or 1.000), so gaps and the
+headline use a finding's AUC in a group only when the group holds at least
+MIN_POSITIVES positives and MIN_NEGATIVES negatives of it. Smaller ones are still
+reported, marked `small`, and never enter a gap.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from cxrjax.eval.metrics import patient_weights, percentile_ci, weighted_auc
 from cxrjax.findings import FINDINGS
 
 AGE_EDGES = (0, 20, 40, 60, 80)
+MIN_POSITIVES = 10  # per finding and group, for its AUC to enter a gap
+MIN_NEGATIVES = 10
 # Bounded memory: about this many image weights per bootstrap chunk.
 _CHUNK_ELEMENTS = 4_000_000
 
@@ -74,10 +81,13 @@ def _group(labels, patient_ids, mask, points, reps, attr, g) -> dict:
     for j, f in enumerate(FINDINGS):
         y = labels[mask, j]
         auc = points[(attr, g, j)]
+        n_pos = int(y.sum())
         findings[f] = {
             "auc": auc,
             "auc_ci": percentile_ci(reps[(attr, g, j)]) if auc is not None else None,
-            "n_positive": int(y.sum()),
+            "n_positive": n_pos,
+            "n_negative": int(len(y) - n_pos),
+            "small": auc is not None and (n_pos < MIN_POSITIVES or len(y) - n_pos < MIN_NEGATIVES),
             "reason": None if auc is not None else _undefined_reason(y),
         }
         if auc is not None:
@@ -89,8 +99,15 @@ def _group(labels, patient_ids, mask, points, reps, attr, g) -> dict:
         "mean_auc": float(np.mean([findings[FINDINGS[j]]["auc"] for j in defined])) if defined else None,
         "mean_auc_ci": percentile_ci(mean_reps) if defined else None,
         "n_findings_in_mean": len(defined),
+        # No finding large enough for a gap: shown, marked, never in a gap.
+        "small": not any(_sized(findings[f]) for f in FINDINGS),
         "findings": findings,
     }
+
+
+def _sized(entry: dict) -> bool:
+    """A finding's AUC in a group is large enough to enter a gap."""
+    return entry["auc"] is not None and not entry["small"]
 
 
 def _gap(scores: dict[str, float], reps_of) -> dict | None:
@@ -113,30 +130,33 @@ def _attribute(labels, patient_ids, groups, points, reps, attr) -> dict:
     out["n_unassigned"] = int((~assigned).sum())
     gaps = {}
     for j, f in enumerate(FINDINGS):
-        scores = {g: d["findings"][f]["auc"] for g, d in out["groups"].items() if d["findings"][f]["auc"] is not None}
+        scores = {g: d["findings"][f]["auc"] for g, d in out["groups"].items() if _sized(d["findings"][f])}
         gaps[f] = _gap(scores, lambda g, j=j: reps[(attr, g, j)])
     out["finding_gaps"] = gaps
-    # The mean-AUC gap compares like with like: over the findings defined in both groups.
-    means = {g: d["mean_auc"] for g, d in out["groups"].items() if d["mean_auc"] is not None}
+    # The mean-AUC gap compares like with like: for each pair of groups, over the findings
+    # large enough in both; the attribute's gap is the pair that differs most.
+    sized = {
+        g: [j for j, f in enumerate(FINDINGS) if _sized(d["findings"][f])]
+        for g, d in out["groups"].items()
+        if not d["small"]
+    }
     gap = None
-    if len(means) >= 2:
-        high, low = max(means, key=means.get), min(means, key=means.get)
-        common = [
-            j
-            for j, f in enumerate(FINDINGS)
-            if gaps[f] is not None
-            and out["groups"][high]["findings"][f]["auc"] is not None
-            and out["groups"][low]["findings"][f]["auc"] is not None
-        ]
-        if common:
+    names = list(sized)
+    for a_i, a in enumerate(names):
+        for b in names[a_i + 1 :]:
+            common = [j for j in sized[a] if j in sized[b]]
+            if not common:
+                continue
+            point = {
+                g: float(np.mean([out["groups"][g]["findings"][FINDINGS[j]]["auc"] for j in common])) for g in (a, b)
+            }
+            high, low = (a, b) if point[a] >= point[b] else (b, a)
+            if gap is not None and point[high] - point[low] <= gap["gap"]:
+                continue
 
-            def mean_of(g):
+            def mean_of(g, common=common):
                 return np.mean([reps[(attr, g, j)] for j in common], axis=0)
 
-            point = {
-                g: float(np.mean([out["groups"][g]["findings"][FINDINGS[j]]["auc"] for j in common]))
-                for g in (high, low)
-            }
             gap = {
                 "high": high,
                 "low": low,
@@ -166,7 +186,8 @@ def subgroup_metrics(labels, probs, patient_ids, meta: pd.DataFrame | None, n_bo
         "available": True,
         "age_bins": "[0,20), [20,40), [40,60), [60,80), [80,inf) years",
         "gap": "highest minus lowest group of the attribute (by point estimate); the mean-AUC "
-        "gap is taken over the findings defined in both groups",
+        "gap: the pair of groups that differs most over the findings large enough in both",
+        "min_group_size": {"positives": MIN_POSITIVES, "negatives": MIN_NEGATIVES},
         "attributes": attributes,
         "worst_gap": None if worst is None else {"attribute": worst[0], **worst[1]},
     }

@@ -23,7 +23,7 @@ from cxrjax.models.classifier import build_model
 from cxrjax.models.densenet import arch_spec, keras_layer_names
 from cxrjax.models.errors import WeightsError
 from cxrjax.models.keras_h5 import LayerTensors, is_legacy_h5, read_keras3_weights_h5, read_legacy_h5
-from cxrjax.models.weights import flat_paths, gray_stem, save_weights
+from cxrjax.models.weights import flat_paths, gray_stem_for_imagenet, save_weights
 
 BN_VARIABLES = {  # flax (collection, name) <- keras variable
     ("params", "scale"): "gamma",
@@ -129,6 +129,7 @@ def map_layers(
     problems: list[str] = []
 
     targets = flat_paths(variables)
+    stem_shift = []  # the stem BatchNorm mean's shift when the stem is folded to 1 channel
 
     def take(layer_name: str, flax_path: tuple[str, ...], mapping) -> None:
         tensors = layers.pop(layer_name)
@@ -140,8 +141,14 @@ def map_layers(
             want = targets[(collection,) + flax_path + (leaf,)]
             value = tensors.pop(variable)
             if flax_path == ("backbone", "conv1_conv") and np.shape(value)[2:3] == (3,) and want.shape[2] == 1:
-                value = gray_stem(value)
-                report["converted"].append(f"{name}: 3-channel stem summed over input channels")
+                # The source was trained on ImageNet-normalized RGB; the gray model takes
+                # the averaged statistics: fold each channel's mean and 1/std into the stem.
+                value, shift = gray_stem_for_imagenet(value)
+                stem_shift.append(shift)
+                report["converted"].append(
+                    f"{name}: 3-channel stem folded to 1 channel (per-channel ImageNet 1/std in the "
+                    "kernel, the means in conv1_bn's moving mean)"
+                )
             value = _check(name, value, want.shape, problems)
             if value is not None:
                 _set(variables, collection, flax_path + (leaf,), value)
@@ -155,6 +162,9 @@ def map_layers(
             continue
         mapping = BN_VARIABLES if "scale" in module else CONV_VARIABLES
         take(layer_name, ("backbone",) + path, mapping)
+    bn_mean = variables["batch_stats"]["backbone"].get("conv1_bn", {}).get("mean")
+    if stem_shift and isinstance(bn_mean, np.ndarray) and bn_mean.shape == stem_shift[0].shape:
+        variables["batch_stats"]["backbone"]["conv1_bn"]["mean"] = (bn_mean + stem_shift[0]).astype(bn_mean.dtype)
 
     if backbone_only:
         report["dropped"] = sorted(f"{n}/{v}" for n, t in layers.items() for v in t)

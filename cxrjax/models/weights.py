@@ -66,6 +66,28 @@ def load_weights(path: str | Path, target: Any = None) -> tuple[ml_collections.C
     return cfg, variables
 
 
+def gray_stem_for_imagenet(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A 3-channel stem kernel (HWIO) of an ImageNet-normalized model, for a 1-channel
+    model normalized with the averaged statistics (`stats_for("imagenet", 1)`): (kernel
+    [H, W, 1, O], shift [O] to add to the stem BatchNorm's moving mean).
+
+    The RGB model sees (g - m_c) / s_c in channel c of a gray image g, the gray model
+    (g - m) / s. Folding each channel's 1/s_c into the kernel (K' = s * sum_c K_c / s_c)
+    makes the g terms equal; what is left is the constant sum_c K_c (m_c - m) / s_c per
+    output channel, which the BatchNorm's mean absorbs. So the stem output is the RGB
+    model's exactly, except within the 3-pixel zero padding: the RGB model pads each
+    channel at its own mean, which no single gray value can match (see docs/training.md).
+    """
+    from cxrjax.data.normalize import IMAGENET_MEAN, IMAGENET_STD, stats_for
+
+    (gray_mean,), (gray_std,) = stats_for("imagenet", 1)
+    k = np.asarray(kernel, np.float64)
+    mean, std = np.asarray(IMAGENET_MEAN)[None, None, :, None], np.asarray(IMAGENET_STD)[None, None, :, None]
+    folded = gray_std * (k / std).sum(axis=2, keepdims=True)
+    shift = (k * (mean - gray_mean) / std).sum(axis=(0, 1, 2))
+    return folded.astype(np.asarray(kernel).dtype), shift
+
+
 def gray_stem(kernel: np.ndarray) -> np.ndarray:
     """A 3-channel stem kernel (HWIO) for 1-channel input: the sum over input channels.
 

@@ -11,14 +11,12 @@ import functools
 import json
 import logging
 import signal
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from cxrjax.auc import roc_auc
 from cxrjax.data.normalize import measure_mean_std, stats_for
@@ -32,6 +30,7 @@ from cxrjax.models.weights import load_weights, merge_pretrained
 from cxrjax.train import checkpoint, losses, optim
 from cxrjax.train.distributed import maybe_initialize
 from cxrjax.train.monitor import MetricsLog
+from cxrjax.train.progress import EpochProgress, PassBar, before_compile
 from cxrjax.train.state import TrainState
 from cxrjax.train.step import make_steps
 from cxrjax.workdir import (
@@ -156,20 +155,27 @@ def predict(state, eval_step, source, config, mesh, image_size: int, should_stop
     labels are the records' own (CRC-checked), not the index's. Raises EvaluationStopped
     when `should_stop()` says so after a batch."""
     global_batch = config.eval.batch_size or config.global_batch_size
+    local_batch = per_process_batch(global_batch, mesh)
+    bar = PassBar(len(source), local_batch, f"{Path(source.part_dir).name} pass")
 
     def after_batch():
+        bar.update()
         if should_stop is not None and should_stop():
             raise EvaluationStopped
 
-    out = predict_records(
-        source,
-        lambda images: eval_step(state, to_global({"image": images}, mesh)),
-        mesh=mesh,
-        batch_size=per_process_batch(global_batch, mesh),
-        image_size=image_size,
-        seed=config.seed,
-        after_batch=after_batch,
-    )
+    before_compile("evaluation step", f"{image_size} px, global batch {global_batch}")
+    try:
+        out = predict_records(
+            source,
+            lambda images: eval_step(state, to_global({"image": images}, mesh)),
+            mesh=mesh,
+            batch_size=local_batch,
+            image_size=image_size,
+            seed=config.seed,
+            after_batch=after_batch,
+        )
+    finally:
+        bar.close()
     probs, logits = np.asarray(out["probs"], np.float64), np.asarray(out["logits"], np.float32)
     return out["key"], probs, logits, np.asarray(out["labels"], np.float32)
 
@@ -267,6 +273,7 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
         train=True,
         augment=augment_ranges(config.data) if config.data.augment else None,
         workers=config.data.workers,
+        steps_per_epoch=steps_per_epoch,  # the loop's epochs are the loader's passes
     )
     data_iter = iter(loader)
     mean, std = _normalization(config, workdir, train_src)
@@ -322,6 +329,11 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
             if early.stopped:
                 logger.info(f"early stopping: no better val mean AUC for {early.patience} epochs")
 
+    def log_train(row_step, values):
+        _check_finite(values, row_step, workdir)
+        values["lr"] = float(schedule(row_step // config.optim.grad_accum_steps)) * plateau.scale
+        log.write(row_step, "train", values)
+
     def stop_in_validation():
         """A stop during validation: the epoch's training is kept, its validation runs first on resume."""
         stop.reason = f"{stop.signal} received during validation"
@@ -340,31 +352,17 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
                 stopped = True
         while step < total_steps and not stopped and not early.stopped:
             epoch = step // steps_per_epoch
-            bar = tqdm(
-                total=steps_per_epoch,
-                initial=step % steps_per_epoch,
-                desc=f"epoch {epoch + 1}/{config.epochs}",
-                unit="step",
-                disable=jax.process_index() != 0 or None,
-            )
-            previous, tick = None, time.perf_counter()
+            progress = EpochProgress(epoch, config.epochs, steps_per_epoch, step, config.log_every_steps, global_batch)
             while True:
                 batch = to_global(next(data_iter), mesh)
+                before_compile("training step", f"{size} px, global batch {global_batch}")
                 state, metrics = train_step(state, batch)
                 step += 1
-                bar.update(1)
-                # Log the step before: its metrics are computed by now, so reading them
-                # does not stall the device queue.
-                if previous is not None and step % config.log_every_steps == 0:
-                    values = _host(previous)
-                    _check_finite(values, step - 1, workdir)
-                    now = time.perf_counter()
-                    values["images_per_s"] = config.log_every_steps * global_batch / (now - tick)
-                    values["lr"] = float(schedule((step - 1) // config.optim.grad_accum_steps)) * plateau.scale
-                    tick = now
-                    bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}")
-                    log.write(step - 1, "train", values)
-                previous = metrics
+                # Means over the window up to the step before (computed by now, so reading
+                # them does not stall the device queue), every log_every_steps.
+                values = progress.step_done(step, metrics)
+                if values is not None:
+                    log_train(step - 1, values)
                 if stop.requested(step, log_step=step % config.log_every_steps == 0):
                     _check_finite(_host(metrics), step, workdir)
                     save(step)
@@ -380,10 +378,11 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
                         logger.info(
                             f"SIGUSR1 (rebalance recommendation): checkpoint saved at step {step}; training goes on"
                         )
-            bar.close()
             if stopped:
+                progress.close()
                 break
             _check_finite(_host(metrics), step, workdir)
+            log_train(step, progress.end(metrics))  # every epoch logs its training metrics
             try:
                 end_epoch(epoch)
             except EvaluationStopped:
