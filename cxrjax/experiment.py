@@ -17,7 +17,7 @@ from cxrjax.data.pipeline import labels_table
 from cxrjax.data.prepare import read_manifest
 from cxrjax.eval.ensemble import ensemble_files
 from cxrjax.eval.predictions import write_predictions
-from cxrjax.train import resume
+from cxrjax.train import config_check, resume
 from cxrjax.train.distributed import maybe_initialize
 from cxrjax.train.ensemble import member_configs
 from cxrjax.train.loop import train
@@ -40,6 +40,7 @@ def train_and_test(config, workdir: str | Path) -> dict:
     """Train (or resume) in `workdir`, then evaluate the best checkpoint's test predictions
     into WORKDIR/test; returns the summary also written to done.json, which marks the run
     finished. A finished workdir returns its summary without training."""
+    config_check.check(config)  # before the workdir is created
     maybe_initialize(config.distributed)  # before anything asks jax which process this is
     config = resume.absolute_paths(config)
     workdir = Path(workdir).absolute()
@@ -95,10 +96,14 @@ def train_members(config, workdir: str | Path) -> dict:
     """`train_and_test` once, or per member of an ensemble (`config.ensemble`) with the
     members' test predictions averaged."""
     workdir = Path(workdir)
+    config_check.check(config)
     if config.ensemble.members <= 1:
         return train_and_test(config, workdir)
+    members = member_configs(config)
+    for member in members:  # every member's, before the first trains
+        config_check.check(member)
     summaries = []
-    for i, member in enumerate(member_configs(config)):
+    for i, member in enumerate(members):
         summaries.append(train_and_test(member, member_dir(workdir, i)))
         if "stopped" in summaries[-1]:  # a signal: the rerun resumes this member, then the rest
             return {"members": summaries, "stopped": summaries[-1]["stopped"]}
