@@ -29,7 +29,7 @@ from cxrjax.forward import predict_batch, predict_records
 from cxrjax.mesh import make_mesh, per_process_batch, replicated, to_global
 from cxrjax.models import build_model
 from cxrjax.models.weights import load_weights, merge_pretrained
-from cxrjax.train import checkpoint, losses, optim, resume
+from cxrjax.train import checkpoint, losses, metrics_resume, optim, resume
 from cxrjax.train.distributed import maybe_initialize
 from cxrjax.train.monitor import MetricsLog
 from cxrjax.train.state import TrainState
@@ -297,6 +297,8 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
         state, meta = restored
         if jax.process_index() == 0:
             logger.info(f"resumed from step {int(state.step)} in {workdir / CHECKPOINTS}")
+    if jax.process_index() == 0:  # the rows past the restored step are logged again
+        metrics_resume.drop_rows_after(workdir, int(state.step), bool(meta.get("validation_pending")))
     for key, value in meta["plateau"].items():
         setattr(plateau, key, value)
     for key, value in meta["early"].items():
