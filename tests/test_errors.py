@@ -127,3 +127,24 @@ def test_a_full_disk_is_found_behind_the_errors_it_caused():
         assert disk_full(e) == "no space left on device (/w/checkpoints/4)"
     assert disk_full(ValueError("Error writing local file: [OS error 28: No space left on device]")) is not None
     assert disk_full(ValueError("bad")) is None
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            "optim.learnin_rate=1e-3;",
+            "member 0: 'optim.learnin_rate=1e-3': no field 'optim.learnin_rate'; did you mean",
+        ),
+        ("optim.learning_rate=fast;", "member 0: 'optim.learning_rate=fast': 'fast' is not a float"),
+        ("seed=1", "ensemble.overrides has 1 ';'-separated entries for 2 members"),
+    ],
+)
+def test_a_mistyped_ensemble_override_is_one_line_before_any_member_trains(tmp_path, capsys, overrides, expected):
+    from cxrjax.cli import main
+
+    argv = [*TRAIN, "--workdir", str(tmp_path / "ens"), f"--config.data.prepared={tmp_path}"]
+    assert main([*argv, "--config.ensemble.members=2", f"--config.ensemble.overrides={overrides}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and expected in err, err
+    assert not (tmp_path / "ens").exists()
