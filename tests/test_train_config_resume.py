@@ -106,3 +106,15 @@ def test_more_epochs_of_a_finished_run_say_what_to_do(tmp_path, capsys):
     assert "\n" not in err and "epochs 2 -> 4" in err and f"delete {work / DONE}" in err
     assert main(argv) == 0  # the same config: the finished run's summary
     assert "already trained" in capsys.readouterr().out
+
+
+def test_other_processes_of_a_cluster_run_may_read_the_data_from_their_own_folder(tmp_path, monkeypatch):
+    work, data = _run(tmp_path)
+    node = tmp_path / "node-1-data"
+    node.mkdir()
+    config = resume.absolute_paths(load_config(SMOKE, [f"--config.data.prepared={node}"]))
+    monkeypatch.setattr(resume, "_process_index", lambda: 1)
+    assert resume.changes(config, work) == {}
+    config.data.image_size = 64
+    with pytest.raises(resume.ConfigMismatchError, match="data.image_size 32 -> 64"):
+        resume.changes(config, work)

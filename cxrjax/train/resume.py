@@ -110,6 +110,12 @@ def read_history(workdir: Path) -> list[dict]:
     return rows
 
 
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
 def _normalized(field: str, value):
     """Paths compared by what they name: a relative path or a symlink to the same folder is the same."""
     if field in PATHS and isinstance(value, str) and value:
@@ -132,6 +138,8 @@ def changes(config, workdir: Path) -> dict:
     if recorded is None:
         return {}
     wanted = flat(config_dict(config))
+    if _process_index() > 0:  # the record names process 0's folders; each node may keep its own copy
+        wanted = {k: v for k, v in wanted.items() if k not in PATHS}
     diff = {k: (recorded[k], v) for k, v in wanted.items() if k in recorded and not _same(k, recorded[k], v)}
     refused = {k: d for k, d in diff.items() if not may_change(k, recorded)}
     if refused:
