@@ -45,7 +45,11 @@ def _sha256(path: Path) -> str:
 
 
 def _files(step_dir: Path) -> list[str]:
-    return sorted(str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file() and p.name != SUMS)
+    return sorted(
+        str(p.relative_to(step_dir))
+        for p in step_dir.rglob("*")
+        if p.is_file() and p.name not in (SUMS, f".{SUMS}.tmp")
+    )
 
 
 def write_sums(directory: Path, steps) -> None:
@@ -58,11 +62,11 @@ def write_sums(directory: Path, steps) -> None:
             continue
         try:
             sums = {name: [(step_dir / name).stat().st_size, _sha256(step_dir / name)] for name in _files(step_dir)}
+            tmp = step_dir / f".{SUMS}.tmp"
+            tmp.write_text(json.dumps(sums))
+            os.replace(tmp, step_dir / SUMS)
         except FileNotFoundError:  # deleted meanwhile by the keep-k policy
             continue
-        tmp = step_dir / f".{SUMS}.tmp"
-        tmp.write_text(json.dumps(sums))
-        os.replace(tmp, step_dir / SUMS)
 
 
 def verify(step_dir: Path) -> str | None:
