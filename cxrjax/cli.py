@@ -26,7 +26,7 @@ def _add_synth(sub) -> None:
         summary = write_synthetic_nih(args.out, num_patients=args.patients, image_size=args.image_size, seed=args.seed)
         print(summary)
 
-    p.set_defaults(func=run)
+    p.set_defaults(func=_input_errors_to_exit(run))
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -101,7 +101,8 @@ def _add_prepare(sub) -> None:
 
 
 def _input_errors_to_exit(run):
-    """Report bad input files as one `cxrjax: error:` line and exit status 2."""
+    """Report bad input files as one `cxrjax: error:` line and exit status 2, and a full
+    disk as one line and status 1."""
 
     def wrapped(args):
         from cxrjax.errors import InputError
@@ -111,8 +112,30 @@ def _input_errors_to_exit(run):
         except InputError as e:
             print(f"cxrjax {args.command}: error: {e}", file=sys.stderr)
             return 2
+        except Exception as e:
+            full = disk_full(e)
+            if full is None:
+                raise
+            print(f"cxrjax {args.command}: error: {full}; free some space and rerun the command", file=sys.stderr)
+            return 1
 
     return wrapped
+
+
+def disk_full(error: BaseException) -> str | None:
+    """'no space left on device (FILE)' when `error`, or an error it was raised from (an
+    async checkpoint save wraps it), is a full disk or quota; else None."""
+    import errno
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "no space left on device" + (f" ({error.filename})" if error.filename else "")
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):  # tensorstore's text
+            return "no space left on device"
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _add_evaluate(sub) -> None:
@@ -343,28 +366,70 @@ def load_config(path: str, overrides: list[str]):
 
     from cxrjax.configs import resolve
 
+    for given, after in zip(overrides, [*overrides[1:], None]):
+        if given.startswith("--config.") and "=" not in given and after and not after.startswith("-"):
+            raise SystemExit(
+                f"cxrjax: {given} {after}: write {given}={after} (an override takes its value after '=', not a space)"
+            )
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
-        raise SystemExit(f"cxrjax: unrecognized arguments: {' '.join(bad)}")
+        raise SystemExit(f"cxrjax: unrecognized arguments: {' '.join(bad)} ({OVERRIDES_HELP})")
     try:
         path = resolve(path)
     except ValueError as e:
         raise SystemExit(f"cxrjax: {e}") from None
-    argv = ["cxrjax", f"--config={path}", *overrides]
-    values = flags.FlagValues()
-    # sys_argv: the overrides are read from here, not from the process's own sys.argv.
-    config_flags.DEFINE_config_file("config", default=None, flag_values=values, sys_argv=argv)
-    try:
+
+    def parse(given: list[str]):
+        argv = ["cxrjax", f"--config={path}", *given]
+        values = flags.FlagValues()
+        # sys_argv: the overrides are read from here, not from the process's own sys.argv.
+        config_flags.DEFINE_config_file("config", default=None, flag_values=values, sys_argv=argv)
         values(argv)
+        return values.config
+
+    try:
+        return parse(overrides)
     except flags.Error as e:
         raise SystemExit(f"cxrjax: {e}") from None
-    return values.config
+    except (AttributeError, KeyError):  # ml_collections: a field the config does not have
+        raise SystemExit(f"cxrjax: {_unknown_fields(overrides, parse([]))}") from None
+
+
+OVERRIDES_HELP = (
+    "override any config field with --config.FIELD=VALUE, e.g. --config.epochs=5 "
+    "--config.optim.learning_rate=3e-4; every field and its default: cxrjax/train/defaults.py, "
+    "described in docs/training.md"
+)
+
+
+def _unknown_fields(overrides: list[str], config) -> str:
+    """Which overrides name no field of `config`, each with the closest field."""
+    import difflib
+
+    def flat(node, prefix=""):
+        for key, value in node.items():
+            if hasattr(value, "items"):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+
+    fields = list(flat(config))
+    unknown = []
+    for given in overrides:
+        name = given.removeprefix("--config.").split("=")[0]
+        if name not in fields and name.removeprefix("no") not in fields:  # absl's --config.noFLAG
+            close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+            unknown.append(f"{given}: no field {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    return "; ".join(unknown or ["an override names no field of the config"]) + f" ({OVERRIDES_HELP})"
 
 
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train (or resume) a model; --config.FIELD=VALUE overrides any config field",
+        description="Train (or resume) a model in --workdir; rerunning the same command resumes it.",
+        epilog=f"Overrides: {OVERRIDES_HELP}. The value follows '=' (--config.data.prepared=/data/nih-224, "
+        "not a space). A rerun may change only the fields docs/training.md lists as changeable on resume.",
     )
     p.add_argument(
         "--config",
@@ -437,7 +502,11 @@ def _add_demo(sub) -> None:
         "--out", type=Path, default=Path("cxrjax-demo"), help="folder for every stage; rerunning reuses finished ones"
     )
     p.add_argument("--nih-dir", type=Path, default=None, help="a real NIH download instead of the synthetic dataset")
-    p.add_argument("--config", default="demo", help="a recipe name or config file (default: demo)")
+    p.add_argument(
+        "--config",
+        default="demo",
+        help="a recipe name or config file (default: demo); --config.FIELD=VALUE overrides any field",
+    )
     p.set_defaults(accepts_overrides=True)
 
     def run(args):

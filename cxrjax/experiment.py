@@ -6,21 +6,25 @@ evaluation (`cxrjax.eval`), which never import each other.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 import jax
 
+from cxrjax import lock
 from cxrjax.data.pipeline import labels_table
 from cxrjax.data.prepare import read_manifest
 from cxrjax.eval.ensemble import ensemble_files
 from cxrjax.eval.predictions import write_predictions
+from cxrjax.train import config_check, resume
 from cxrjax.train.distributed import maybe_initialize
 from cxrjax.train.ensemble import member_configs
 from cxrjax.train.loop import train
 from cxrjax.workdir import (
     DONE,
     ENSEMBLE_PREDICTIONS,
+    LOCK,
     PREDICTIONS,
     TEST_DIR,
     member_dir,
@@ -36,10 +40,21 @@ def train_and_test(config, workdir: str | Path) -> dict:
     """Train (or resume) in `workdir`, then evaluate the best checkpoint's test predictions
     into WORKDIR/test; returns the summary also written to done.json, which marks the run
     finished. A finished workdir returns its summary without training."""
+    config_check.check(config)  # before the workdir is created
     maybe_initialize(config.distributed)  # before anything asks jax which process this is
+    config = resume.absolute_paths(config)
     workdir = Path(workdir).absolute()
+    # Process 0 holds the workdir for the run; the others of a cluster run share it.
+    held = lock.hold(workdir, LOCK, "workdir") if jax.process_index() == 0 else contextlib.nullcontext()
+    with held:
+        return _train_and_test(config, workdir)
+
+
+def _train_and_test(config, workdir: Path) -> dict:
+    changed = resume.changes(config, workdir)  # before anything is written
     done = read_done(workdir)
     if done is not None:
+        resume.finished(changed, workdir)
         if jax.process_index() == 0:
             logger.info(f"{workdir / DONE} exists: already trained (delete it to run the final evaluation again)")
         return done
@@ -81,10 +96,14 @@ def train_members(config, workdir: str | Path) -> dict:
     """`train_and_test` once, or per member of an ensemble (`config.ensemble`) with the
     members' test predictions averaged."""
     workdir = Path(workdir)
+    config_check.check(config)
     if config.ensemble.members <= 1:
         return train_and_test(config, workdir)
+    members = member_configs(config)
+    for member in members:  # every member's, before the first trains
+        config_check.check(member)
     summaries = []
-    for i, member in enumerate(member_configs(config)):
+    for i, member in enumerate(members):
         summaries.append(train_and_test(member, member_dir(workdir, i)))
         if "stopped" in summaries[-1]:  # a signal: the rerun resumes this member, then the rest
             return {"members": summaries, "stopped": summaries[-1]["stopped"]}

@@ -1,7 +1,9 @@
 """The training folder contract: what `cxrjax train` writes into its workdir, and how
 training (on resume) and inference (later) read it back. Nothing else spells these names.
 
-    WORKDIR/config.json         the run's full config (image size, normalization, augmentation)
+    WORKDIR/config.json         the run's full config (image size, normalization, augmentation), as first trained
+    WORKDIR/config_history.jsonl  what each resume changed of the fields that may change (cxrjax.train.resume)
+    WORKDIR/.lock               held (fcntl) by the run using the workdir (cxrjax.lock)
     WORKDIR/normalization.json  the measured mean/std, when the run used dataset normalization
     WORKDIR/checkpoints/        orbax checkpoints; the best by val mean AUC is exported to
     WORKDIR/best_weights/       the weights artifact (`cxrjax.models.weights`) of the best step
@@ -24,6 +26,8 @@ from cxrjax.data.normalize import stats_for
 from cxrjax.errors import InputError
 
 RUN_CONFIG = "config.json"
+CONFIG_HISTORY = "config_history.jsonl"
+LOCK = ".lock"
 NORMALIZATION = "normalization.json"
 CHECKPOINTS = "checkpoints"
 BEST_WEIGHTS = "best_weights"

@@ -334,3 +334,22 @@ def test_real_sample_end_to_end_at_1024(tf, nih_dir, tmp_path, capsys):
     assert manifest["skipped"]["count"] == 112_120 - 64
     skipped = pd.read_csv(out / "skipped.csv")
     assert len(skipped) == 112_056 and skipped["reason"].str.contains("missing").all()
+
+
+def test_symlinked_image_folders_are_followed_once(source, tmp_path):
+    """A download put together from symlinks (say, each images_00N/ on another disk)
+    finds every image, and a link back up the tree does not loop."""
+    from cxrjax.data.prepare import locate_images
+
+    linked = tmp_path / "nih"
+    linked.mkdir()
+    for entry in source.iterdir():
+        (linked / entry.name).symlink_to(entry)
+    loop = tmp_path / "loop-holder"
+    loop.mkdir()
+    (loop / "up").symlink_to(loop)
+    (linked / "extra").symlink_to(loop)
+    expected = locate_images(source)
+    found = locate_images(linked)
+    assert len(expected) > 20 and found.keys() == expected.keys()
+    assert all(found[k].resolve() == expected[k].resolve() for k in found)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cxrjax.errors import InputError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cxrjax"
@@ -37,3 +39,112 @@ def test_catching_input_errors_imports_nothing_heavy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# Config mistakes are one line, before any workdir exists (`cxrjax.train.config_check`, `cli.load_config`).
+TRAIN = ["train", "--config", "chexnet:smoke"]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--config.data.image_size=0", "data.image_size=0 is below 1"),
+        ("--config.epochs=0", "epochs=0 is below 1"),
+        ("--config.global_batch_size=-8", "global_batch_size=-8 is below 1"),
+        ("--config.log_every_steps=0", "log_every_steps=0 is below 1"),
+        ("--config.model.num_classes=5", "model.num_classes=5: the model predicts the 14 findings"),
+        ("--config.optim.learning_rate=-0.1", "optim.learning_rate=-0.1 must be above 0"),
+        ("--config.data.keep_no_finding=2", "data.keep_no_finding=2.0 is not in [0, 1]"),
+        ("--config.loss.name=bse", "loss.name='bse' is not one of bce, weighted_bce"),
+        ("--config.optim.schedule=step", "optim.schedule='step' is not one of constant"),
+        ("--config.model.arch=resnet50", "model.arch='resnet50' is not one of densenet121"),
+        ("--config.data.normalization=none", "data.normalization='none' is not one of imagenet, dataset"),
+        ("--config.wandb.mode=off", "wandb.mode='off' is not one of offline"),
+    ],
+)
+def test_a_bad_config_value_is_one_line_before_the_workdir_exists(tmp_path, capsys, override, expected):
+    from cxrjax.cli import main
+
+    work = tmp_path / "work"
+    assert main([*TRAIN, "--workdir", str(work), f"--config.data.prepared={tmp_path}", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("cxrjax train: error: config: ") and expected in err, err
+    assert "cxrjax/train/defaults.py" in err and not work.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["--config.epoch=1"], "--config.epoch=1: no field 'epoch'; did you mean 'epochs'?"),
+        (["--config.optim.learnin_rate=1e-3"], "no field 'optim.learnin_rate'; did you mean 'optim.learning_rate'?"),
+        (["--config.data.prepared", "/data"], "write --config.data.prepared=/data (an override takes its value after"),
+    ],
+)
+def test_a_mistyped_override_is_one_line_with_a_hint(tmp_path, overrides, expected):
+    from cxrjax.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*TRAIN, "--workdir", str(tmp_path / "work"), *overrides])
+    message = str(e.value.code)
+    assert "\n" not in message and expected in message, message
+    assert not (tmp_path / "work").exists()
+
+
+def test_train_help_says_how_overrides_work_and_where_the_fields_are(capsys):
+    from cxrjax.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--config.FIELD=VALUE" in out and "cxrjax/train/defaults.py" in out and "docs/training.md" in out
+
+
+def test_a_full_disk_is_one_line(tmp_path, capsys):
+    """A real ENOSPC: /dev/full refuses every write."""
+    from cxrjax.cli import main
+    from cxrjax.findings import FINDINGS
+
+    csv = tmp_path / "a.csv"
+    csv.write_text(
+        "Image Index," + ",".join(f"prob_{f}" for f in FINDINGS) + "\nx.png," + ",".join(["0.5"] * 14) + "\n"
+    )
+    assert main(["ensemble", str(csv), str(csv), "--out", "/dev/full"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("cxrjax ensemble: error: no space left on device"), err
+
+
+def test_a_full_disk_is_found_behind_the_errors_it_caused():
+    import errno
+
+    from cxrjax.cli import disk_full
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/w/checkpoints/4")
+        except OSError as e:
+            raise RuntimeError("async save failed") from e
+    except RuntimeError as e:
+        assert disk_full(e) == "no space left on device (/w/checkpoints/4)"
+    assert disk_full(ValueError("Error writing local file: [OS error 28: No space left on device]")) is not None
+    assert disk_full(ValueError("bad")) is None
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            "optim.learnin_rate=1e-3;",
+            "member 0: 'optim.learnin_rate=1e-3': no field 'optim.learnin_rate'; did you mean",
+        ),
+        ("optim.learning_rate=fast;", "member 0: 'optim.learning_rate=fast': 'fast' is not a float"),
+        ("seed=1", "ensemble.overrides has 1 ';'-separated entries for 2 members"),
+    ],
+)
+def test_a_mistyped_ensemble_override_is_one_line_before_any_member_trains(tmp_path, capsys, overrides, expected):
+    from cxrjax.cli import main
+
+    argv = [*TRAIN, "--workdir", str(tmp_path / "ens"), f"--config.data.prepared={tmp_path}"]
+    assert main([*argv, "--config.ensemble.members=2", f"--config.ensemble.overrides={overrides}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and expected in err, err
+    assert not (tmp_path / "ens").exists()

@@ -15,7 +15,7 @@ import signal
 import pytest
 from train_helpers import SMOKE, STEPS_PER_EPOCH, metrics_rows, prepared  # noqa: F401 (fixture)
 
-from cxrjax.cli import load_config, show_library_logs
+from cxrjax.cli import load_config, main, show_library_logs
 from cxrjax.experiment import train_and_test
 from cxrjax.train import loop
 
@@ -75,3 +75,40 @@ def test_a_stop_during_validation_or_the_final_evaluation_ends_the_pass_and_resu
         ref_val["val_mean_auc"],
     )
     assert (work / "test" / "predictions.csv").read_text() == (whole / "test" / "predictions.csv").read_text()
+
+    # A stop in the epoch's last step: the checkpoint marks the validation pending, and
+    # the resumed run validates that epoch before anything else (it used to be dropped).
+    last = tmp_path / "last_step"
+    with monkeypatch.context() as patch:
+        _signal_on_call(patch, "to_global", STEPS_PER_EPOCH)
+        out = train_and_test(config, last)
+    assert out == {"stopped": "SIGTERM received", "step": STEPS_PER_EPOCH}
+    assert metrics_rows(last, "val") == []
+    assert train_and_test(config, last) == {**reference, "weights": str(last / "best_weights")}
+    (val,) = metrics_rows(last, "val")
+    assert (val["step"], val["val_loss"], val["val_mean_auc"]) == (
+        ref_val["step"],
+        ref_val["val_loss"],
+        ref_val["val_mean_auc"],
+    )
+
+    # The finished run asked for another image size: refused in one line before anything
+    # is written; more epochs of a finished run: refused, saying how to get them.
+    recorded = (work / "config.json").read_bytes()
+    files = sorted(p.relative_to(work) for p in work.rglob("*"))
+    command = ["train", "--config", SMOKE, "--workdir", str(work), "--config.epochs=1"]
+    command.append(f"--config.data.prepared={prepared}")
+    capsys.readouterr()
+    assert main([*command, "--config.data.image_size=64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "data.image_size 32 -> 64" in err and "another --workdir" in err, err
+    assert main([*command, "--config.epochs=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "epochs 1 -> 3" in err and "delete" in err and "done.json" in err, err
+    # The same data through a symlink and a relative path is the same run (it is finished).
+    link = tmp_path / "data-link"
+    link.symlink_to(prepared)
+    monkeypatch.chdir(tmp_path)
+    assert main([*command[:-1], "--config.data.prepared=data-link"]) == 0
+    assert (work / "config.json").read_bytes() == recorded
+    assert sorted(p.relative_to(work) for p in work.rglob("*")) == files

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from absl import flags
 
-from cxrjax.data import examples, tfrecord
+from cxrjax.data import examples, tfrecord, worker_watch
 from cxrjax.data.augment import AugmentConfig, random_affine
 from cxrjax.data.images import decode_record_png, to_model_size
 from cxrjax.data.metadata import IMAGE_METADATA
@@ -179,6 +179,7 @@ class DecodeAndAugment(grain.RandomMapTransform):
     augment: AugmentConfig | None = None
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        worker_watch.start()  # in a grain worker: end with the trainer, even a SIGKILLed one
         image = to_model_size(decode_record_png(element["png"]), self.image_size)
         if self.augment is not None:
             image = random_affine(image, self.augment, rng)

@@ -21,6 +21,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cxrjax import __version__
+from cxrjax import __version__, lock
 from cxrjax.data import examples, images, synth, tfrecord
 from cxrjax.data.metadata import IMAGE_METADATA, MetadataError, find_metadata, label_matrix, read_metadata
 from cxrjax.data.options import PrepareOptions
@@ -38,6 +39,7 @@ from cxrjax.findings import FINDINGS
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
+LOCK = ".lock"  # held while a prepare writes the folder
 INDEX = "index.csv"
 SHOWN = 1000  # image ids listed in the manifest per kind of finding; the count is always exact
 
@@ -51,11 +53,25 @@ class PreparedDataError(InputError):
 def locate_images(nih_dir: Path) -> dict[str, Path]:
     """image id → file, over images_*/images/ (the release) or any folder below."""
     found: dict[str, Path] = {}
-    for path in sorted(nih_dir.rglob("*.png")):
+    for path in _pngs_below(nih_dir):
         if path.name in found:
             raise MetadataError(f"duplicated image id {path.name!r}: {found[path.name]} and {path}")
         found[path.name] = path
     return found
+
+
+def _pngs_below(folder: Path) -> list[Path]:
+    """Every *.png below `folder`, sorted, following symlinked folders (an images_00N/
+    linked from elsewhere) and entering each real folder once (no symlink loops)."""
+    seen, pngs = set(), []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        pngs += [Path(root) / n for n in names if n.endswith(".png")]
+    return sorted(pngs)
 
 
 def shard_name(part: str, index: int, count: int) -> str:
@@ -188,7 +204,22 @@ def sha256_of(path: Path) -> str:
 
 
 def prepare(nih_dir: str | Path, out: str | Path, opts: PrepareOptions) -> dict:
-    """Run the whole conversion; returns the manifest."""
+    """Run the whole conversion; returns the manifest. One process at a time per --out
+    folder (`cxrjax.lock`): a second gets a one-line error instead of racing the first."""
+    out = Path(out)
+    created = not out.exists()
+    try:
+        with lock.hold(out, LOCK, "--out folder"):
+            return _prepare(nih_dir, out, opts)
+    except lock.FolderLocked:
+        raise  # another process's folder: leave it as it is
+    except BaseException:
+        if created and [p.name for p in out.iterdir()] == [LOCK]:  # refused before writing anything
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _prepare(nih_dir: str | Path, out: str | Path, opts: PrepareOptions) -> dict:
     nih_dir, out = Path(nih_dir), Path(out)
     if not nih_dir.is_dir():
         raise MetadataError(f"{nih_dir}: no such folder (--nih-dir names the NIH download)")

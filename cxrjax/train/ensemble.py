@@ -3,7 +3,11 @@ trains each in its own workdir and averages their test predictions)."""
 
 from __future__ import annotations
 
+import difflib
 import json
+
+from cxrjax.train.config_check import ConfigError
+from cxrjax.train.resume import config_dict, flat
 
 
 def member_configs(config) -> list:
@@ -11,7 +15,7 @@ def member_configs(config) -> list:
     n = config.ensemble.members
     overrides = [o for o in config.ensemble.overrides.split(";")] if config.ensemble.overrides else []
     if overrides and len(overrides) != n:
-        raise ValueError(f"ensemble.overrides has {len(overrides)} entries for {n} members")
+        raise ConfigError(f"ensemble.overrides has {len(overrides)} ';'-separated entries for {n} members")
     members = []
     for i in range(n):
         member = config.copy_and_resolve_references()
@@ -22,9 +26,23 @@ def member_configs(config) -> list:
             field, _, value = assignment.partition("=")
             node = member
             *parents, leaf = field.strip().split(".")
-            for name in parents:
-                node = node[name]
+            try:
+                for name in parents:
+                    node = node[name]
+                node[leaf]
+            except (KeyError, TypeError, AttributeError):
+                close = difflib.get_close_matches(field.strip(), list(flat(config_dict(config))), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(
+                    f"ensemble.overrides, member {i}: {assignment!r}: no field {field.strip()!r}{hint}"
+                ) from None
             # Parse through the field's own type: "1e-3" becomes a float for a float field.
-            node[leaf] = type(node[leaf])(json.loads(value)) if not isinstance(node[leaf], str) else value
+            try:
+                node[leaf] = type(node[leaf])(json.loads(value)) if not isinstance(node[leaf], str) else value
+            except (ValueError, TypeError):
+                kind = type(node[leaf]).__name__
+                raise ConfigError(
+                    f"ensemble.overrides, member {i}: {assignment!r}: {value!r} is not a {kind}"
+                ) from None
         members.append(member)
     return members

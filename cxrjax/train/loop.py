@@ -27,7 +27,7 @@ from cxrjax.forward import predict_batch, predict_records
 from cxrjax.mesh import make_mesh, per_process_batch, replicated, to_global
 from cxrjax.models import build_model
 from cxrjax.models.weights import load_weights, merge_pretrained
-from cxrjax.train import checkpoint, losses, optim
+from cxrjax.train import checkpoint, losses, metrics_resume, optim, resume
 from cxrjax.train.distributed import maybe_initialize
 from cxrjax.train.monitor import MetricsLog
 from cxrjax.train.progress import EpochProgress, PassBar, before_compile
@@ -36,11 +36,11 @@ from cxrjax.train.step import make_steps
 from cxrjax.workdir import (
     BEST_WEIGHTS,
     CHECKPOINTS,
+    CONFIG_HISTORY,
     augment_ranges,
     input_stats,
     save_statistics,
     saved_statistics,
-    write_run_config,
 )
 
 logger = logging.getLogger(__name__)
@@ -237,9 +237,13 @@ def train(config, workdir: str | Path) -> dict:
 
 
 def _train(config, workdir: Path, stop: _StopFlag) -> dict:
+    config = resume.absolute_paths(config)
+    changed = resume.changes(config, workdir)  # refused changes stop here, before anything is written
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        write_run_config(workdir, config)
+        resume.record(workdir, config, changed)
+        if changed:
+            logger.info(f"resuming with {resume.describe(changed)} (recorded in {workdir / CONFIG_HISTORY})")
     prepared = Path(config.data.prepared)
     manifest = read_manifest(prepared)
     mesh = make_mesh()
@@ -295,10 +299,13 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
     early = optim.EarlyStopping(config.early_stopping_patience)
     manager = checkpoint.make_manager(workdir / CHECKPOINTS, config.checkpoint.keep)
     meta = {"plateau": {}, "early": {}}
-    if manager.latest_step() is not None:
-        state, meta = checkpoint.restore(manager, manager.latest_step(), _abstract(state), data_iter)
+    restored = checkpoint.restore_latest(manager, _abstract(state), data_iter)  # damaged steps: the one before
+    if restored is not None:
+        state, meta = restored
         if jax.process_index() == 0:
             logger.info(f"resumed from step {int(state.step)} in {workdir / CHECKPOINTS}")
+    if jax.process_index() == 0:  # the rows past the restored step are logged again
+        metrics_resume.drop_rows_after(workdir, int(state.step), bool(meta.get("validation_pending")))
     for key, value in meta["plateau"].items():
         setattr(plateau, key, value)
     for key, value in meta["early"].items():
@@ -365,7 +372,8 @@ def _train(config, workdir: Path, stop: _StopFlag) -> dict:
                     log_train(step - 1, values)
                 if stop.requested(step, log_step=step % config.log_every_steps == 0):
                     _check_finite(_host(metrics), step, workdir)
-                    save(step)
+                    # At an epoch's last step its validation has not run: the resumed run runs it first.
+                    save(step, validation_pending=step % steps_per_epoch == 0)
                     stopped = True
                     break
                 if step % steps_per_epoch == 0:
