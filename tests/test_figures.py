@@ -46,3 +46,27 @@ def test_gradcam_overlays_have_a_title_and_a_colour_bar_at_their_size():
     assert np.array_equal(out[25, 194], jet[0]) and np.array_equal(out[230, 194], jet[1])  # 1 on top, 0 below
     assert np.array_equal(out[24, 194], plain[24, 194]) and np.array_equal(out[128, 198], plain[128, 198])
     assert (out[:20, :150] != plain[:20, :150]).any()  # the title
+
+
+def test_bench_figures_draw_only_measured_tasks_with_sizes_under_their_bars():
+    """The quick GPU run measures training only: its throughput figure had an empty
+    inference panel, and with one image size the size label sat at the panel's edge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cxrjax.bench.report import bar_figure
+
+    def row(framework, size, task="train"):
+        return {"framework": framework, "task": task, "size": size, "dtype": "bfloat16", "remat": "all", "v": 10.0}
+
+    fig = bar_figure([row("cxrjax", 1024), row("torch", 1024)], "v", "images/s", 1.0, "quick")
+    (ax,) = fig.axes  # training only: one panel
+    assert ax.get_title() == "train" and ax.get_xlim() == (-0.5, 0.5)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1024 px"]
+    assert all(-0.5 < p.get_x() and p.get_x() + p.get_width() < 0.5 for p in ax.patches)
+    plt.close(fig)
+    fig = bar_figure([row("cxrjax", 224), row("cxrjax", 1024, "inference")], "v", "images/s", 1.0, "both")
+    assert [a.get_title() for a in fig.axes] == ["train", "inference"]
+    plt.close(fig)

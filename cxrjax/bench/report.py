@@ -371,6 +371,54 @@ def compiled_section(rows: list[dict]) -> str:
     return COMPILED_EXPLAINER + "\n\n" + compiled_table(rows)
 
 
+COLORS = {"cxrjax": "tab:blue", "torch": "tab:orange", "torch_compile": "tab:green", "keras": "tab:red"}
+
+
+def bar_figure(ok: list[dict], value: str, ylabel: str, scale: float, title: str):
+    """One panel per task that was measured (training, inference), bars per framework and
+    setting at each image size, the x axis spanning the sizes."""
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in ("train", "inference") if any(r["task"] == t for r in ok)]
+    series_keys = sorted(
+        {(r["framework"], r["dtype"], r["remat"]) for r in ok}, key=lambda k: (list(COLORS).index(k[0]), k[1], k[2])
+    )
+    sizes = sorted({r["size"] for r in ok})
+    width = 0.8 / max(len(series_keys), 1)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks) + 0.5, 4.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for i, (framework, dtype, remat) in enumerate(series_keys):
+            points = [
+                (sizes.index(r["size"]), r[value])
+                for r in ok
+                if r["task"] == task
+                and (r["framework"], r["dtype"], r["remat"]) == (framework, dtype, remat)
+                and r.get(value) is not None
+            ]
+            offset = (i - (len(series_keys) - 1) / 2) * width
+            ax.bar(
+                [x + offset for x, _ in points],
+                [v * scale for _, v in points],
+                width,
+                color=COLORS[framework],
+                alpha=1.0 if dtype == "float32" else 0.5,
+                hatch={"none": None, "dense_layers": "//", "all": "xx"}.get(remat),
+                edgecolor="black",
+                linewidth=0.3,
+                label=f"{framework} {dtype} remat {remat}",
+            )
+        ax.set_xticks(range(len(sizes)), [f"{s} px" for s in sizes])
+        ax.set_xlim(-0.5, len(sizes) - 0.5)  # the size labels under their bars, not at the panel's edges
+        ax.set(title=task, ylabel=ylabel)
+        ax.grid(alpha=0.3, axis="y")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    return fig
+
+
 def plot(results: dict, out: Path, stem: str) -> list[str]:
     """Throughput and memory per image against image size; scaling when measured."""
     import matplotlib
@@ -383,47 +431,13 @@ def plot(results: dict, out: Path, stem: str) -> list[str]:
     if not ok and not results["scaling"]:  # nothing measured (a compiled-only run): no empty figures
         return written
 
-    colors = {"cxrjax": "tab:blue", "torch": "tab:orange", "torch_compile": "tab:green", "keras": "tab:red"}
-    series_keys = sorted(
-        {(r["framework"], r["dtype"], r["remat"]) for r in ok}, key=lambda k: (list(colors).index(k[0]), k[1], k[2])
-    )
-    sizes = sorted({r["size"] for r in ok})
-    width = 0.8 / max(len(series_keys), 1)
     figures = (
         (f"{stem}-throughput.png", "images_per_s_per_device", "images/s per device", 1.0),
         (f"{stem}-memory.png", "bytes_per_image", "MiB per image (peak, else compiled)", 1 / MIB),
     )
-    for name, value, ylabel, scale in figures:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), squeeze=False)
-        for ax, task in zip(axes[0], ("train", "inference"), strict=True):
-            for i, (framework, dtype, remat) in enumerate(series_keys):
-                points = [
-                    (sizes.index(r["size"]), r[value])
-                    for r in ok
-                    if r["task"] == task
-                    and (r["framework"], r["dtype"], r["remat"]) == (framework, dtype, remat)
-                    and r.get(value) is not None
-                ]
-                offset = (i - (len(series_keys) - 1) / 2) * width
-                ax.bar(
-                    [x + offset for x, _ in points],
-                    [v * scale for _, v in points],
-                    width,
-                    color=colors[framework],
-                    alpha=1.0 if dtype == "float32" else 0.5,
-                    hatch={"none": None, "dense_layers": "//", "all": "xx"}.get(remat),
-                    edgecolor="black",
-                    linewidth=0.3,
-                    label=f"{framework} {dtype} remat {remat}",
-                )
-            ax.set_xticks(range(len(sizes)), [f"{s} px" for s in sizes])
-            ax.set(title=task, ylabel=ylabel)
-            ax.grid(alpha=0.3, axis="y")
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        if handles:
-            fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
-        fig.suptitle(f"{results['meta']['name']} on {results['meta']['device'].get('device_kind')}")
-        fig.tight_layout(rect=(0, 0.16, 1, 1))
+    title = f"{results['meta']['name']} on {results['meta']['device'].get('device_kind')}"
+    for name, value, ylabel, scale in figures if ok else ():
+        fig = bar_figure(ok, value, ylabel, scale, title)
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         written.append(name)
