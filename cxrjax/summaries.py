@@ -21,10 +21,18 @@ def train_summary(summary: dict) -> str:
     if "members" in summary:
         members = "; ".join(train_summary(m) for m in summary["members"])
         return f"ensemble of {plural(len(summary['members']), 'member')}: {members}; averaged test predictions: {summary['ensemble_predictions']}"
-    text = f"best step {summary['best_step']} ({summary['image_size']} px, {summary['split']} split)"
+    # done.json of an older run may lack the fields added since: say what it has
+    text = f"best step {summary.get('best_step')}"
+    setting = []
+    if "image_size" in summary:
+        setting.append(f"{summary['image_size']} px")
+    if "split" in summary:
+        setting.append(f"{summary['split']} split")
+    if setting:
+        text += f" ({', '.join(setting)})"
     if "test_mean_auc" in summary:
         text += f", test mean AUC {_auc(summary['test_mean_auc'])}"
-    return text + f"; weights: {summary['weights']}"
+    return text + (f"; weights: {summary['weights']}" if "weights" in summary else "")
 
 
 def part_counts(parts: dict) -> str:

@@ -105,7 +105,7 @@ def test_demo_writes_every_stage(demo_out):
 
     board = pd.read_csv(demo_out / "leaderboard" / "leaderboard.csv")
     run = board[board["kind"] == "run"]
-    assert run["entry"].tolist() == ["synthetic-demo"]
+    assert run["entry"].tolist() == ["synthetic-demo (test)"]  # the run.json name and its evaluation
     assert run["split_family"].tolist() == ["synthetic"]  # never ranked against NIH results
 
 

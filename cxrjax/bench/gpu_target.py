@@ -18,14 +18,16 @@ import logging
 import os
 from importlib import resources
 
+from cxrjax.errors import InputError
+
 log = logging.getLogger(__name__)
 
 MIB = 2**20
 PLUGIN_HINT = 'compiling for a GPU target needs the CUDA plugin: pip install "jax[cuda12-local]" (no GPU needed)'
 
 
-class TargetError(ValueError):
-    """A target that is unknown here, or cannot be compiled for."""
+class TargetError(InputError):
+    """A target that is unknown here, or cannot be compiled for (a ValueError too)."""
 
 
 @dataclasses.dataclass(frozen=True)

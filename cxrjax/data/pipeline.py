@@ -240,6 +240,13 @@ class DecodeBatch(grain.RandomMapTransform):
     image_size: int
     augment: AugmentConfig | None = None
 
+    def __setstate__(self, state: dict) -> None:
+        # Unpickled in a grain worker as it starts: watch the trainer from then on, not from
+        # the first batch this worker decodes (a worker that has not decoded yet when the
+        # trainer is killed would wait for work forever).
+        self.__dict__.update(state)
+        worker_watch.start()
+
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         decode = DecodeAndAugment(self.image_size, self.augment)
         out = [decode.random_map(record, rng) for record in element["records"]]

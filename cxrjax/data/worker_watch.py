@@ -2,9 +2,10 @@
 
 grain starts its workers with multiprocessing "spawn" as daemons, which only a clean
 exit of the parent stops: after a SIGKILL (an OOM kill, `kill -9`, a lost spot node)
-they would wait on their full queue forever, holding their memory. The first element
-a worker decodes starts a thread there that checks every `POLL_S` seconds whether the
-process that started the worker is still its parent, and ends the worker when not.
+they would wait on their full queue forever, holding their memory. A worker starts a
+thread as it unpickles its batch transform (`pipeline.DecodeBatch`), or at its first
+decode, that checks every `POLL_S` seconds whether the process that started the worker is
+still its parent, and ends the worker when not.
 """
 
 from __future__ import annotations
