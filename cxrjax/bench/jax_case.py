@@ -270,22 +270,25 @@ def _measure_fed(spec: CaseSpec, trainer: _Trainer, mesh, common: dict, syntheti
     )
 
 
-def train_step_bytes(arch: str, size: int, dtype: str, remat: str, device, labels):
-    """batch -> bytes XLA assigns to the training step compiled for one device (memoized;
-    `bytes_for.compiled[batch]` keeps each executable, so the answer can be run)."""
-    steps = build_steps(training_config(arch, dtype, remat), size, make_mesh([device]), labels)
-    executables: dict[int, object] = {}
+def train_step_bytes(cfg, size: int, devices, labels):
+    """Batch per device -> bytes XLA assigns to the training step compiled on `devices` (a
+    real device, or compile-only ones of a GPU target), memoized. Keeps each executable
+    (`bytes_for.compiled[batch]`, so the answer can be run), its memory and compile time."""
+    steps = build_steps(cfg, size, make_mesh(devices), labels)
+    executables, memories, seconds = {}, {}, {}
 
     @functools.cache
     def bytes_for(batch: int) -> int:
-        compiled = steps.train_step.lower(steps.abstract_state, steps.abstract_batch(batch)).compile()
+        start = time.perf_counter()
+        compiled = steps.train_step.lower(steps.abstract_state, steps.abstract_batch(batch * len(devices))).compile()
+        seconds[batch] = time.perf_counter() - start
         memory = compiled_memory(compiled)
         if memory is None:
-            raise RuntimeError(f"{device.platform} gives no memory analysis for compiled steps")
-        executables[batch] = compiled
+            raise RuntimeError(f"{devices[0].platform} gives no memory analysis for compiled steps")
+        executables[batch], memories[batch] = compiled, memory
         return memory["total_bytes"]
 
-    bytes_for.compiled, bytes_for.steps = executables, steps
+    bytes_for.compiled, bytes_for.memory, bytes_for.seconds, bytes_for.steps = executables, memories, seconds, steps
     return bytes_for
 
 
@@ -309,7 +312,7 @@ def measure_max_batch(spec: CaseSpec) -> dict:
     then run at that batch to check the plan (the allocator's peak beside the compiled total)."""
     device = jax.devices()[0]
     labels = synthetic_host_batch(spec.batch, spec.size)["labels"]
-    bytes_for = train_step_bytes(spec.arch, spec.size, spec.dtype, spec.remat, device, labels)
+    bytes_for = train_step_bytes(training_config(spec.arch, spec.dtype, spec.remat), spec.size, [device], labels)
     found = largest_batch(bytes_for, spec.memory_budget_bytes, first=spec.batch)
     ran = run_planned_batch(bytes_for, found["batch"], spec.size) if found["batch"] else {}
     row = spec.row(
@@ -359,16 +362,6 @@ COMPILED_NOTE = (
 )
 
 
-def _compiled_at(steps: Steps, batch_per_device: int, devices: int) -> tuple[dict, float]:
-    start = time.perf_counter()
-    compiled = steps.train_step.lower(steps.abstract_state, steps.abstract_batch(batch_per_device * devices)).compile()
-    seconds = time.perf_counter() - start
-    memory = compiled_memory(compiled)
-    if memory is None:
-        raise RuntimeError("the compile-only target gave no memory analysis")
-    return memory, seconds
-
-
 def measure_compiled(spec: CaseSpec) -> dict:
     """The training step compiled for a GPU target (present or not): compiled memory at
     `spec.batch` per device, FLOPs, compile time, and the largest batch per device under the
@@ -387,14 +380,8 @@ def measure_compiled(spec: CaseSpec) -> dict:
     n = len(devices)
     labels = synthetic_host_batch(spec.batch, 32)["labels"]
     cfg = training_config(spec.arch, spec.dtype, spec.remat)
-    steps = build_steps(cfg, spec.size, make_mesh(devices), labels)
-    seconds: dict[int, float] = {}
-    memories: dict[int, dict] = {}
-
-    def bytes_for(batch: int) -> int:
-        memories[batch], seconds[batch] = _compiled_at(steps, batch, n)
-        return memories[batch]["total_bytes"]
-
+    bytes_for = train_step_bytes(cfg, spec.size, devices, labels)
+    memories, seconds = bytes_for.memory, bytes_for.seconds
     budget = spec.memory_budget_bytes or target.memory_bytes - spec.allowance_bytes
     plan = planned_batch(bytes_for, budget, first=spec.batch)
     memory = memories[spec.batch]
