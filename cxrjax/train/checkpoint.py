@@ -8,7 +8,6 @@ is moved to WORKDIR/damaged_checkpoints/ with a warning and the previous step is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -22,6 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from cxrjax.data.prepare import sha256_of
 from cxrjax.errors import InputError
 from cxrjax.models.weights import save_weights
 
@@ -34,14 +34,6 @@ DAMAGED = "damaged_checkpoints"  # beside checkpoints/: steps that failed their 
 
 class CheckpointError(InputError):
     """No checkpoint of the run can be restored (each one found is damaged)."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _files(step_dir: Path) -> list[str]:
@@ -61,7 +53,7 @@ def write_sums(directory: Path, steps) -> None:
         if (step_dir / SUMS).exists():
             continue
         try:
-            sums = {name: [(step_dir / name).stat().st_size, _sha256(step_dir / name)] for name in _files(step_dir)}
+            sums = {name: [(step_dir / name).stat().st_size, sha256_of(step_dir / name)] for name in _files(step_dir)}
             tmp = step_dir / f".{SUMS}.tmp"
             tmp.write_text(json.dumps(sums))
             os.replace(tmp, step_dir / SUMS)
@@ -87,7 +79,7 @@ def verify(step_dir: Path) -> str | None:
         actual = path.stat().st_size
         if actual != size:
             return f"{name} is {actual} bytes, was {size} when saved"
-        if _sha256(path) != digest:
+        if sha256_of(path) != digest:
             return f"{name} differs from what was saved (sha256)"
     return None
 
