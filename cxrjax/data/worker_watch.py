@@ -4,8 +4,11 @@ grain starts its workers with multiprocessing "spawn" as daemons, which only a c
 exit of the parent stops: after a SIGKILL (an OOM kill, `kill -9`, a lost spot node)
 they would wait on their full queue forever, holding their memory. A worker starts a
 thread as it unpickles its batch transform (`pipeline.DecodeBatch`), or at its first
-decode, that checks every `POLL_S` seconds whether the process that started the worker is
-still its parent, and ends the worker when not.
+decode, that waits on multiprocessing's sentinel for the process that spawned it (a pipe
+whose far end closes when that process ends) and then ends the worker.
+
+The sentinel, not `os.getppid()`: a worker still starting up when its trainer is killed
+would already see its new parent (PID 1 or a subreaper) and watch that one forever.
 """
 
 from __future__ import annotations
@@ -13,9 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
-import time
 
-POLL_S = 1.0
 _started = False
 
 
@@ -25,13 +26,12 @@ def start() -> None:
     if _started:
         return
     _started = True
-    if multiprocessing.parent_process() is None:  # the trainer itself
+    parent = multiprocessing.parent_process()
+    if parent is None:  # the trainer itself
         return
-    parent = os.getppid()
     threading.Thread(target=_watch, args=(parent,), name="cxrjax-parent-watch", daemon=True).start()
 
 
-def _watch(parent: int) -> None:
-    while os.getppid() == parent:  # a dead parent's children are re-parented (to 1 or a subreaper)
-        time.sleep(POLL_S)
+def _watch(parent) -> None:
+    parent.join()  # returns at once if the parent has already ended
     os._exit(1)
