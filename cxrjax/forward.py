@@ -17,7 +17,7 @@ import numpy as np
 
 from cxrjax.data.normalize import to_model_input
 from cxrjax.findings import FINDINGS
-from cxrjax.mesh import to_global, to_host
+from cxrjax.mesh import DeviceBatches, to_host
 
 if TYPE_CHECKING:
     from cxrjax.data.pipeline import ShardedRecords
@@ -31,7 +31,11 @@ def forward(model, mean, std, variables, images) -> dict:
     return {"probs": jax.nn.sigmoid(logits), "logits": logits}
 
 
-predict_batch = jax.jit(forward, static_argnums=0)  # one compile per model and batch shape
+# The one jitted inference function: the trainer's validation and test passes, `cxrjax
+# evaluate`, `predict`, `gradcam` and the benchmark's inference row all run it (callers
+# look it up here at call time, so a test can watch every use). One compile per model
+# and batch shape.
+predict_batch = jax.jit(forward, static_argnums=0)
 
 
 def pad_rows(a, size: int, fill=0) -> np.ndarray:
@@ -75,11 +79,13 @@ def predict_records(
     """{"key", "labels", and `predict`'s outputs} over every record of `source`, in record
     order; the labels are the records' own (CRC-checked), not the index's.
 
-    `batch_size` is per process. `predict(images)` maps this process's padded uint8 batch
-    to [batch, ...] outputs (global arrays over `mesh`, or numpy when `local`). Every
+    `batch_size` is per process. `predict(images)` maps a padded uint8 batch to [batch, ...]
+    outputs: a global batch over `mesh`, sent ahead by `DeviceBatches`, or, when `local`,
+    this process's numpy batch. Every
     process reads a contiguous range of at most ceil(n / P) records; `local` reads all
-    of them in this process alone. `after_batch()`, when given, runs after each batch: the
-    trainer's stop check, which may raise to end the pass there.
+    of them in this process alone. `after_batch()`, when given, runs as each batch's
+    outputs reach the host: the pass's bar and the trainer's stop check, which may raise to
+    end the pass there.
     """
     from cxrjax.data.pipeline import make_loader  # grain: only where records are read (bench images lack it)
 
@@ -94,13 +100,19 @@ def predict_records(
         process_count=count,
     )
     steps = math.ceil(math.ceil(len(source) / count) / batch_size)
-    gathered = []
-    for batch in record_batches(loader, batch_size, steps, image_size):
-        out = predict(batch["image"])
-        # Keys and labels travel as global arrays too, so they line up with the outputs by construction.
-        meta = {"key": batch["key"], "labels": batch["labels"]}
-        meta = meta if local else to_global(meta, mesh)
-        gathered.append(to_host({**meta, **out}))
+    batches = record_batches(loader, batch_size, steps, image_size)
+    if not local:  # keys and labels travel as global arrays too, so they line up with the outputs
+        batches = DeviceBatches(batches, mesh)
+    gathered, running = [], None
+    for batch in batches:
+        # Each batch's outputs come to the host once the next batch is queued behind it.
+        done, running = running, {"key": batch["key"], "labels": batch["labels"], **predict(batch["image"])}
+        if done is not None:
+            gathered.append(to_host(done))
+            if after_batch is not None:
+                after_batch()
+    if running is not None:
+        gathered.append(to_host(running))
         if after_batch is not None:
             after_batch()
     if not gathered:

@@ -6,6 +6,8 @@ BatchNorm's batch mean then runs over the global batch, and XLA adds the all-red
 
 from __future__ import annotations
 
+import collections
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -40,6 +42,42 @@ def to_global(batch: dict, mesh: Mesh) -> dict:
     """Assemble each process's numpy batch into one global array per key."""
     sharding = batch_sharded(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+class DeviceBatches:
+    """Global batches from this process's host batches, the next `ahead` of them already
+    sent to the devices: the one batch iterator of training and evaluation.
+
+    `to_global` only starts each copy, so the device never waits for the host's transfer
+    of the batch it needs next. `get_state()` is the host iterator's position as of the
+    batch last yielded (not of those sent ahead), so a checkpoint resumes at the next
+    batch; the host iterator is restored before it is wrapped.
+    """
+
+    def __init__(self, host_batches, mesh: Mesh, ahead: int = 2):
+        self._host, self._mesh, self._ahead = host_batches, mesh, ahead
+        self._queue = collections.deque()
+        self._state = self._host_state()
+
+    def _host_state(self):
+        return self._host.get_state() if hasattr(self._host, "get_state") else None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        while len(self._queue) <= self._ahead:
+            host = next(self._host, None)
+            if host is None:
+                break
+            self._queue.append((to_global(host, self._mesh), self._host_state()))
+        if not self._queue:
+            raise StopIteration
+        batch, self._state = self._queue.popleft()
+        return batch
+
+    def get_state(self):
+        return self._state
 
 
 def to_host(tree):

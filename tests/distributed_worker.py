@@ -19,12 +19,12 @@ import numpy as np
 import optax
 
 from cxrjax.data.normalize import stats_for
-from cxrjax.mesh import make_mesh, per_process_batch, replicated, to_global
+from cxrjax.mesh import make_mesh, per_process_batch, to_global
 from cxrjax.train import losses
 from cxrjax.train.defaults import base_config
 from cxrjax.train.distributed import maybe_initialize
-from cxrjax.train.state import TrainState
-from cxrjax.train.step import make_steps
+from cxrjax.train.state import TrainState, initial_state
+from cxrjax.train.step import make_train_step
 
 SIZE, GLOBAL_BATCH, STEPS = 16, 16, 3
 
@@ -54,12 +54,10 @@ def global_batches():
 def train(mesh) -> TrainState:
     """STEPS SGD steps over `mesh`; this process feeds its contiguous share of each global batch."""
     model, tx = SmallNet(), optax.sgd(0.1, momentum=0.9)
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
-    create = lambda v: TrainState.create(v, tx, 0)  # noqa: E731
-    sharding = jax.tree.map(lambda _: replicated(mesh), jax.eval_shape(create, variables))
-    state = jax.jit(create, out_shardings=sharding)(jax.device_get(variables))
+    state = initial_state(model, tx, mesh, image_size=SIZE, channels=3, seed=0)  # the trainer's initialiser
+    sharding = jax.tree.map(lambda x: x.sharding, state)
     mean, std = stats_for("imagenet", 3)
-    train_step, _ = make_steps(model, losses.bce, mesh, sharding, mean=mean, std=std, l2=0.0)
+    train_step = make_train_step(model, losses.bce, mesh, sharding, mean=mean, std=std, l2=0.0)
     local = per_process_batch(GLOBAL_BATCH, mesh)
     start = jax.process_index() * local
     for batch in global_batches():

@@ -258,15 +258,15 @@ def tiny_steps(size):
     return build_steps(training_config("tiny", "float32", "none"), size, make_mesh(jax.devices()[:1]), host["labels"])
 
 
-def lowered_flops_per_image(step, steps, batch):
-    return flops(step.lower(steps.abstract_state, steps.abstract_batch(batch))) / batch
+def lowered_flops_per_image(task, steps, batch):
+    return flops(steps.lower(task, batch)) / batch
 
 
 def test_flops_per_image_match_a_hand_count():
     # Convolutions and the classifier by hand; XLA adds the elementwise work (BN, ReLU,
     # pooling, normalization), a few percent at this size.
     steps = tiny_steps(128)
-    ratio = lowered_flops_per_image(steps.eval_step, steps, 2) / hand_count_conv_flops("tiny", 128)
+    ratio = lowered_flops_per_image("inference", steps, 2) / hand_count_conv_flops("tiny", 128)
     assert 1.0 < ratio < 1.1
 
 
@@ -274,11 +274,11 @@ def test_flops_per_image_consistent_between_batch_sizes(bench):
     _, results = bench
     reported = rows_of(results, "cxrjax", "train")[0]["flops_per_image"]
     steps = tiny_steps(SIZE)
-    two, four = (lowered_flops_per_image(steps.train_step, steps, b) for b in (BATCH, 4))
+    two, four = (lowered_flops_per_image("train", steps, b) for b in (BATCH, 4))
     assert reported == two  # the report carries the step's own count
     # Per image the same up to the optimizer update, which is per step, not per image.
     assert four < two and math.isclose(two, four, rel_tol=0.05)
-    infer_two, infer_four = (lowered_flops_per_image(steps.eval_step, steps, b) for b in (BATCH, 4))
+    infer_two, infer_four = (lowered_flops_per_image("inference", steps, b) for b in (BATCH, 4))
     assert infer_four == pytest.approx(infer_two, rel=1e-3)
 
 
@@ -322,9 +322,7 @@ def test_largest_batch_is_monotone_in_the_budget():
 
 def test_compiled_memory_grows_with_batch():
     steps = tiny_steps(SIZE)
-    small, large = (
-        compiled_memory(steps.eval_step.lower(steps.abstract_state, steps.abstract_batch(b)).compile()) for b in (1, 4)
-    )
+    small, large = (compiled_memory(steps.lower("inference", b).compile()) for b in (1, 4))
     assert large["total_bytes"] > small["total_bytes"] and large["argument_bytes"] > small["argument_bytes"]
 
 

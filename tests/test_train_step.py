@@ -17,8 +17,8 @@ from cxrjax.data.normalize import stats_for
 from cxrjax.mesh import make_mesh, replicated, to_global
 from cxrjax.models import build_model, default_model_config
 from cxrjax.train import losses, optim
-from cxrjax.train.state import TrainState
-from cxrjax.train.step import make_steps
+from cxrjax.train.state import initial_state
+from cxrjax.train.step import make_train_step
 
 SIZE = 32
 MEAN, STD = stats_for("imagenet", 3)
@@ -39,13 +39,10 @@ def _tiny(head: str = "fisher"):
 
 
 def _place(model, tx, mesh, seed: int = 0):
-    """A fresh state replicated over `mesh`, and the jitted steps for it."""
-    variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
-    state = TrainState.create(variables, tx, seed)
-    sharding = jax.tree.map(lambda _: replicated(mesh), state)
-    state = jax.device_put(state, sharding)
-    train_step, _ = make_steps(model, losses.bce, mesh, sharding, mean=MEAN, std=STD, l2=0.0)
-    return state, train_step
+    """A fresh state replicated over `mesh` (the trainer's initialiser), and the jitted step for it."""
+    state = initial_state(model, tx, mesh, image_size=SIZE, channels=3, seed=seed)
+    sharding = jax.tree.map(lambda x: x.sharding, state)
+    return state, make_train_step(model, losses.bce, mesh, sharding, mean=MEAN, std=STD, l2=0.0)
 
 
 def _run(model, tx, mesh, batches):

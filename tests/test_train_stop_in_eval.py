@@ -17,12 +17,12 @@ from train_helpers import SMOKE, STEPS_PER_EPOCH, metrics_rows, prepared  # noqa
 
 from cxrjax.cli import load_config, main, show_library_logs
 from cxrjax.experiment import train_and_test
-from cxrjax.train import loop
+from cxrjax.train import evaluation, loop, setup
 
 
-def _signal_on_call(monkeypatch, name: str, call: int, sig=signal.SIGTERM) -> list[int]:
-    """Wrap loop.<name> so that its `call`-th call sends `sig` to this process first."""
-    real, calls = getattr(loop, name), []
+def _signal_on_call(monkeypatch, module, name: str, call: int, sig=signal.SIGTERM) -> list[int]:
+    """Wrap module.<name> so that its `call`-th call sends `sig` to this process first."""
+    real, calls = getattr(module, name), []
 
     def wrapped(*args, **kwargs):
         calls.append(1)
@@ -30,8 +30,28 @@ def _signal_on_call(monkeypatch, name: str, call: int, sig=signal.SIGTERM) -> li
             os.kill(os.getpid(), sig)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, name, wrapped)
+    monkeypatch.setattr(module, name, wrapped)
     return calls
+
+
+def _signal_on_step(monkeypatch, step: int, sig=signal.SIGTERM) -> None:
+    """The run's jitted training step sends `sig` to this process as its `step`-th call starts."""
+    real = setup.make_train_step
+
+    calls = []
+
+    def make(*args, **kwargs):
+        train_step = real(*args, **kwargs)
+
+        def signalling(state, batch):
+            calls.append(1)
+            if len(calls) == step:
+                os.kill(os.getpid(), sig)
+            return train_step(state, batch)
+
+        return signalling
+
+    monkeypatch.setattr(setup, "make_train_step", make)
 
 
 @pytest.mark.slow
@@ -47,19 +67,19 @@ def test_a_stop_during_validation_or_the_final_evaluation_ends_the_pass_and_resu
     # The uninterrupted run gets a SIGUSR1 (a rebalance recommendation) in its second step:
     # it saves a checkpoint there and trains on.
     with monkeypatch.context() as patch:
-        _signal_on_call(patch, "to_global", 2, signal.SIGUSR1)
+        _signal_on_step(patch, 2, signal.SIGUSR1)
         reference = train_and_test(config, whole)
     assert "SIGUSR1 (rebalance recommendation): checkpoint saved at step 2; training goes on" in capsys.readouterr().out
     assert "stopped" not in reference and (whole / "done.json").exists()
 
     with monkeypatch.context() as patch:
-        _signal_on_call(patch, "validate", 1)
+        _signal_on_call(patch, loop, "validate", 1)
         out = train_and_test(config, work)
     assert out == {"stopped": "SIGTERM received during validation", "step": STEPS_PER_EPOCH}
     assert metrics_rows(work, "val") == [] and not (work / "done.json").exists()
 
     with monkeypatch.context() as patch:  # the epoch's validation first, then the test pass
-        predicts = _signal_on_call(patch, "predict", 2)
+        predicts = _signal_on_call(patch, evaluation, "predict", 2)
         out = train_and_test(config, work)
         assert len(predicts) == 2  # the second pass ended at its first batch
     assert out == {"stopped": "SIGTERM received during the final evaluation", "step": STEPS_PER_EPOCH}
@@ -80,7 +100,7 @@ def test_a_stop_during_validation_or_the_final_evaluation_ends_the_pass_and_resu
     # the resumed run validates that epoch before anything else (it used to be dropped).
     last = tmp_path / "last_step"
     with monkeypatch.context() as patch:
-        _signal_on_call(patch, "to_global", STEPS_PER_EPOCH)
+        _signal_on_step(patch, STEPS_PER_EPOCH)
         out = train_and_test(config, last)
     assert out == {"stopped": "SIGTERM received", "step": STEPS_PER_EPOCH}
     assert metrics_rows(last, "val") == []

@@ -1,8 +1,9 @@
 """The cxrjax side: times the real jitted steps that `cxrjax train` runs.
 
 The model, loss, optimizer, state and steps come from `base_config()` through
-`build_model`, `make_loss`, `make_optimizer`, `TrainState.create` and `make_steps`, so
-what is timed is the training step itself, not a copy. Each step is compiled ahead of
+`build_model`, `make_loss`, `make_optimizer`, `state.initial_state` and
+`make_train_step`, and inference is `forward.predict_batch` with the arguments the
+trainer's validation passes, so what is timed is what training runs, not a copy. Each step is compiled ahead of
 time (`lower().compile()`), which separates compile time from step time and gives XLA's
 FLOP count (`cost_analysis`) and buffer assignment (`memory_analysis`).
 
@@ -25,18 +26,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cxrjax import forward
 from cxrjax.bench.memory import PEAK_SOURCE, compiled_memory, device_peak_bytes, largest_batch, planned_batch
 from cxrjax.bench.spec import SCALING_DEVICES, CaseSpec, empty_result
 from cxrjax.bench.timing import time_steps
 from cxrjax.data.normalize import stats_for
 from cxrjax.findings import NUM_FINDINGS
-from cxrjax.mesh import batch_sharded, make_mesh, replicated, to_global
+from cxrjax.mesh import batch_sharded, make_mesh, to_global
 from cxrjax.models import build_model
 from cxrjax.models.memory import saved_activation_bytes_per_image
 from cxrjax.train import losses, optim
 from cxrjax.train.defaults import base_config
-from cxrjax.train.state import TrainState
-from cxrjax.train.step import make_steps
+from cxrjax.train.state import TrainState, initial_state, state_shapes
+from cxrjax.train.step import make_train_step
 
 
 def training_config(arch: str, dtype: str, remat: str):
@@ -48,18 +50,33 @@ def training_config(arch: str, dtype: str, remat: str):
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-    """The jitted steps of one config on one mesh, and how to make their state."""
+    """The trainer's jitted training step and its one jitted inference
+    (`forward.predict_batch`) for one config on one mesh, and how to make their state."""
 
     mesh: jax.sharding.Mesh
     size: int
     channels: int
+    seed: int
+    model: object
+    tx: object
+    stats: tuple  # (mean, std) per channel, as the trainer passes them
     train_step: object
-    eval_step: object
-    init: object  # key -> TrainState, jitted with the state's shardings
     abstract_state: TrainState  # ShapeDtypeStructs with shardings, for lowering only
 
-    def new_state(self, seed: int = 0) -> TrainState:
-        return self.init(jax.random.PRNGKey(seed))
+    def new_state(self, seed: int | None = None) -> TrainState:
+        seed = self.seed if seed is None else seed
+        return initial_state(self.model, self.tx, self.mesh, image_size=self.size, channels=self.channels, seed=seed)
+
+    def infer_args(self, state, batch) -> tuple:
+        """`forward.predict_batch`'s arguments, as the trainer's validation passes them."""
+        return (self.model, *self.stats, state.variables, batch["image"])
+
+    def lower(self, task: str, global_batch: int):
+        """The training step (task "train") or the inference, lowered for `global_batch`."""
+        batch = self.abstract_batch(global_batch)
+        if task == "train":
+            return self.train_step.lower(self.abstract_state, batch)
+        return forward.predict_batch.lower(*self.infer_args(self.abstract_state, batch))
 
     def abstract_batch(self, global_batch: int) -> dict:
         data = batch_sharded(self.mesh)
@@ -76,18 +93,11 @@ def build_steps(cfg, size: int, mesh, labels: np.ndarray) -> Steps:
     loss_fn = losses.make_loss(cfg.loss, labels.mean(0), labels.sum(0), len(labels))
     tx = optim.make_optimizer(cfg.optim, optim.make_schedule(cfg.optim, 1000, 100_000))
     mean, std = stats_for(cfg.data.normalization, cfg.model.in_channels)
-    dummy = jnp.zeros((1, size, size, cfg.model.in_channels), jnp.float32)
-
-    def create(key):
-        return TrainState.create(model.init(key, dummy, train=False), tx, cfg.seed)
-
-    shapes = jax.eval_shape(create, jax.random.PRNGKey(0))
-    sharding = jax.tree.map(lambda _: replicated(mesh), shapes)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, sharding)
-    train_step, eval_step = make_steps(model, loss_fn, mesh, sharding, mean=mean, std=std, l2=cfg.loss.l2)
-    return Steps(
-        mesh, size, cfg.model.in_channels, train_step, eval_step, jax.jit(create, out_shardings=sharding), abstract
-    )
+    channels = cfg.model.in_channels
+    abstract = state_shapes(model, tx, mesh, image_size=size, channels=channels, seed=cfg.seed)
+    sharding = jax.tree.map(lambda x: x.sharding, abstract)
+    train_step = make_train_step(model, loss_fn, mesh, sharding, mean=mean, std=std, l2=cfg.loss.l2)
+    return Steps(mesh, size, channels, cfg.seed, model, tx, (mean, std), train_step, abstract)
 
 
 def synthetic_host_batch(global_batch: int, size: int, seed: int = 0) -> dict:
@@ -124,9 +134,7 @@ def step_flops(cfg, size: int, global_batch: int, labels: np.ndarray, task: str 
         cpu = jax.devices("cpu")[:1]
     except RuntimeError:  # JAX_PLATFORMS without cpu: nothing to count on
         return None
-    steps = build_steps(cfg, size, make_mesh(cpu), labels)
-    fn = steps.train_step if task == "train" else steps.eval_step
-    return flops(fn.lower(steps.abstract_state, steps.abstract_batch(global_batch)))
+    return flops(build_steps(cfg, size, make_mesh(cpu), labels).lower(task, global_batch))
 
 
 def compile_timed(jitted, *args):
@@ -195,8 +203,11 @@ def measure_case(spec: CaseSpec) -> dict:
 
     rows = []
     if spec.inference:  # first: its allocator peak is read before training raises it
-        _, compiled, compile_s = compile_timed(steps.eval_step, state, batch)
-        timing = time_steps(functools.partial(compiled, state, batch), jax.block_until_ready, spec.steps)
+        # The trainer's own jitted inference, with the arguments its validation passes.
+        _, compiled, compile_s = compile_timed(forward.predict_batch, *steps.infer_args(state, batch))
+        timing = time_steps(
+            functools.partial(compiled, *steps.infer_args(state, batch)[1:]), jax.block_until_ready, spec.steps
+        )
         infer_flops = _per_image(step_flops(cfg, spec.size, global_batch, host["labels"], "inference"), global_batch)
         rows.append(
             spec.row(
@@ -280,7 +291,7 @@ def train_step_bytes(cfg, size: int, devices, labels):
     @functools.cache
     def bytes_for(batch: int) -> int:
         start = time.perf_counter()
-        compiled = steps.train_step.lower(steps.abstract_state, steps.abstract_batch(batch * len(devices))).compile()
+        compiled = steps.lower("train", batch * len(devices)).compile()
         seconds[batch] = time.perf_counter() - start
         memory = compiled_memory(compiled)
         if memory is None:
@@ -348,8 +359,9 @@ def measure_scaling(spec: CaseSpec) -> dict:
         part = {k: v[: spec.batch * n] for k, v in host.items()}
         steps = build_steps(cfg, spec.size, mesh, part["labels"])
         batch = to_global(part, mesh)
-        abstract_batch = steps.abstract_batch(spec.batch * n)
-        _, compiled, compile_s = compile_timed(steps.train_step, steps.abstract_state, abstract_batch)
+        _, compiled, compile_s = compile_timed(
+            steps.train_step, steps.abstract_state, steps.abstract_batch(spec.batch * n)
+        )
         trainer = _Trainer(compiled, steps.new_state())
         timing = time_steps(functools.partial(trainer.step, batch), jax.block_until_ready, spec.steps)
         rows.append(spec.row(**common, status="ok", compile_s=compile_s, **timing.fields(spec.batch * n, n)))

@@ -20,12 +20,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from cxrjax import forward
 from cxrjax.data.augment import AugmentConfig, random_affine
 from cxrjax.data.images import refuse_upsampling, to_model_size
 from cxrjax.eval.image_files import collect_pngs, read_gray
 from cxrjax.eval.model_source import InferenceError, TrainedModel, load_trained, locate
 from cxrjax.findings import FINDINGS
-from cxrjax.forward import pad_rows, predict_batch, predict_records
+from cxrjax.forward import pad_rows, predict_records
 from cxrjax.mesh import batch_sharded, make_mesh, replicated
 from cxrjax.models import build_model
 from cxrjax.workdir import read_run_config, run_info
@@ -70,7 +71,7 @@ class Predictor:
         total = np.zeros((len(images), len(FINDINGS)), np.float64)
         for view in tta_views(images, tta, self.trained.augment):
             (x,) = self.put(view)
-            p = predict_batch(self.model, *self.stats, self.variables, x)["probs"]
+            p = forward.predict_batch(self.model, *self.stats, self.variables, x)["probs"]
             total += np.asarray(jax.device_get(p), np.float64)[: len(images)]
         return total / tta
 

@@ -1,4 +1,4 @@
-"""The pure training and evaluation steps; `make_steps` jits them over the mesh."""
+"""The pure training step; `make_train_step` jits it over the mesh."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import optax
 
 from cxrjax.data.normalize import to_model_input
-from cxrjax.forward import forward
 from cxrjax.mesh import batch_sharded, replicated
 from cxrjax.models import l2_penalty
 from cxrjax.train.state import TrainState
@@ -57,25 +56,12 @@ def _count_nonfinite(tree) -> jax.Array:
     return sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(tree)).astype(jnp.float32)
 
 
-def eval_step(state: TrainState, batch: dict, *, model, mean, std):
-    """Probabilities and logits in inference mode: the shared forward (`cxrjax.forward`)."""
-    return forward(model, mean, std, state.variables, batch["image"])
-
-
-def make_steps(model, loss_fn, mesh, state_sharding, *, mean, std, l2: float):
-    """jit both steps: batch sharded over `data`, state replicated, state buffers donated.
-    The trainer predicts through `cxrjax.forward.predict_batch`; this evaluation step jits
-    the same forward with the trainer's shardings, for lowering and timing (`cxrjax bench`)."""
-    data = batch_sharded(mesh)
-    train = jax.jit(
+def make_train_step(model, loss_fn, mesh, state_sharding, *, mean, std, l2: float):
+    """jit the step: batch sharded over `data`, state replicated, the old state's buffers
+    donated. Inference has one jitted function, `cxrjax.forward.predict_batch`."""
+    return jax.jit(
         functools.partial(train_step, model=model, loss_fn=loss_fn, mean=mean, std=std, l2=l2),
-        in_shardings=(state_sharding, data),
+        in_shardings=(state_sharding, batch_sharded(mesh)),
         out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=0,
     )
-    evaluate = jax.jit(
-        functools.partial(eval_step, model=model, mean=mean, std=std),
-        in_shardings=(state_sharding, data),
-        out_shardings=data,
-    )
-    return train, evaluate
