@@ -32,7 +32,7 @@ from cxrjax.bench.spec import SCALING_DEVICES, CaseSpec, empty_result
 from cxrjax.bench.timing import time_steps
 from cxrjax.data.normalize import stats_for
 from cxrjax.findings import NUM_FINDINGS
-from cxrjax.mesh import batch_sharded, make_mesh, to_global
+from cxrjax.mesh import DeviceBatches, batch_sharded, make_mesh, to_global
 from cxrjax.models import build_model
 from cxrjax.models.memory import saved_activation_bytes_per_image
 from cxrjax.train import losses, optim
@@ -246,7 +246,8 @@ def measure_case(spec: CaseSpec) -> dict:
 
 
 def _measure_fed(spec: CaseSpec, trainer: _Trainer, mesh, common: dict, synthetic: dict) -> dict:
-    """The same compiled step fed by the real grain pipeline over `spec.prepared`."""
+    """The same compiled step fed by the real grain pipeline over `spec.prepared`, its
+    batches sent ahead to the devices as the trainer's are (`DeviceBatches`)."""
     from cxrjax.data.augment import AugmentConfig
     from cxrjax.data.pipeline import ShardedRecords, make_loader
     from cxrjax.mesh import per_process_batch
@@ -265,8 +266,8 @@ def _measure_fed(spec: CaseSpec, trainer: _Trainer, mesh, common: dict, syntheti
         augment=AugmentConfig(),
         workers=spec.workers,
     )
-    batches = iter(loader)
-    timing = time_steps(lambda: trainer.step(to_global(next(batches), mesh)), jax.block_until_ready, spec.steps)
+    batches = DeviceBatches(iter(loader), mesh)  # fed as the trainer feeds its steps
+    timing = time_steps(lambda: trainer.step(next(batches)), jax.block_until_ready, spec.steps)
     fields = timing.fields(global_batch, common["devices"])
     fraction = fields["images_per_s"] / synthetic["images_per_s"]
     return spec.row(
