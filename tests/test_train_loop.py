@@ -83,12 +83,6 @@ def cpu_transfer_guard(monkeypatch):
 
 
 @pytest.mark.slow
-def test_an_epoch_runs_under_the_guard(smoke_config, tmp_path, cpu_transfer_guard):
-    """Whole epochs, validation and the test pass: nothing inside the epoch reads from the device."""
-    assert "stopped" not in train_and_test(smoke_config, tmp_path / "run")
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("read", ["implicit", "explicit"])
 def test_a_read_from_the_device_inside_an_epoch_fails_the_run(
     smoke_config, tmp_path, monkeypatch, cpu_transfer_guard, read
@@ -125,7 +119,9 @@ class _Spy:
 
 
 @pytest.mark.slow
-def test_validation_and_the_benchmark_run_one_jitted_inference(smoke_config, tmp_path, monkeypatch):
+def test_validation_and_the_benchmark_run_one_jitted_inference(smoke_config, tmp_path, monkeypatch, cpu_transfer_guard):
+    """A whole run under the guard (nothing inside its epoch reads from the device), whose
+    validation and test pass go through the same jitted inference the benchmark lowers."""
     spy = _Spy(forward.predict_batch)
     monkeypatch.setattr(forward, "predict_batch", spy)
     summary = train_and_test(smoke_config, tmp_path / "run")
