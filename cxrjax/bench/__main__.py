@@ -5,7 +5,7 @@ import sys
 
 from cxrjax.bench.args import add_arguments, run
 from cxrjax.bench.gpu_target import ensure_plugin_registered
-from cxrjax.cli import show_library_logs
+from cxrjax.logs import show_library_logs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 from cxrjax.bench.gpu_target import ensure_plugin_registered
 from cxrjax.bench.memory import GIB
 from cxrjax.bench.spec import CaseSpec
-from cxrjax.cli import show_library_logs
+from cxrjax.logs import show_library_logs
 
 NAME = "quick"
 
