@@ -359,72 +359,9 @@ def _add_ensemble(sub) -> None:
     p.set_defaults(func=_input_errors_to_exit(run))
 
 
-def load_config(path: str, overrides: list[str]):
-    """A recipe name or a config file (optionally `:variant`) with `--config.a.b=value`
-    overrides, parsed by ml_collections so every field is typed and checked."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    from cxrjax.configs import resolve
-
-    for given, after in zip(overrides, [*overrides[1:], None]):
-        if given.startswith("--config.") and "=" not in given and after and not after.startswith("-"):
-            raise SystemExit(
-                f"cxrjax: {given} {after}: write {given}={after} (an override takes its value after '=', not a space)"
-            )
-    bad = [o for o in overrides if not o.startswith("--config.")]
-    if bad:
-        raise SystemExit(f"cxrjax: unrecognized arguments: {' '.join(bad)} ({OVERRIDES_HELP})")
-    try:
-        path = resolve(path)
-    except ValueError as e:
-        raise SystemExit(f"cxrjax: {e}") from None
-
-    def parse(given: list[str]):
-        argv = ["cxrjax", f"--config={path}", *given]
-        values = flags.FlagValues()
-        # sys_argv: the overrides are read from here, not from the process's own sys.argv.
-        config_flags.DEFINE_config_file("config", default=None, flag_values=values, sys_argv=argv)
-        values(argv)
-        return values.config
-
-    try:
-        return parse(overrides)
-    except flags.Error as e:
-        raise SystemExit(f"cxrjax: {e}") from None
-    except (AttributeError, KeyError):  # ml_collections: a field the config does not have
-        raise SystemExit(f"cxrjax: {_unknown_fields(overrides, parse([]))}") from None
-
-
-OVERRIDES_HELP = (
-    "override any config field with --config.FIELD=VALUE, e.g. --config.epochs=5 "
-    "--config.optim.learning_rate=3e-4; every field and its default: cxrjax/train/defaults.py, "
-    "described in docs/training.md"
-)
-
-
-def _unknown_fields(overrides: list[str], config) -> str:
-    """Which overrides name no field of `config`, each with the closest field."""
-    import difflib
-
-    def flat(node, prefix=""):
-        for key, value in node.items():
-            if hasattr(value, "items"):
-                yield from flat(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}"
-
-    fields = list(flat(config))
-    unknown = []
-    for given in overrides:
-        name = given.removeprefix("--config.").split("=")[0]
-        if name not in fields and name.removeprefix("no") not in fields:  # absl's --config.noFLAG
-            close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
-            unknown.append(f"{given}: no field {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-    return "; ".join(unknown or ["an override names no field of the config"]) + f" ({OVERRIDES_HELP})"
-
-
 def _add_train(sub) -> None:
+    from cxrjax.config import OVERRIDES_HELP
+
     p = sub.add_parser(
         "train",
         help="train (or resume) a model; --config.FIELD=VALUE overrides any config field",
@@ -442,6 +379,7 @@ def _add_train(sub) -> None:
     p.set_defaults(accepts_overrides=True)
 
     def run(args):
+        from cxrjax.config import load_config
         from cxrjax.experiment import train_members
         from cxrjax.train.loop import TrainingDiverged
 
@@ -511,6 +449,7 @@ def _add_demo(sub) -> None:
     p.set_defaults(accepts_overrides=True)
 
     def run(args):
+        from cxrjax.config import load_config
         from cxrjax.demo import run_demo
 
         config = load_config(args.config, args.overrides)
