@@ -133,11 +133,13 @@ def test_a_full_disk_is_found_behind_the_errors_it_caused():
     "overrides, expected",
     [
         (
-            "optim.learnin_rate=1e-3;",
-            "member 0: 'optim.learnin_rate=1e-3': no field 'optim.learnin_rate'; did you mean",
+            "--config.optim.learnin_rate=1e-3;",
+            "member 0: --config.optim.learnin_rate=1e-3: no field 'optim.learnin_rate'; did you mean",
         ),
-        ("optim.learning_rate=fast;", "member 0: 'optim.learning_rate=fast': 'fast' is not a float"),
-        ("seed=1", "ensemble.overrides has 1 ';'-separated entries for 2 members"),
+        (";--config.optim.learning_rate=fast", "member 1: flag --config.optim.learning_rate=fast: could not convert"),
+        ("--config.seed=1", "ensemble.overrides has 1 ';'-separated entries for 2 members"),
+        ("optim.learning_rate=1e-3;", "member 0: unrecognized arguments: optim.learning_rate=1e-3"),
+        (";--config.data.prepared /data", "member 1: --config.data.prepared /data: write --config.data.prepared=/data"),
     ],
 )
 def test_a_mistyped_ensemble_override_is_one_line_before_any_member_trains(tmp_path, capsys, overrides, expected):
