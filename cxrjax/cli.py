@@ -555,7 +555,7 @@ def _add_bench(sub) -> None:
     def run(args):
         from cxrjax.bench.args import run as run_bench
 
-        return run_bench(args, "cxrjax bench")
+        return run_bench(p, args, "cxrjax bench")
 
     p.set_defaults(func=run)
 

@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     show_library_logs()
     parser = argparse.ArgumentParser(prog="python -m cxrjax.bench", description=__doc__)
     add_arguments(parser)
-    return run(parser.parse_args(argv), "python -m cxrjax.bench")
+    return run(parser, parser.parse_args(argv), "python -m cxrjax.bench")
 
 
 if __name__ == "__main__":
