@@ -233,13 +233,8 @@ def _add_evaluate(sub) -> None:
     )
 
     def run(args):
-        from cxrjax.eval.adjudicated import is_adjudicated, overlap, read_adjudicated
-        from cxrjax.eval.evaluate import evaluate_predictions
-        from cxrjax.eval.labels import read_labels
-        from cxrjax.eval.predictions import read_predictions
+        from cxrjax.eval.evaluate_files import evaluate_files
 
-        val = compare = None
-        run_info = args.run_info
         described = {
             "name": args.name,
             "split_family": args.split_family,
@@ -249,79 +244,33 @@ def _add_evaluate(sub) -> None:
             "replicate_group": args.replicate_group,
             "test_images_full": args.test_images_full,
         }
+        run_info = args.run_info
         if any(v for v in described.values()):
             if args.run_info:
                 p.error("give --run-info or --name/--split-family/..., not both")
             if not (args.name and args.split_family):
                 p.error("--name and --split-family describe a run together (split, px and backbone are optional)")
             run_info = described
-        given = args.labels or []
-        adjudicated_files = [f for f in given if is_adjudicated(f)]
-        label_files = [f for f in given if f not in adjudicated_files]
-        if len(adjudicated_files) > 1 or len(label_files) > 1:
-            p.error("--labels: at most one NIH label file and one adjudicated file")
-        adjudicated = read_adjudicated(adjudicated_files[0]) if adjudicated_files else None
-        args.labels = label_files[0] if label_files else None
-        if args.checkpoint:
-            from cxrjax.eval.inference import predict_for_evaluation
-
-            r = predict_for_evaluation(
-                args.checkpoint,
-                args.data,
-                args.part,
-                labels=args.labels,
-                val_predictions=args.val_predictions,
-                val_labels=args.val_labels,
-                tta=args.tta,
-                batch_size=args.batch_size,
-            )
-            image_ids, probs, labels, sources, val = r["ids"], r["probs"], r["labels"], r["sources"], r["val"]
-            run_info = run_info or r["run"]
-        else:
-            if args.labels is None and adjudicated is None:
-                p.error("--labels is required with --predictions")
-            if args.data or args.tta != 1:
-                p.error("--data and --tta apply to --checkpoint")
-            preds = read_predictions(args.predictions)
-            image_ids, probs = preds.image_ids, preds.probs
-            if args.labels is None:  # only the adjudicated file: its images, its NIH labels
-                covered = overlap(image_ids, adjudicated, str(args.predictions))
-                print(
-                    f"scoring the {int(covered.sum())} of {len(covered)} predicted images that "
-                    f"{adjudicated.source} labels"
-                )
-                image_ids, probs = image_ids[covered], probs[covered]
-                labels, args.labels = adjudicated.text_mined(), adjudicated.source
-            else:
-                labels = read_labels(args.labels)
-            sources = {"predictions": str(args.predictions), "labels": str(args.labels)}
-            if len(image_ids) < len(preds.image_ids):
-                sources["scored"] = (
-                    f"only the {len(image_ids)} of {len(preds.image_ids)} predicted images the adjudicated file labels"
-                )
-            if args.val_predictions:
-                v = read_predictions(args.val_predictions)
-                val_labels = read_labels(args.val_labels) if args.val_labels else labels
-                val = (v.image_ids, v.probs, val_labels)
-                sources["val_predictions"] = str(args.val_predictions)
-                sources["val_labels"] = str(args.val_labels or args.labels)
-        if args.compare:
-            c = read_predictions(args.compare)
-            compare = (c.image_ids, c.probs, str(args.compare))
-        m = evaluate_predictions(
-            image_ids,
-            probs,
-            labels,
-            None,
+        if args.predictions and not args.labels:
+            p.error("--labels is required with --predictions")
+        if args.predictions and (args.data or args.tta != 1):
+            p.error("--data and --tta apply to --checkpoint")
+        m = evaluate_files(
             args.out,
-            val,
+            predictions=args.predictions,
+            checkpoint=args.checkpoint,
+            labels=args.labels or (),
+            data=args.data,
+            part=args.part,
+            tta=args.tta,
+            batch_size=args.batch_size,
+            val_predictions=args.val_predictions,
+            val_labels=args.val_labels,
+            compare=args.compare,
+            run_info=run_info,
             n_bootstrap=args.bootstrap,
             seed=args.seed,
             target_sensitivity=args.target_sensitivity,
-            compare=compare,
-            run=run_info,
-            sources=sources,
-            adjudicated=adjudicated,
         )
         mean = "n/a" if m["mean_auc"] is None else f"{m['mean_auc']:.4f}"
         print(
@@ -475,6 +424,11 @@ def _image_model_arguments(p, out_help: str) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per jitted call")
 
 
+def _on_images(run, args, **options) -> dict:
+    """`run` (`run_predict`, `run_gradcam`) on the inputs `_image_model_arguments` declared."""
+    return run(args.weights, args.paths, args.out, image_size=args.image_size, batch_size=args.batch_size, **options)
+
+
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="probabilities CSV for PNG files or folders (optional Grad-CAM heatmaps)")
     _image_model_arguments(p, "CSV to write: Image Index (file name), prob_<finding>")
@@ -496,16 +450,7 @@ def _add_predict(sub) -> None:
     def run(args):
         from cxrjax.eval.inference import run_predict
 
-        summary = run_predict(
-            args.weights,
-            args.paths,
-            args.out,
-            heatmaps=args.heatmaps,
-            top_k=args.top_k,
-            tta=args.tta,
-            image_size=args.image_size,
-            batch_size=args.batch_size,
-        )
+        summary = _on_images(run_predict, args, heatmaps=args.heatmaps, top_k=args.top_k, tta=args.tta)
         print(
             f"{summary['images']} images with {summary['model']}: {summary['predictions']}"
             + (f"; heatmaps: {summary['heatmaps']}" if "heatmaps" in summary else "")
@@ -524,15 +469,7 @@ def _add_gradcam(sub) -> None:
     def run(args):
         from cxrjax.eval.inference import run_gradcam
 
-        summary = run_gradcam(
-            args.weights,
-            args.paths,
-            args.out,
-            findings=args.findings,
-            top_k=args.top_k,
-            image_size=args.image_size,
-            batch_size=args.batch_size,
-        )
+        summary = _on_images(run_gradcam, args, findings=args.findings, top_k=args.top_k)
         from cxrjax.summaries import plural
 
         print(
