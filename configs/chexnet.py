@@ -8,7 +8,7 @@ in the paper.
         --config.data.prepared=/tmp/prepared
 """
 
-from cxrjax.train.defaults import base_config, smoke
+from cxrjax.config import base_config, with_variant
 
 
 def get_config(variant: str = ""):
@@ -25,8 +25,4 @@ def get_config(variant: str = ""):
     c.optim.schedule = "plateau"
     c.optim.plateau_factor = 0.1
     c.optim.plateau_patience = 1
-    if variant == "smoke":
-        smoke(c)
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r}; use '' or 'smoke'")
-    return c
+    return with_variant(c, variant)

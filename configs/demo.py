@@ -8,7 +8,7 @@ NIH-format dataset, sized to finish in minutes on two CPU cores.
         --config.data.prepared=/tmp/prepared
 """
 
-from cxrjax.train.defaults import base_config, smoke
+from cxrjax.config import base_config, with_variant
 
 
 def get_config(variant: str = ""):
@@ -32,8 +32,4 @@ def get_config(variant: str = ""):
     c.checkpoint.keep = 1
     c.eval.bootstrap = 200
     c.wandb.mode = "disabled"
-    if variant == "smoke":
-        smoke(c)
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r}; use '' or 'smoke'")
-    return c
+    return with_variant(c, variant)

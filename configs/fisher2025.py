@@ -10,7 +10,7 @@ min 1e-6), early stopping on validation mean AUC (patience 10), random patient-w
         --config.data.prepared=/tmp/prepared
 """
 
-from cxrjax.train.defaults import base_config, smoke
+from cxrjax.config import base_config, with_variant
 
 
 def get_config(variant: str = ""):
@@ -32,8 +32,4 @@ def get_config(variant: str = ""):
     c.optim.plateau_patience = 3
     c.optim.min_lr = 1e-6
     c.early_stopping_patience = 10
-    if variant == "smoke":
-        smoke(c)
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r}; use '' or 'smoke'")
-    return c
+    return with_variant(c, variant)

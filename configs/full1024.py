@@ -16,7 +16,7 @@ allowance) is 86 per A10G (18.8 GiB compiled). To plan another batch or card:
         --config.data.prepared=/tmp/prepared
 """
 
-from cxrjax.train.defaults import base_config, smoke
+from cxrjax.config import base_config, with_variant
 
 
 def get_config(variant: str = ""):
@@ -36,9 +36,4 @@ def get_config(variant: str = ""):
     c.optim.schedule = "cosine"
     c.optim.warmup_epochs = 1.0
     c.checkpoint.every_steps = 500  # an epoch at 1024 px is long; spot can end it
-    if variant == "smoke":
-        smoke(c, image_size=64)
-        c.checkpoint.every_steps = 2
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r}; use '' or 'smoke'")
-    return c
+    return with_variant(c, variant, smoke_fields={"data.image_size": 64, "checkpoint.every_steps": 2})

@@ -8,9 +8,10 @@ bound function so `cxrjax --help` stays fast.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
+
+from cxrjax.logs import show_library_logs
 
 
 def _add_synth(sub) -> None:
@@ -232,13 +233,8 @@ def _add_evaluate(sub) -> None:
     )
 
     def run(args):
-        from cxrjax.eval.adjudicated import is_adjudicated, overlap, read_adjudicated
-        from cxrjax.eval.evaluate import evaluate_predictions
-        from cxrjax.eval.labels import read_labels
-        from cxrjax.eval.predictions import read_predictions
+        from cxrjax.eval.evaluate_files import evaluate_files
 
-        val = compare = None
-        run_info = args.run_info
         described = {
             "name": args.name,
             "split_family": args.split_family,
@@ -248,79 +244,33 @@ def _add_evaluate(sub) -> None:
             "replicate_group": args.replicate_group,
             "test_images_full": args.test_images_full,
         }
+        run_info = args.run_info
         if any(v for v in described.values()):
             if args.run_info:
                 p.error("give --run-info or --name/--split-family/..., not both")
             if not (args.name and args.split_family):
                 p.error("--name and --split-family describe a run together (split, px and backbone are optional)")
             run_info = described
-        given = args.labels or []
-        adjudicated_files = [f for f in given if is_adjudicated(f)]
-        label_files = [f for f in given if f not in adjudicated_files]
-        if len(adjudicated_files) > 1 or len(label_files) > 1:
-            p.error("--labels: at most one NIH label file and one adjudicated file")
-        adjudicated = read_adjudicated(adjudicated_files[0]) if adjudicated_files else None
-        args.labels = label_files[0] if label_files else None
-        if args.checkpoint:
-            from cxrjax.eval.inference import predict_for_evaluation
-
-            r = predict_for_evaluation(
-                args.checkpoint,
-                args.data,
-                args.part,
-                labels=args.labels,
-                val_predictions=args.val_predictions,
-                val_labels=args.val_labels,
-                tta=args.tta,
-                batch_size=args.batch_size,
-            )
-            image_ids, probs, labels, sources, val = r["ids"], r["probs"], r["labels"], r["sources"], r["val"]
-            run_info = run_info or r["run"]
-        else:
-            if args.labels is None and adjudicated is None:
-                p.error("--labels is required with --predictions")
-            if args.data or args.tta != 1:
-                p.error("--data and --tta apply to --checkpoint")
-            preds = read_predictions(args.predictions)
-            image_ids, probs = preds.image_ids, preds.probs
-            if args.labels is None:  # only the adjudicated file: its images, its NIH labels
-                covered = overlap(image_ids, adjudicated, str(args.predictions))
-                print(
-                    f"scoring the {int(covered.sum())} of {len(covered)} predicted images that "
-                    f"{adjudicated.source} labels"
-                )
-                image_ids, probs = image_ids[covered], probs[covered]
-                labels, args.labels = adjudicated.text_mined(), adjudicated.source
-            else:
-                labels = read_labels(args.labels)
-            sources = {"predictions": str(args.predictions), "labels": str(args.labels)}
-            if len(image_ids) < len(preds.image_ids):
-                sources["scored"] = (
-                    f"only the {len(image_ids)} of {len(preds.image_ids)} predicted images the adjudicated file labels"
-                )
-            if args.val_predictions:
-                v = read_predictions(args.val_predictions)
-                val_labels = read_labels(args.val_labels) if args.val_labels else labels
-                val = (v.image_ids, v.probs, val_labels)
-                sources["val_predictions"] = str(args.val_predictions)
-                sources["val_labels"] = str(args.val_labels or args.labels)
-        if args.compare:
-            c = read_predictions(args.compare)
-            compare = (c.image_ids, c.probs, str(args.compare))
-        m = evaluate_predictions(
-            image_ids,
-            probs,
-            labels,
-            None,
+        if args.predictions and not args.labels:
+            p.error("--labels is required with --predictions")
+        if args.predictions and (args.data or args.tta != 1):
+            p.error("--data and --tta apply to --checkpoint")
+        m = evaluate_files(
             args.out,
-            val,
+            predictions=args.predictions,
+            checkpoint=args.checkpoint,
+            labels=args.labels or (),
+            data=args.data,
+            part=args.part,
+            tta=args.tta,
+            batch_size=args.batch_size,
+            val_predictions=args.val_predictions,
+            val_labels=args.val_labels,
+            compare=args.compare,
+            run_info=run_info,
             n_bootstrap=args.bootstrap,
             seed=args.seed,
             target_sensitivity=args.target_sensitivity,
-            compare=compare,
-            run=run_info,
-            sources=sources,
-            adjudicated=adjudicated,
         )
         mean = "n/a" if m["mean_auc"] is None else f"{m['mean_auc']:.4f}"
         print(
@@ -358,72 +308,9 @@ def _add_ensemble(sub) -> None:
     p.set_defaults(func=_input_errors_to_exit(run))
 
 
-def load_config(path: str, overrides: list[str]):
-    """A recipe name or a config file (optionally `:variant`) with `--config.a.b=value`
-    overrides, parsed by ml_collections so every field is typed and checked."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    from cxrjax.configs import resolve
-
-    for given, after in zip(overrides, [*overrides[1:], None]):
-        if given.startswith("--config.") and "=" not in given and after and not after.startswith("-"):
-            raise SystemExit(
-                f"cxrjax: {given} {after}: write {given}={after} (an override takes its value after '=', not a space)"
-            )
-    bad = [o for o in overrides if not o.startswith("--config.")]
-    if bad:
-        raise SystemExit(f"cxrjax: unrecognized arguments: {' '.join(bad)} ({OVERRIDES_HELP})")
-    try:
-        path = resolve(path)
-    except ValueError as e:
-        raise SystemExit(f"cxrjax: {e}") from None
-
-    def parse(given: list[str]):
-        argv = ["cxrjax", f"--config={path}", *given]
-        values = flags.FlagValues()
-        # sys_argv: the overrides are read from here, not from the process's own sys.argv.
-        config_flags.DEFINE_config_file("config", default=None, flag_values=values, sys_argv=argv)
-        values(argv)
-        return values.config
-
-    try:
-        return parse(overrides)
-    except flags.Error as e:
-        raise SystemExit(f"cxrjax: {e}") from None
-    except (AttributeError, KeyError):  # ml_collections: a field the config does not have
-        raise SystemExit(f"cxrjax: {_unknown_fields(overrides, parse([]))}") from None
-
-
-OVERRIDES_HELP = (
-    "override any config field with --config.FIELD=VALUE, e.g. --config.epochs=5 "
-    "--config.optim.learning_rate=3e-4; every field and its default: cxrjax/train/defaults.py, "
-    "described in docs/training.md"
-)
-
-
-def _unknown_fields(overrides: list[str], config) -> str:
-    """Which overrides name no field of `config`, each with the closest field."""
-    import difflib
-
-    def flat(node, prefix=""):
-        for key, value in node.items():
-            if hasattr(value, "items"):
-                yield from flat(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}"
-
-    fields = list(flat(config))
-    unknown = []
-    for given in overrides:
-        name = given.removeprefix("--config.").split("=")[0]
-        if name not in fields and name.removeprefix("no") not in fields:  # absl's --config.noFLAG
-            close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
-            unknown.append(f"{given}: no field {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-    return "; ".join(unknown or ["an override names no field of the config"]) + f" ({OVERRIDES_HELP})"
-
-
 def _add_train(sub) -> None:
+    from cxrjax.config import OVERRIDES_HELP
+
     p = sub.add_parser(
         "train",
         help="train (or resume) a model; --config.FIELD=VALUE overrides any config field",
@@ -441,6 +328,7 @@ def _add_train(sub) -> None:
     p.set_defaults(accepts_overrides=True)
 
     def run(args):
+        from cxrjax.config import load_config
         from cxrjax.experiment import train_members
         from cxrjax.train.loop import TrainingDiverged
 
@@ -510,6 +398,7 @@ def _add_demo(sub) -> None:
     p.set_defaults(accepts_overrides=True)
 
     def run(args):
+        from cxrjax.config import load_config
         from cxrjax.demo import run_demo
 
         config = load_config(args.config, args.overrides)
@@ -535,6 +424,11 @@ def _image_model_arguments(p, out_help: str) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per jitted call")
 
 
+def _on_images(run, args, **options) -> dict:
+    """`run` (`run_predict`, `run_gradcam`) on the inputs `_image_model_arguments` declared."""
+    return run(args.weights, args.paths, args.out, image_size=args.image_size, batch_size=args.batch_size, **options)
+
+
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="probabilities CSV for PNG files or folders (optional Grad-CAM heatmaps)")
     _image_model_arguments(p, "CSV to write: Image Index (file name), prob_<finding>")
@@ -556,16 +450,7 @@ def _add_predict(sub) -> None:
     def run(args):
         from cxrjax.eval.inference import run_predict
 
-        summary = run_predict(
-            args.weights,
-            args.paths,
-            args.out,
-            heatmaps=args.heatmaps,
-            top_k=args.top_k,
-            tta=args.tta,
-            image_size=args.image_size,
-            batch_size=args.batch_size,
-        )
+        summary = _on_images(run_predict, args, heatmaps=args.heatmaps, top_k=args.top_k, tta=args.tta)
         print(
             f"{summary['images']} images with {summary['model']}: {summary['predictions']}"
             + (f"; heatmaps: {summary['heatmaps']}" if "heatmaps" in summary else "")
@@ -584,15 +469,7 @@ def _add_gradcam(sub) -> None:
     def run(args):
         from cxrjax.eval.inference import run_gradcam
 
-        summary = run_gradcam(
-            args.weights,
-            args.paths,
-            args.out,
-            findings=args.findings,
-            top_k=args.top_k,
-            image_size=args.image_size,
-            batch_size=args.batch_size,
-        )
+        summary = _on_images(run_gradcam, args, findings=args.findings, top_k=args.top_k)
         from cxrjax.summaries import plural
 
         print(
@@ -615,36 +492,9 @@ def _add_bench(sub) -> None:
     def run(args):
         from cxrjax.bench.args import run as run_bench
 
-        return run_bench(args, "cxrjax bench")
+        return run_bench(p, args, "cxrjax bench")
 
     p.set_defaults(func=run)
-
-
-class _Below(logging.Filter):
-    def __init__(self, level: int):
-        super().__init__()
-        self.level = level
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < self.level
-
-
-def show_library_logs() -> None:
-    """The library logs through `logging` under "cxrjax"; a command shows its INFO lines on
-    stdout as plain text and its warnings on stderr. Other libraries' logs are left as they are."""
-    log = logging.getLogger("cxrjax")
-    for handler in [h for h in log.handlers if getattr(h, "cxrjax_cli", False)]:
-        log.removeHandler(handler)
-    info, warnings = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
-    info.addFilter(_Below(logging.WARNING))
-    info.setFormatter(logging.Formatter("%(message)s"))
-    warnings.setLevel(logging.WARNING)
-    warnings.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    for handler in (info, warnings):
-        handler.cxrjax_cli = True
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -324,7 +324,7 @@ class Node:
         try:
             self.record_instance()
             self.s3.push(self.logs, f"logs/process-{self.a.process_id}")
-            from cxrjax.cli import load_config
+            from cxrjax.config import load_config
 
             name, _, variant = self.a.run_config.partition(":")
             config_arg = f"configs/{name}.py" + (f":{variant}" if variant else "")

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cxrjax.config import base_config
 from cxrjax.data.normalize import stats_for
 from cxrjax.mesh import make_mesh, per_process_batch, to_global
 from cxrjax.train import losses
-from cxrjax.train.defaults import base_config
 from cxrjax.train.distributed import maybe_initialize
 from cxrjax.train.state import TrainState, initial_state
 from cxrjax.train.step import make_train_step

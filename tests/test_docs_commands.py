@@ -158,7 +158,8 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def _check_cxrjax(argv: list[str], strict: bool, load: bool = True) -> str | None:
     """Parse with the CLI's parser; `load`: also load train/demo overrides into the recipe."""
-    from cxrjax.cli import build_parser, load_config
+    from cxrjax.cli import build_parser
+    from cxrjax.config import load_config
 
     parser = build_parser()
     if not strict:

@@ -41,7 +41,7 @@ def test_catching_input_errors_imports_nothing_heavy():
     assert out.strip() == "[]"
 
 
-# Config mistakes are one line, before any workdir exists (`cxrjax.train.config_check`, `cli.load_config`).
+# Config mistakes are one line, before any workdir exists (`cxrjax.train.config_check`, `cxrjax.config.load_config`).
 TRAIN = ["train", "--config", "chexnet:smoke"]
 
 
@@ -69,7 +69,7 @@ def test_a_bad_config_value_is_one_line_before_the_workdir_exists(tmp_path, caps
     assert main([*TRAIN, "--workdir", str(work), f"--config.data.prepared={tmp_path}", override]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("cxrjax train: error: config: ") and expected in err, err
-    assert "cxrjax/train/defaults.py" in err and not work.exists()
+    assert "cxrjax/config.py" in err and not work.exists()
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_train_help_says_how_overrides_work_and_where_the_fields_are(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--config.FIELD=VALUE" in out and "cxrjax/train/defaults.py" in out and "docs/training.md" in out
+    assert "--config.FIELD=VALUE" in out and "cxrjax/config.py" in out and "docs/training.md" in out
 
 
 def test_a_full_disk_is_one_line(tmp_path, capsys):
@@ -133,11 +133,13 @@ def test_a_full_disk_is_found_behind_the_errors_it_caused():
     "overrides, expected",
     [
         (
-            "optim.learnin_rate=1e-3;",
-            "member 0: 'optim.learnin_rate=1e-3': no field 'optim.learnin_rate'; did you mean",
+            "--config.optim.learnin_rate=1e-3;",
+            "member 0: --config.optim.learnin_rate=1e-3: no field 'optim.learnin_rate'; did you mean",
         ),
-        ("optim.learning_rate=fast;", "member 0: 'optim.learning_rate=fast': 'fast' is not a float"),
-        ("seed=1", "ensemble.overrides has 1 ';'-separated entries for 2 members"),
+        (";--config.optim.learning_rate=fast", "member 1: flag --config.optim.learning_rate=fast: could not convert"),
+        ("--config.seed=1", "ensemble.overrides has 1 ';'-separated entries for 2 members"),
+        ("optim.learning_rate=1e-3;", "member 0: unrecognized arguments: optim.learning_rate=1e-3"),
+        (";--config.data.prepared /data", "member 1: --config.data.prepared /data: write --config.data.prepared=/data"),
     ],
 )
 def test_a_mistyped_ensemble_override_is_one_line_before_any_member_trains(tmp_path, capsys, overrides, expected):

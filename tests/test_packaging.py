@@ -5,9 +5,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from cxrjax.configs import recipe_names, resolve
 
-from cxrjax.cli import load_config
+from cxrjax.config import load_config, recipe_names, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 

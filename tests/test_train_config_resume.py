@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from cxrjax.cli import load_config, main
+from cxrjax.cli import main
+from cxrjax.config import load_config
 from cxrjax.train import resume
 from cxrjax.workdir import CONFIG_HISTORY, DONE, RUN_CONFIG, write_run_config
 

@@ -19,7 +19,7 @@ from train_helpers import SMOKE, prepared  # noqa: F401 (fixture)
 from cxrjax import forward
 from cxrjax.bench.jax_case import build_steps, measure_case
 from cxrjax.bench.spec import CaseSpec
-from cxrjax.cli import load_config
+from cxrjax.config import load_config
 from cxrjax.experiment import train_and_test
 from cxrjax.mesh import DeviceBatches, make_mesh
 from cxrjax.train import progress

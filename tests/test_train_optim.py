@@ -6,8 +6,8 @@ import math
 
 import pytest
 
+from cxrjax.config import base_config
 from cxrjax.train import optim
-from cxrjax.train.defaults import base_config
 
 
 def test_plateau_fisher_settings_by_hand():

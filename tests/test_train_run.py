@@ -223,11 +223,14 @@ def test_divergence_stops_with_the_step_and_keeps_only_good_checkpoints(prepared
 @pytest.mark.slow
 def test_ensemble_members_get_their_own_seeds_and_workdirs(prepared, train_env, tmp_path):
     workdir = tmp_path / "ensemble"
-    done = run_train(workdir, prepared, train_env, "--config.ensemble.members=2", "--config.epochs=1")
+    # member 1's own overrides, written as on the command line (member 0 keeps the command's)
+    overrides = "--config.ensemble.overrides=;--config.optim.learning_rate=3e-4 --config.data.zoom=0.2"
+    done = run_train(workdir, prepared, train_env, "--config.ensemble.members=2", "--config.epochs=1", overrides)
     assert done.returncode == 0, done.stdout[-3000:]
     members = [workdir / f"member_{i}" for i in range(2)]
-    seeds = [json.loads((m / "config.json").read_text())["seed"] for m in members]
-    assert seeds == [0, 1]
+    configs = [json.loads((m / "config.json").read_text()) for m in members]
+    assert [c["seed"] for c in configs] == [0, 1]
+    assert [(c["optim"]["learning_rate"], c["data"]["zoom"]) for c in configs] == [(1e-3, 0.1), (3e-4, 0.2)]
     preds = [pd.read_csv(m / "test" / "predictions.csv", index_col=0) for m in members]
     assert not np.allclose(preds[0].to_numpy(), preds[1].to_numpy())
     ensemble = pd.read_csv(workdir / "ensemble_predictions.csv", index_col=0)

@@ -15,8 +15,10 @@ import signal
 import pytest
 from train_helpers import SMOKE, STEPS_PER_EPOCH, metrics_rows, prepared  # noqa: F401 (fixture)
 
-from cxrjax.cli import load_config, main, show_library_logs
+from cxrjax.cli import main
+from cxrjax.config import load_config
 from cxrjax.experiment import train_and_test
+from cxrjax.logs import show_library_logs
 from cxrjax.train import evaluation, loop, setup
 
 

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 from tiny_run import write_run
 
+from cxrjax.config import base_config
 from cxrjax.data.augment import AugmentConfig
 from cxrjax.eval.model_source import load_trained
 from cxrjax.findings import FINDINGS
 from cxrjax.forward import pad_rows, record_batches
-from cxrjax.train.defaults import base_config
 from cxrjax.workdir import (
     NORMALIZATION,
     RUN_CONFIG,

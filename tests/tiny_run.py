@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cxrjax.config import base_config, smoke
 from cxrjax.models import build_model, default_model_config
 from cxrjax.models.weights import save_weights
-from cxrjax.train.defaults import base_config, smoke
 
 
 def tiny_variables(model_cfg, image_size: int, seed: int = 0) -> dict:

@@ -5,7 +5,7 @@ import sys
 
 from cxrjax.bench.args import add_arguments, run
 from cxrjax.bench.gpu_target import ensure_plugin_registered
-from cxrjax.cli import show_library_logs
+from cxrjax.logs import show_library_logs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     show_library_logs()
     parser = argparse.ArgumentParser(prog="python -m cxrjax.bench", description=__doc__)
     add_arguments(parser)
-    return run(parser.parse_args(argv), "python -m cxrjax.bench")
+    return run(parser, parser.parse_args(argv), "python -m cxrjax.bench")
 
 
 if __name__ == "__main__":

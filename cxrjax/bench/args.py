@@ -1,4 +1,6 @@
-"""The `cxrjax bench` arguments, shared by `cxrjax bench` and `python -m cxrjax.bench`.
+"""The benchmark arguments, defined once: `cxrjax bench` and `python -m cxrjax.bench` take
+them all, `python -m cxrjax.bench.quick` the ones it shares; `command_line` writes any of
+them back as the command that reproduces a run.
 
 `python -m cxrjax.bench` exists for machines that have only the model stack (jax, flax,
 optax, torch): the full `cxrjax` command also sets up `prepare`, which needs
@@ -49,96 +51,85 @@ def _targets(text: str) -> tuple[str, ...]:
     return _choices(_target_keys())(text.lower())
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, required=True, help="e.g. benchmarks/results/<device>")
-    p.add_argument("--arch", default="densenet121", help="densenet121|densenet169|densenet201|tiny")
-    p.add_argument("--sizes", type=_ints, default=(224,), help="image sizes, e.g. 224,320,512,1024")
-    p.add_argument("--dtypes", type=_choices(DTYPES), default=("bfloat16",), help="float32,bfloat16")
-    p.add_argument(
-        "--remat", type=_remat_modes, default=("none",), help="model.remat values to measure: none,dense_layers,all"
-    )
-    p.add_argument(
-        "--batch", type=_ints, default=(32,), help="batch per device: one value, or one per size (e.g. 64,32,16,4)"
-    )
-    p.add_argument("--steps", type=int, default=20, help="timed steps (after 2 warm-up steps)")
-    p.add_argument("--peers", type=_choices(PEERS), default=(), help="torch,torch_compile,keras")
-    p.add_argument(
-        "--memory-budget-gb",
-        type=float,
-        default=0.0,
-        help="also find the largest batch per device whose compiled step fits this many GiB",
-    )
-    p.add_argument("--scaling", action="store_true", help="also measure 1/2/4/8 devices (simulated on CPU)")
-    p.add_argument(
-        "--prepared",
-        type=Path,
-        default=None,
-        help="a `cxrjax prepare` output: also time the step fed by the grain pipeline",
-    )
-    p.add_argument("--workers", type=int, default=0, help="grain decode processes for --prepared")
-    p.add_argument(
-        "--target",
-        type=_targets,
-        default=(),
-        help="compile for these GPU targets instead of measuring here (no GPU needed; memory plan and largest "
-        "batch, nothing runs): " + ", ".join(_target_keys()),
-    )
-    p.add_argument(
-        "--target-devices", type=int, default=1, help="devices of the target on one host (4 for a g5.24xlarge)"
-    )
-    p.add_argument(
-        "--allowance-gb",
-        type=float,
-        default=None,
-        help="GiB of each target card left out of its budget for what XLA does not plan (CUDA context, cuDNN "
-        "workspace, fragmentation; default 1.5); --memory-budget-gb replaces the budget",
-    )
-    p.add_argument(
-        "--deadline-s",
-        type=float,
-        default=0.0,
-        help="stop starting cases after this many seconds; later cases are recorded as skipped: time",
-    )
+def _options() -> dict[str, dict]:
+    """Every benchmark option, once: `cxrjax bench` and `python -m cxrjax.bench` take them
+    all, `python -m cxrjax.bench.quick` the few it shares (`cxrjax.bench.quick.main`)."""
+    return {
+        "--out": dict(type=Path, required=True, help="results folder, e.g. benchmarks/results/<device>"),
+        "--arch": dict(default="densenet121", help="densenet121|densenet169|densenet201|tiny"),
+        "--sizes": dict(type=_ints, default=(224,), help="image sizes, e.g. 224,320,512,1024"),
+        "--dtypes": dict(type=_choices(DTYPES), default=("bfloat16",), help="float32,bfloat16"),
+        "--remat": dict(
+            type=_remat_modes, default=("none",), help="model.remat values to measure: none,dense_layers,all"
+        ),
+        "--batch": dict(
+            type=_ints, default=(32,), help="batch per device: one value, or one per size (e.g. 64,32,16,4)"
+        ),
+        "--steps": dict(type=int, default=20, help="timed steps (after 2 warm-up steps)"),
+        "--peers": dict(type=_choices(PEERS), default=(), help="torch,torch_compile,keras"),
+        "--memory-budget-gb": dict(
+            type=float,
+            default=0.0,
+            help="also find the largest batch per device whose compiled step fits this many GiB",
+        ),
+        "--scaling": dict(action="store_true", help="also measure 1/2/4/8 devices (simulated on CPU)"),
+        "--prepared": dict(
+            type=Path, default=None, help="a `cxrjax prepare` output: also time the step fed by the grain pipeline"
+        ),
+        "--workers": dict(type=int, default=0, help="grain decode processes for --prepared"),
+        "--target": dict(
+            type=_targets,
+            default=(),
+            help="compile for these GPU targets instead of measuring here (no GPU needed; memory plan and largest "
+            "batch, nothing runs): " + ", ".join(_target_keys()),
+        ),
+        "--target-devices": dict(type=int, default=1, help="devices of the target on one host (4 for a g5.24xlarge)"),
+        "--allowance-gb": dict(
+            type=float,
+            default=None,
+            help="GiB of each target card left out of its budget for what XLA does not plan (CUDA context, cuDNN "
+            "workspace, fragmentation; default 1.5); --memory-budget-gb replaces the budget",
+        ),
+        "--deadline-s": dict(
+            type=float,
+            default=0.0,
+            help="stop starting cases after this many seconds (0: none); later cases are recorded as skipped: time",
+        ),
+    }
 
 
-def command_line(args: argparse.Namespace, prog: str) -> str:
-    """The parsed arguments written back as one complete command, to reproduce the run."""
-    words = [
-        *shlex.split(prog),
-        "--out",
-        str(args.out),
-        "--arch",
-        args.arch,
-        "--sizes",
-        ",".join(map(str, args.sizes)),
-        "--dtypes",
-        ",".join(args.dtypes),
-        "--remat",
-        ",".join(args.remat),
-        "--batch",
-        ",".join(map(str, args.batch)),
-        "--steps",
-        str(args.steps),
-    ]
-    if args.peers:
-        words += ["--peers", ",".join(args.peers)]
-    if args.memory_budget_gb:
-        words += ["--memory-budget-gb", f"{args.memory_budget_gb:g}"]
-    if args.scaling:
-        words.append("--scaling")
-    if args.prepared:
-        words += ["--prepared", str(args.prepared), "--workers", str(args.workers)]
-    if args.target:
-        words += ["--target", ",".join(args.target), "--target-devices", str(args.target_devices)]
-        if args.allowance_gb is not None:
-            words += ["--allowance-gb", f"{args.allowance_gb:g}"]
-    if args.deadline_s:
-        words += ["--deadline-s", f"{args.deadline_s:g}"]
+def add_arguments(p: argparse.ArgumentParser, only: tuple[str, ...] = (), changes: dict | None = None) -> None:
+    """The benchmark options on `p`: all of them, or `only` those named, each with the
+    keyword arguments of `changes[name]` replacing the shared ones (another default or help)."""
+    options = _options()
+    for name in only or options:
+        p.add_argument(name, **{**options[name], **(changes or {}).get(name, {})})
+
+
+def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace, prog: str) -> str:
+    """The parsed arguments written back as one complete command, to reproduce the run:
+    every option of `parser` that has a value (an empty default left out)."""
+    words = shlex.split(prog)
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = getattr(args, action.dest)
+        if not value and value == action.default:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            words.append(action.option_strings[0])
+            continue
+        if isinstance(value, tuple):
+            text = ",".join(map(str, value))
+        else:
+            text = f"{value:g}" if isinstance(value, float) else str(value)
+        words += [action.option_strings[0], text]
     return shlex.join(words)
 
 
-def run(args: argparse.Namespace, prog: str) -> int:
-    """Run the benchmark; `prog` is how it was invoked (`cxrjax bench`, `python -m cxrjax.bench`)."""
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace, prog: str) -> int:
+    """Run the benchmark `parser` parsed into `args`; `prog` is how it was invoked (`cxrjax
+    bench`, `python -m cxrjax.bench`)."""
     from cxrjax.bench.run import BenchOptions, compiled_line, run_bench
 
     try:
@@ -163,7 +154,7 @@ def run(args: argparse.Namespace, prog: str) -> int:
     except ValueError as e:
         print(f"cxrjax bench: error: {e}", file=sys.stderr)
         return 2
-    results = run_bench(options, command_line(args, prog))
+    results = run_bench(options, command_line(parser, args, prog))
     print(f"bench: {args.out / (args.arch + '.md')}")
     for row in results["compiled"]:
         if row["status"] == "ok":

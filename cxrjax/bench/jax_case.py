@@ -30,13 +30,13 @@ from cxrjax import forward
 from cxrjax.bench.memory import PEAK_SOURCE, compiled_memory, device_peak_bytes, largest_batch, planned_batch
 from cxrjax.bench.spec import SCALING_DEVICES, CaseSpec, empty_result
 from cxrjax.bench.timing import time_steps
+from cxrjax.config import base_config
 from cxrjax.data.normalize import stats_for
 from cxrjax.findings import NUM_FINDINGS
 from cxrjax.mesh import DeviceBatches, batch_sharded, make_mesh, to_global
 from cxrjax.models import build_model
 from cxrjax.models.memory import saved_activation_bytes_per_image
 from cxrjax.train import losses, optim
-from cxrjax.train.defaults import base_config
 from cxrjax.train.state import TrainState, initial_state, state_shapes
 from cxrjax.train.step import make_train_step
 

@@ -19,15 +19,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shlex
 import sys
 import tempfile
 from pathlib import Path
 
+from cxrjax.bench.args import add_arguments, command_line
 from cxrjax.bench.gpu_target import ensure_plugin_registered
 from cxrjax.bench.memory import GIB
 from cxrjax.bench.spec import CaseSpec
-from cxrjax.cli import show_library_logs
+from cxrjax.logs import show_library_logs
 
 NAME = "quick"
 
@@ -124,42 +124,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cxrjax.bench.quick", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, required=True, help="results folder, e.g. benchmarks/results/h200")
+    shared = {
+        "--out": dict(help="results folder, e.g. benchmarks/results/h200"),
+        "--batch": dict(
+            default=None,
+            help="batch per device at the small and full size, e.g. 64,8 on a 24 GB card "
+            f"(default {GPU.small_batch},{GPU.full_batch}; smoke {SMOKE.small_batch},{SMOKE.full_batch})",
+        ),
+        "--prepared": dict(
+            help="a `cxrjax prepare` output at the full size for the grain-fed case "
+            "(default: a synthetic one made on the spot)"
+        ),
+        "--workers": dict(default=-1, help="grain decode processes (default: every core; smoke: 0, in-process)"),
+    }
+    add_arguments(parser, only=("--out", "--deadline-s", "--batch", "--prepared", "--workers"), changes=shared)
     parser.add_argument("--smoke", action="store_true", help="tiny architecture at 32 and 64 px, for a CPU check")
-    parser.add_argument(
-        "--deadline-s",
-        type=float,
-        default=0.0,
-        help="stop starting cases after this many seconds (0: none); the rest is 'skipped: time'",
-    )
-    parser.add_argument(
-        "--batch",
-        default="",
-        help="batch per device at the small and full size, e.g. 64,8 on a 24 GB card "
-        f"(default {GPU.small_batch},{GPU.full_batch}; smoke {SMOKE.small_batch},{SMOKE.full_batch})",
-    )
-    parser.add_argument(
-        "--prepared",
-        type=Path,
-        default=None,
-        help="a `cxrjax prepare` output at the full size for the grain-fed case "
-        "(default: a synthetic one made on the spot)",
-    )
-    parser.add_argument(
-        "--workers", type=int, default=-1, help="grain decode processes (default: every core; smoke: 0, in-process)"
-    )
     args = parser.parse_args(argv)
     ensure_plugin_registered()
     show_library_logs()
     settings = SMOKE if args.smoke else GPU
-    if args.batch:
-        try:
-            small_batch, full_batch = (int(v) for v in args.batch.split(","))
-        except ValueError:
-            parser.error(f"--batch takes two integers, small,full; got {args.batch!r}")
+    if args.batch is not None:
+        if len(args.batch) != 2:
+            parser.error(f"--batch takes two integers, small,full; got {','.join(map(str, args.batch))}")
+        small_batch, full_batch = args.batch
         settings = dataclasses.replace(settings, small_batch=small_batch, full_batch=full_batch)
     workers = args.workers if args.workers >= 0 else (0 if args.smoke else os.cpu_count() or 1)
-    command = shlex.join(["python", "-m", "cxrjax.bench.quick", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(parser, args, "python -m cxrjax.bench.quick")
 
     from cxrjax.bench.run import run_cases
 

@@ -1,7 +1,8 @@
 """Evaluate per-image probabilities against labels: metrics.json, report.md, figures.
 
-`evaluate_predictions` is the one entry point: the CLI calls it on a predictions CSV
-and the trainer on a checkpoint's outputs. Thresholds (Youden, target sensitivity) are
+`evaluate_predictions` is the one entry point: `cxrjax evaluate` calls it through
+`cxrjax.eval.evaluate_files` (a predictions CSV, or a model's predictions of a prepared
+part) and the trainer on a checkpoint's outputs. Thresholds (Youden, target sensitivity) are
 chosen on a validation part when one is given; without one they are chosen on the
 test images themselves, which flatters them, and the report says so.
 """

@@ -5,10 +5,9 @@ run that trains on silently wrong."""
 
 from __future__ import annotations
 
+from cxrjax.config import FIELDS_ARE_LISTED
 from cxrjax.errors import InputError
 from cxrjax.findings import FINDINGS
-
-FIELDS_ARE_LISTED = "every field and its default: cxrjax/train/defaults.py, described in docs/training.md"
 
 
 class ConfigError(InputError):

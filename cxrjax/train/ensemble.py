@@ -3,17 +3,37 @@ trains each in its own workdir and averages their test predictions)."""
 
 from __future__ import annotations
 
-import difflib
-import json
+import shlex
 
+from cxrjax.config import OverrideError, apply_overrides
 from cxrjax.train.config_check import ConfigError
-from cxrjax.train.resume import config_dict, flat
+
+
+def member_overrides(text: str) -> list[list[str]]:
+    """`ensemble.overrides` as one list of `--config.FIELD=VALUE` words per member: members
+    are separated by ';', and each member's overrides are written as on the command line
+    (split like a shell does, so a quoted value may hold a space or a ';')."""
+    if not text:
+        return []
+    words = shlex.shlex(text, posix=True, punctuation_chars=";")
+    words.whitespace_split = True
+    members: list[list[str]] = [[]]
+    for word in words:
+        if set(word) == {";"}:
+            members += [[] for _ in word]  # ';;' ends two members
+        else:
+            members[-1].append(word)
+    return members
 
 
 def member_configs(config) -> list:
-    """One config per member: seed + i, plus that member's ';'-separated overrides."""
+    """One config per member: seed + i, plus that member's overrides, parsed by the same
+    loader as the command line's (`cxrjax.config.apply_overrides`)."""
     n = config.ensemble.members
-    overrides = [o for o in config.ensemble.overrides.split(";")] if config.ensemble.overrides else []
+    try:
+        overrides = member_overrides(config.ensemble.overrides)
+    except ValueError as e:  # shlex: an unclosed quote
+        raise ConfigError(f"ensemble.overrides={config.ensemble.overrides!r}: {e}") from None
     if overrides and len(overrides) != n:
         raise ConfigError(f"ensemble.overrides has {len(overrides)} ';'-separated entries for {n} members")
     members = []
@@ -22,27 +42,10 @@ def member_configs(config) -> list:
         member.seed = config.seed + i
         member.ensemble.members = 1
         member.ensemble.overrides = ""
-        for assignment in overrides[i].split(",") if overrides and overrides[i] else []:
-            field, _, value = assignment.partition("=")
-            node = member
-            *parents, leaf = field.strip().split(".")
+        if overrides and overrides[i]:
             try:
-                for name in parents:
-                    node = node[name]
-                node[leaf]
-            except (KeyError, TypeError, AttributeError):
-                close = difflib.get_close_matches(field.strip(), list(flat(config_dict(config))), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(
-                    f"ensemble.overrides, member {i}: {assignment!r}: no field {field.strip()!r}{hint}"
-                ) from None
-            # Parse through the field's own type: "1e-3" becomes a float for a float field.
-            try:
-                node[leaf] = type(node[leaf])(json.loads(value)) if not isinstance(node[leaf], str) else value
-            except (ValueError, TypeError):
-                kind = type(node[leaf]).__name__
-                raise ConfigError(
-                    f"ensemble.overrides, member {i}: {assignment!r}: {value!r} is not a {kind}"
-                ) from None
+                member = apply_overrides(member, overrides[i])
+            except OverrideError as e:
+                raise ConfigError(f"ensemble.overrides, member {i}: {e}") from None
         members.append(member)
     return members
