@@ -24,6 +24,7 @@ import ml_collections
 from cxrjax.data.augment import AugmentConfig
 from cxrjax.data.normalize import stats_for
 from cxrjax.errors import InputError
+from cxrjax.jsonfile import read_json
 
 RUN_CONFIG = "config.json"
 CONFIG_HISTORY = "config_history.jsonl"
@@ -53,10 +54,7 @@ def is_run(path: Path) -> bool:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise WorkdirError(f"{path}: not valid JSON: {e}") from e
+    return read_json(path, WorkdirError)
 
 
 def write_run_config(workdir: Path, config) -> None:

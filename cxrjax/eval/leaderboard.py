@@ -12,7 +12,6 @@ model, is listed in its own "not ranked" table, never among published full-test 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from cxrjax.eval.paths import safe_child
 from cxrjax.eval.plots import auc_panels
 from cxrjax.eval.runinfo import SPLIT_FAMILIES, RunInfo, RunInfoError, parse_run_info, read_run_info
 from cxrjax.findings import FINDINGS
+from cxrjax.jsonfile import read_json
 from cxrjax.tables import NA, fmt, fmt_ci, md_cell, section, signed, table_lines, undefined
 
 SHORT = dict(
@@ -107,12 +107,9 @@ def _optional_sections(metrics: dict, metrics_path: Path) -> tuple[dict | None, 
 def read_run(run_dir: str | Path) -> RunResult:
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
-    try:
-        metrics = json.loads(metrics_path.read_text())
-    except FileNotFoundError as e:
-        raise LeaderboardError(f"{run_dir}: no metrics.json (run `cxrjax evaluate` first)") from e
-    except json.JSONDecodeError as e:
-        raise LeaderboardError(f"{metrics_path}: not valid JSON: {e}") from e
+    metrics = read_json(
+        metrics_path, LeaderboardError, missing=f"{run_dir}: no metrics.json (run `cxrjax evaluate` first)"
+    )
     if (run_dir / "run.json").exists():
         info = read_run_info(run_dir / "run.json")
     elif isinstance(metrics.get("run"), dict):
