@@ -26,6 +26,7 @@ from cxrjax.eval.runinfo import SPLIT_FAMILIES, RunInfo, RunInfoError, parse_run
 from cxrjax.findings import FINDINGS
 from cxrjax.jsonfile import read_json
 from cxrjax.tables import NA, fmt, fmt_ci, md_cell, section, signed, table_lines, undefined
+from cxrjax.workdir import METRICS, RUN_INFO
 
 SHORT = dict(
     zip(
@@ -106,17 +107,17 @@ def _optional_sections(metrics: dict, metrics_path: Path) -> tuple[dict | None, 
 
 def read_run(run_dir: str | Path) -> RunResult:
     run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = run_dir / METRICS
     metrics = read_json(
-        metrics_path, LeaderboardError, missing=f"{run_dir}: no metrics.json (run `cxrjax evaluate` first)"
+        metrics_path, LeaderboardError, missing=f"{run_dir}: no {METRICS} (run `cxrjax evaluate` first)"
     )
-    if (run_dir / "run.json").exists():
-        info = read_run_info(run_dir / "run.json")
+    if (run_dir / RUN_INFO).exists():
+        info = read_run_info(run_dir / RUN_INFO)
     elif isinstance(metrics.get("run"), dict):
         info = parse_run_info(metrics["run"], f"{metrics_path} ['run']")
     else:
         raise RunInfoError(
-            f"{run_dir}: no run.json and no 'run' entry in metrics.json, so its split "
+            f"{run_dir}: no {RUN_INFO} and no 'run' entry in {METRICS}, so its split "
             "family is unknown; write run.json with at least "
             '{"name": "...", "split_family": "official" or "random"}'
         )
