@@ -79,7 +79,7 @@ def test_evaluate_checkpoint_writes_predictions_and_sklearn_aucs(prepared, tmp_p
             defined.append(want)
         else:
             assert metrics["auc"][f] is None
-    assert len(defined) >= 5
+    assert metrics["n_findings_in_mean"] == len(defined) > 0
     assert metrics["mean_auc"] == pytest.approx(np.mean(defined), abs=1e-12)
     assert metrics["thresholds"]["chosen_on"] == "validation"  # the prepared val part, as in training
     assert metrics["inputs"]["tta"] == "1" and metrics["run"]["px"] == SIZE
