@@ -31,7 +31,9 @@ def run_demo(out: Path, config, nih_dir: Path | None = None, prepare_workers: in
     from cxrjax.data.synth import MARKER, write_synthetic_nih
     from cxrjax.eval.leaderboard import write_leaderboard
     from cxrjax.experiment import train_members
+    from cxrjax.jsonfile import read_json
     from cxrjax.summaries import part_counts
+    from cxrjax.workdir import METRICS, REPORT, TEST_DIR
 
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -59,15 +61,16 @@ def run_demo(out: Path, config, nih_dir: Path | None = None, prepare_workers: in
     config.data.prepared = str(prepared)
     workdir = out / run_name
     train_members(config, workdir)
-    metrics = json.loads((workdir / "test" / "metrics.json").read_text())
-    board = write_leaderboard([workdir / "test"], out / "leaderboard")
+    test_dir = workdir / TEST_DIR
+    metrics = read_json(test_dir / METRICS)
+    board = write_leaderboard([test_dir], out / "leaderboard")
     summary = {
         "data": str(nih_dir),
         "synthetic": run_name == "synthetic-demo",
         "prepared": str(prepared),
         "workdir": str(workdir),
-        "metrics": str(workdir / "test" / "metrics.json"),
-        "report": str(workdir / "test" / "report.md"),
+        "metrics": str(test_dir / METRICS),
+        "report": str(test_dir / REPORT),
         "leaderboard": str(board["md"]),
         "mean_auc": metrics["mean_auc"],
         "auc": metrics["auc"],

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from cxrjax.errors import InputError
+from cxrjax.jsonfile import read_json
 
 
 class FolderLocked(InputError):
@@ -49,8 +50,8 @@ def hold(folder: Path, name: str, what: str):
 
 def _holder(path: Path) -> str:
     try:
-        info = json.loads(path.read_text())
+        info = read_json(path)
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
         return f"pid {info['pid']} on {info['host']} since {since}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # an InputError is a ValueError
         return "holder unknown"

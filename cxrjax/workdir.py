@@ -1,5 +1,6 @@
 """The training folder contract: what `cxrjax train` writes into its workdir, and how
 training (on resume) and inference (later) read it back. Nothing else spells these names.
+Importing it is cheap: its heavy imports wait for the functions that need them.
 
     WORKDIR/config.json         the run's full config (image size, normalization, augmentation), as first trained
     WORKDIR/config_history.jsonl  what each resume changed of the fields that may change (cxrjax.train.resume)
@@ -8,22 +9,28 @@ training (on resume) and inference (later) read it back. Nothing else spells the
     WORKDIR/checkpoints/        orbax checkpoints; the best by val mean AUC is exported to
     WORKDIR/best_weights/       the weights artifact (`cxrjax.models.weights`) of the best step
     WORKDIR/metrics.jsonl       training and validation metrics, one JSON line each
-    WORKDIR/test/               the final test evaluation (predictions.csv, metrics.json, report)
+    WORKDIR/test/               the final test evaluation, laid out as every evaluation folder
+                                (`cxrjax evaluate --out`): predictions.csv, metrics.json, report.md,
+                                run.json (the run described for the leaderboard) and figures
     WORKDIR/done.json           the run's summary, written last: the run is finished
     WORKDIR/member_<i>/         one such folder per member of an ensemble run, and
     WORKDIR/ensemble_predictions.csv  their test predictions averaged
+    WORKDIR/wandb_run_id        the wandb run the workdir logs to, so a resumed run continues it
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import ml_collections
-
-from cxrjax.data.augment import AugmentConfig
-from cxrjax.data.normalize import stats_for
 from cxrjax.errors import InputError
+from cxrjax.jsonfile import read_json
+
+if TYPE_CHECKING:
+    import ml_collections
+
+    from cxrjax.data.augment import AugmentConfig
 
 RUN_CONFIG = "config.json"
 CONFIG_HISTORY = "config_history.jsonl"
@@ -33,10 +40,15 @@ CHECKPOINTS = "checkpoints"
 BEST_WEIGHTS = "best_weights"
 METRICS_LOG = "metrics.jsonl"
 TEST_DIR = "test"
+# An evaluation folder's files (WORKDIR/test/ or `cxrjax evaluate --out`).
 PREDICTIONS = "predictions.csv"
+METRICS = "metrics.json"
+REPORT = "report.md"
+RUN_INFO = "run.json"
 DONE = "done.json"
 MEMBER_PREFIX = "member_"
 ENSEMBLE_PREDICTIONS = "ensemble_predictions.csv"
+WANDB_RUN_ID = "wandb_run_id"
 
 
 class WorkdirError(InputError):
@@ -53,10 +65,7 @@ def is_run(path: Path) -> bool:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise WorkdirError(f"{path}: not valid JSON: {e}") from e
+    return read_json(path, WorkdirError)
 
 
 def write_run_config(workdir: Path, config) -> None:
@@ -64,6 +73,8 @@ def write_run_config(workdir: Path, config) -> None:
 
 
 def read_run_config(workdir: Path) -> ml_collections.ConfigDict:
+    import ml_collections
+
     return ml_collections.ConfigDict(_read_json(Path(workdir) / RUN_CONFIG))
 
 
@@ -81,6 +92,8 @@ def save_statistics(workdir: Path, mean, std) -> None:
 def input_stats(run: ml_collections.ConfigDict | None, workdir: Path | None, channels: int):
     """Per-channel (mean, std) the run's model takes its inputs with; ImageNet's
     without a run (e.g. imported weights)."""
+    from cxrjax.data.normalize import stats_for
+
     kind = run.data.normalization if run is not None else "imagenet"
     if kind != "dataset":
         return stats_for(kind, channels)
@@ -95,6 +108,8 @@ def input_stats(run: ml_collections.ConfigDict | None, workdir: Path | None, cha
 
 def augment_ranges(data: ml_collections.ConfigDict) -> AugmentConfig:
     """The run's augmentation ranges (`config.data`), whether or not it trained with them."""
+    from cxrjax.data.augment import AugmentConfig
+
     return AugmentConfig(data.rotation_deg, data.shift, data.zoom, data.shear_deg, data.horizontal_flip)
 
 

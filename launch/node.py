@@ -184,14 +184,20 @@ class Node:
     def sync(self) -> bool:
         """Process 0 the (shared) workdir, every process its log; False if an upload failed.
         S3 keeps the checkpoints orbax keeps (--delete on checkpoints/ only)."""
+        from cxrjax.workdir import CHECKPOINTS
+
         ok = True
         if self.a.process_id == 0 and self.work.is_dir():
             ok &= self.s3.push(
-                self.work, "workdir", "--exclude", "*.orbax-checkpoint-tmp*", "--exclude", "checkpoints/*"
+                self.work, "workdir", "--exclude", "*.orbax-checkpoint-tmp*", "--exclude", f"{CHECKPOINTS}/*"
             )
-            if (self.work / "checkpoints").is_dir():
+            if (self.work / CHECKPOINTS).is_dir():
                 ok &= self.s3.push(
-                    self.work / "checkpoints", "workdir/checkpoints", "--delete", "--exclude", "*.orbax-checkpoint-tmp*"
+                    self.work / CHECKPOINTS,
+                    f"workdir/{CHECKPOINTS}",
+                    "--delete",
+                    "--exclude",
+                    "*.orbax-checkpoint-tmp*",
                 )
         ok &= self.s3.push(self.logs, f"logs/process-{self.a.process_id}")
         return ok

@@ -9,6 +9,7 @@ import pytest
 
 from cxrjax.data.metadata import MetadataError, find_metadata, label_matrix, read_metadata
 from cxrjax.data.splits import (
+    CHEXNET_FILE_ORDER,
     LeakageError,
     check_no_leakage,
     keep_no_finding_fraction,
@@ -165,3 +166,14 @@ def test_oversampling_repeats_rows_with_a_rare_finding():
     table = _small_table(labels, list(range(1, 11)))
     repeats = oversample_repeats(table, rare_below=0.2, factor=3)
     assert repeats.tolist() == [1, 1, 1, 1, 1, 1, 3, 3, 1, 1]
+
+
+def test_each_chexnet_label_column_is_the_finding_it_is_named_after(nih_dir, table):
+    """`CHEXNET_FILE_ORDER` names the files' columns: each named column agrees best with the
+    v2020 label of that very finding (a shifted or swapped order names some column wrong)."""
+    listed = read_labelled_split(nih_dir / "chexnet_split" / "test_list.txt")
+    truth = table.set_index("image_id").loc[listed["image_id"], list(FINDINGS)].to_numpy()
+    named = listed[list(CHEXNET_FILE_ORDER)].to_numpy()
+    agreement = (named[:, :, None] == truth[:, None, :]).mean(0)  # [named column, finding]
+    best = [FINDINGS[j] for j in agreement.argmax(1)]
+    assert best == list(CHEXNET_FILE_ORDER)

@@ -17,6 +17,7 @@ import pytest
 
 from cxrjax.cli import main
 from cxrjax.findings import FINDINGS
+from cxrjax.workdir import METRICS_LOG
 
 SMOKE = "demo:smoke"
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +117,7 @@ def test_an_empty_validation_part_is_a_clear_error(nih_dir, tmp_path, capsys):
 
 
 def test_demo_rerun_resumes_without_redoing_stages(demo_out, capsys):
-    unchanged = [demo_out / "synthetic" / "Data_Entry_2017.csv", demo_out / "synthetic-demo" / "metrics.jsonl"]
+    unchanged = [demo_out / "synthetic" / "Data_Entry_2017.csv", demo_out / "synthetic-demo" / METRICS_LOG]
     before = [p.stat().st_mtime_ns for p in unchanged]
     manifest = (demo_out / "prepared" / "manifest.json").read_text()
     first = json.loads((demo_out / "demo.json").read_text())

@@ -41,6 +41,7 @@ from train_helpers import (  # noqa: F401 (fixtures)
 )
 
 from cxrjax.train import distributed
+from cxrjax.workdir import CHECKPOINTS, DONE
 
 WORKER = ROOT / "tests" / "distributed_worker.py"
 
@@ -181,14 +182,14 @@ def test_two_process_training_stops_resumes_and_predicts_like_one_process(prepar
     codes = wait_all(procs)
     text = [log.read_text() for log in logs]
     assert codes == [0, 0], "\n".join(t[-2000:] for t in text)
-    assert not (workdir / "done.json").exists(), "the run ended before the signal arrived"
+    assert not (workdir / DONE).exists(), "the run ended before the signal arrived"
     hint = "SIGTERM (preemption notice) reached a process: checkpoint saved at step "
     line = next((x for x in text[0].splitlines() if x.startswith(hint)), None)
     assert line and line.endswith("; rerun the same command to resume"), text[0][-2000:]
     stopped_at = int(line[len(hint) :].split(";")[0])
     assert stopped_at == finalized_steps(workdir)[-1]
     # Each process saved its own data iterator position.
-    assert sorted(p.name for p in (workdir / "checkpoints" / str(stopped_at) / "data").glob("*.json")) == [
+    assert sorted(p.name for p in (workdir / CHECKPOINTS / str(stopped_at) / "data").glob("*.json")) == [
         "process_0-of-2.json",
         "process_1-of-2.json",
     ]
@@ -198,7 +199,7 @@ def test_two_process_training_stops_resumes_and_predicts_like_one_process(prepar
     text = [log.read_text() for log in logs]
     assert codes == [0, 0], "\n".join(t[-2000:] for t in text)
     assert f"resumed from step {stopped_at}" in text[0]
-    done = json.loads((workdir / "done.json").read_text())
+    done = json.loads((workdir / DONE).read_text())
 
     # Process 0 wrote the test predictions gathered from both processes; one process
     # predicting from the exported best weights gets the same numbers for the same images.

@@ -25,7 +25,15 @@ def error_classes():
 
 def test_every_input_error_derives_from_the_one_base_class():
     found = list(error_classes())
-    assert len(found) >= 12
+    # The scan sees classes in every layer (a scan that found none would pass vacuously).
+    assert {
+        ("cxrjax.workdir", "WorkdirError"),
+        ("cxrjax.data.prepare", "PreparedDataError"),
+        ("cxrjax.models.errors", "WeightsError"),
+        ("cxrjax.train.checkpoint", "CheckpointError"),
+        ("cxrjax.train.loop", "TrainingDiverged"),
+        ("cxrjax.eval.leaderboard", "LeaderboardError"),
+    } <= set(found)
     for module, name in found:
         cls = getattr(importlib.import_module(module), name)
         assert issubclass(cls, InputError) != (name in NOT_INPUT), f"{module}.{name}"

@@ -20,6 +20,7 @@ from cxrjax.eval.model_source import load_trained, locate
 from cxrjax.eval.predictions import read_predictions
 from cxrjax.findings import FINDINGS
 from cxrjax.models import build_model
+from cxrjax.workdir import BEST_WEIGHTS, CHECKPOINTS, RUN_CONFIG
 
 SIZE = 32
 
@@ -78,7 +79,7 @@ def test_evaluate_checkpoint_writes_predictions_and_sklearn_aucs(prepared, tmp_p
             defined.append(want)
         else:
             assert metrics["auc"][f] is None
-    assert len(defined) >= 5
+    assert metrics["n_findings_in_mean"] == len(defined) > 0
     assert metrics["mean_auc"] == pytest.approx(np.mean(defined), abs=1e-12)
     assert metrics["thresholds"]["chosen_on"] == "validation"  # the prepared val part, as in training
     assert metrics["inputs"]["tta"] == "1" and metrics["run"]["px"] == SIZE
@@ -87,7 +88,7 @@ def test_evaluate_checkpoint_writes_predictions_and_sklearn_aucs(prepared, tmp_p
     # The same weights outside their run (ImageNet statistics, the records' 32 px) and
     # labels from the NIH metadata file instead of the index give the same AUCs.
     bare = tmp_path / "weights"
-    shutil.copytree(prepared["run"] / "best_weights", bare)
+    shutil.copytree(prepared["run"] / BEST_WEIGHTS, bare)
     out2 = tmp_path / "ev2"
     # Radiologist-adjudicated labels for half of the test images, in the Google file's format.
     entry = pd.read_csv(prepared["tmp"] / "nih" / "Data_Entry_2017.csv")
@@ -125,7 +126,7 @@ def test_evaluate_checkpoint_writes_predictions_and_sklearn_aucs(prepared, tmp_p
     adj = again["adjudicated"]
     assert (adj["n_scored"], adj["n_left_out"]) == (len(adjudicated), len(index) - len(adjudicated))
     assert adj["sets"]["test"]["adjudicated"]["Airspace opacity"]["auc"] is not None
-    assert locate(prepared["run"] / "best_weights") == (prepared["run"] / "best_weights", prepared["run"])
+    assert locate(prepared["run"] / BEST_WEIGHTS) == (prepared["run"] / BEST_WEIGHTS, prepared["run"])
 
 
 def test_tta_over_a_prepared_part_is_deterministic(prepared):
@@ -140,8 +141,8 @@ def test_tta_over_a_prepared_part_is_deterministic(prepared):
 
 def test_bad_checkpoint_inputs_are_named(prepared, tmp_path, capsys):
     unfinished = tmp_path / "unfinished"
-    (unfinished / "checkpoints").mkdir(parents=True)
-    (unfinished / "config.json").write_text((prepared["run"] / "config.json").read_text())
+    (unfinished / CHECKPOINTS).mkdir(parents=True)
+    (unfinished / RUN_CONFIG).write_text((prepared["run"] / RUN_CONFIG).read_text())
     cases = [
         (["--checkpoint", str(unfinished)], "training workdir without best_weights/"),
         (["--checkpoint", str(tmp_path / "missing")], "missing: weights not found"),

@@ -20,6 +20,7 @@ from cxrjax.eval.paths import UnsafePathError
 from cxrjax.eval.predictions import read_predictions
 from cxrjax.findings import FINDINGS
 from cxrjax.models import build_model
+from cxrjax.workdir import BEST_WEIGHTS, CHECKPOINTS, RUN_CONFIG
 
 SIZE = 96  # model input: a 3x3 final feature map for the tiny DenseNet
 MEAN, STD = 0.45, 0.22  # the run's "dataset" normalization statistics
@@ -113,7 +114,7 @@ def test_bare_weights_dir_uses_imagenet_statistics_and_refuses_other_sizes(setup
     import shutil
 
     bare = tmp_path / "weights"  # the same weights outside their run: no config.json next to them
-    shutil.copytree(setup["run"] / "best_weights", bare)
+    shutil.copytree(setup["run"] / BEST_WEIGHTS, bare)
     out = tmp_path / "p.csv"
     assert (
         main(["predict", "--weights", str(bare), "--image-size", str(SIZE), str(setup["rgba"]), "--out", str(out)]) == 0
@@ -304,8 +305,8 @@ def test_bad_inputs_fail_with_the_file_named(setup, tmp_path, capsys):
             )
         )
     unfinished = tmp_path / "unfinished"
-    (unfinished / "checkpoints").mkdir(parents=True)
-    (unfinished / "config.json").write_text((setup["run"] / "config.json").read_text())
+    (unfinished / CHECKPOINTS).mkdir(parents=True)
+    (unfinished / RUN_CONFIG).write_text((setup["run"] / RUN_CONFIG).read_text())
     cases.append(
         (
             ["gradcam", "--weights", str(unfinished), str(good), "--out", str(tmp_path / "c")],

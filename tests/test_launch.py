@@ -33,6 +33,8 @@ from launch_helpers import (
 )
 from train_helpers import prepared, train_env, wait_for  # noqa: F401  (fixtures)
 
+from cxrjax.workdir import DONE, METRICS_LOG
+
 BASE = ["--s3-prefix", "s3://cxrjax-bucket/runs/demo", "--run-config", "demo"]
 DRY = [*BASE, "--dry-run"]
 
@@ -345,7 +347,7 @@ def test_spot_notice_during_training_resumes(repo, prepared, train_env, tmp_path
     started = time.monotonic()
     run(*train(whole)[len(cli) :])
     whole_seconds = time.monotonic() - started
-    assert (whole / "done.json").exists()
+    assert (whole / DONE).exists()
 
     with FakeImds() as imds:
         trainer = subprocess.Popen(
@@ -357,7 +359,7 @@ def test_spot_notice_during_training_resumes(repo, prepared, train_env, tmp_path
             # paused until the watcher has seen the notice and sent SIGTERM, so the signal
             # lands mid-run however fast the warm compilation cache makes the rest.
             wait_for(
-                lambda: (interrupted / "metrics.jsonl").exists() or trainer.poll() is not None,
+                lambda: (interrupted / METRICS_LOG).exists() or trainer.poll() is not None,
                 max(60.0, 2 * whole_seconds),
                 "the first training metrics",
                 poll=0.01,
@@ -375,12 +377,12 @@ def test_spot_notice_during_training_resumes(repo, prepared, train_env, tmp_path
             trainer.kill()
             watcher.kill()
     assert "SIGTERM received: checkpoint saved" in output
-    assert not (interrupted / "done.json").exists()
+    assert not (interrupted / DONE).exists()
     stopped_at = int(_newest_checkpoint(interrupted).name)
     assert 0 < stopped_at < int(_newest_checkpoint(whole).name)
 
     run(*train(interrupted)[len(cli) :])
-    assert (interrupted / "done.json").exists()
+    assert (interrupted / DONE).exists()
     expected, resumed = _newest_checkpoint(whole), _newest_checkpoint(interrupted)
     assert resumed.name == expected.name
     want, got = _restore_arrays(expected), _restore_arrays(resumed)

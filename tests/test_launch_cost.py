@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from launch_helpers import LAUNCH, clean_env, load_run_cost, recording_aws, script
 
+from cxrjax.workdir import METRICS_LOG, RUN_CONFIG
+
 run_cost = load_run_cost()
 
 # Three epochs of 100 steps at a global batch of 16. The first logged interval holds the
@@ -32,7 +34,7 @@ ROWS = [
 
 def write_run(directory: Path, rows=ROWS, batch: int = 16) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
-    metrics, config = directory / "metrics.jsonl", directory / "config.json"
+    metrics, config = directory / METRICS_LOG, directory / RUN_CONFIG
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config.write_text(json.dumps({"global_batch_size": batch, "epochs": 20}))
     return metrics, config

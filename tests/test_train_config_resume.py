@@ -12,7 +12,7 @@ import pytest
 from cxrjax.cli import main
 from cxrjax.config import load_config
 from cxrjax.train import resume
-from cxrjax.workdir import CONFIG_HISTORY, DONE, RUN_CONFIG, write_run_config
+from cxrjax.workdir import CHECKPOINTS, CONFIG_HISTORY, DONE, RUN_CONFIG, write_run_config
 
 SMOKE = "chexnet:smoke"
 
@@ -37,7 +37,7 @@ def test_a_changed_image_size_or_batch_is_one_line_and_leaves_config_json_alone(
     assert "\n" not in err and err.startswith(f"cxrjax train: error: {work / RUN_CONFIG}: ")
     assert "global_batch_size 8 -> 4" in err and "data.image_size 32 -> 64" in err and "another --workdir" in err
     assert (work / RUN_CONFIG).read_bytes() == recorded
-    assert not (work / CONFIG_HISTORY).exists() and not (work / "checkpoints").exists()
+    assert not (work / CONFIG_HISTORY).exists() and not (work / CHECKPOINTS).exists()
 
 
 @pytest.mark.parametrize(

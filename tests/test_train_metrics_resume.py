@@ -11,6 +11,7 @@ import ml_collections
 
 from cxrjax.train.metrics_resume import drop_rows_after
 from cxrjax.train.monitor import MetricsLog
+from cxrjax.workdir import METRICS_LOG
 
 
 def _log(workdir, rows):
@@ -23,7 +24,7 @@ def _log(workdir, rows):
 
 
 def _steps(workdir):
-    jsonl = [(r["step"], r["kind"]) for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())]
+    jsonl = [(r["step"], r["kind"]) for r in map(json.loads, (workdir / METRICS_LOG).read_text().splitlines())]
     tables = {}
     for kind in ("train", "val"):
         with open(workdir / f"metrics_{kind}.csv", newline="") as f:
@@ -45,7 +46,7 @@ def test_a_resume_keeps_each_step_once(tmp_path):
 
 def test_a_pending_validation_drops_its_own_row_and_a_line_cut_short(tmp_path):
     _log(tmp_path, [(3, "train"), (4, "val")])
-    with open(tmp_path / "metrics.jsonl", "a") as f:
+    with open(tmp_path / METRICS_LOG, "a") as f:
         f.write('{"step": 5, "kind": "tr')  # killed mid-line
     drop_rows_after(tmp_path, 4, validation_pending=True)  # step 4's validation runs again
     jsonl, tables = _steps(tmp_path)

@@ -30,6 +30,7 @@ from train_helpers import (  # noqa: F401 (fixtures)
 )
 
 from cxrjax.models.weights import load_weights
+from cxrjax.workdir import BEST_WEIGHTS, DONE
 
 EPOCHS = 3
 TOTAL = EPOCHS * STEPS_PER_EPOCH
@@ -70,7 +71,7 @@ def test_sigkill_and_sigterm_resume_bit_for_bit(prepared, train_env, tmp_path):
     proc.kill()
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    assert not (work / "done.json").exists(), "the run ended before it could be killed"
+    assert not (work / DONE).exists(), "the run ended before it could be killed"
     killed_at = finalized_steps(work)[-1]
     assert killed_at < TOTAL
 
@@ -87,15 +88,15 @@ def test_sigkill_and_sigterm_resume_bit_for_bit(prepared, train_env, tmp_path):
     print(f"killed at {killed_at}, SIGTERM at {stopped_at}")
     assert killed_at <= stopped_at < TOTAL
     assert stopped_at in finalized_steps(work)
-    assert not (work / "done.json").exists()
+    assert not (work / DONE).exists()
 
     # 3. And once more to the end.
     final = run_train(work, prepared, train_env, *OVERRIDES)
     assert final.returncode == 0, final.stdout[-3000:]
     assert f"resumed from step {stopped_at}" in final.stdout
 
-    ref_done, work_done = (json.loads((d / "done.json").read_text()) for d in (reference, work))
-    assert work_done == {**ref_done, "weights": str(work / "best_weights")}
+    ref_done, work_done = (json.loads((d / DONE).read_text()) for d in (reference, work))
+    assert work_done == {**ref_done, "weights": str(work / BEST_WEIGHTS)}
 
     # The whole train state of the last step, optimizer moments, RNG key and
     # plateau scale included, is bitwise identical.
@@ -106,8 +107,8 @@ def test_sigkill_and_sigterm_resume_bit_for_bit(prepared, train_env, tmp_path):
     assert int(work_state["['step']"]) == TOTAL
 
     # So are the exported best weights.
-    _, ref_weights = load_weights(reference / "best_weights")
-    _, work_weights = load_weights(work / "best_weights")
+    _, ref_weights = load_weights(reference / BEST_WEIGHTS)
+    _, work_weights = load_weights(work / BEST_WEIGHTS)
     ref_flat, work_flat = flat(ref_weights), flat(work_weights)
     assert all(np.array_equal(ref_flat[k], work_flat[k]) for k in ref_flat)
 

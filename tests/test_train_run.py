@@ -29,6 +29,7 @@ from train_helpers import (  # noqa: F401 (fixtures)
 from cxrjax.data.pipeline import read_index
 from cxrjax.findings import FINDINGS
 from cxrjax.models.weights import load_weights
+from cxrjax.workdir import BEST_WEIGHTS, CHECKPOINTS, DONE, METRICS_LOG, RUN_CONFIG, WANDB_RUN_ID
 
 EPOCHS, PATIENCE = 6, 2
 # A seed whose best validation epoch is not the last, so keeping the best is tested (seed 0
@@ -103,12 +104,12 @@ def test_rows_carry_the_wall_time_that_launch_cost_prices(monitored):
     """launch/run_cost.py reads these rows: whole epochs of STEPS_PER_EPOCH steps, timed
     from one validation to the next."""
     workdir, _ = monitored
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (workdir / METRICS_LOG).read_text().splitlines()]
     times = [row["time"] for row in rows]
     assert times == sorted(times) and times[0] > 1.7e9  # Unix seconds, in logging order
-    priced = load_run_cost().cost(workdir / "metrics.jsonl", workdir / "config.json", price=1.0, instances=1)
+    priced = load_run_cost().cost(workdir / METRICS_LOG, workdir / RUN_CONFIG, price=1.0, instances=1)
     val = metrics_rows(workdir, "val")
-    batch = json.loads((workdir / "config.json").read_text())["global_batch_size"]
+    batch = json.loads((workdir / RUN_CONFIG).read_text())["global_batch_size"]
     assert priced["steps_per_epoch"] == STEPS_PER_EPOCH and priced["images_per_epoch"] == STEPS_PER_EPOCH * batch
     assert priced["epochs_timed"] == len(val) - 1
     spans = [after["time"] - before["time"] for before, after in zip(val, val[1:])]
@@ -133,7 +134,7 @@ def test_a_resumed_csv_keeps_its_own_columns(tmp_path):
         {"step": 1, "kind": "train", "loss": 0.5},
         {"step": 3, "kind": "train", "loss": 0.25},
     ]
-    assert json.loads((tmp_path / "metrics.jsonl").read_text())["images_per_s"] == 9.0  # all of it here
+    assert json.loads((tmp_path / METRICS_LOG).read_text())["images_per_s"] == 9.0  # all of it here
 
 
 def test_early_stopping_follows_the_logged_auc(monitored):
@@ -151,11 +152,11 @@ def test_best_checkpoint_by_auc_is_kept_and_exported(monitored):
     best = max(row["step"] for row in val if row["val_mean_auc"] == top)  # orbax keeps the latest of ties
     last = val[-1]["step"]
     assert best != last, "this seed no longer has a best epoch before the last; pick a config where it does"
-    assert json.loads((workdir / "done.json").read_text())["best_step"] == best
+    assert json.loads((workdir / DONE).read_text())["best_step"] == best
     assert finalized_steps(workdir) == sorted({best, last})  # keep=1 plus the best
 
     state = read_state(workdir, best)
-    _, exported = load_weights(workdir / "best_weights")
+    _, exported = load_weights(workdir / BEST_WEIGHTS)
     saved = flat({"params": state["params"], "batch_stats": state["batch_stats"]})
     exported = flat(exported)
     assert saved.keys() == exported.keys()
@@ -169,7 +170,7 @@ def test_logged_validation_metrics_match_sklearn_on_the_best_weights(monitored, 
     probs = 1 / (1 + np.exp(-logits))
     labels = read_index(prepared / "val")[list(FINDINGS)].to_numpy(np.float64)
 
-    done = json.loads((workdir / "done.json").read_text())
+    done = json.loads((workdir / DONE).read_text())
     row = next(r for r in metrics_rows(workdir, "val") if r["step"] == done["best_step"])
     bce = -np.mean(labels * np.log(probs) + (1 - labels) * np.log1p(-probs))
     assert row["val_loss"] == pytest.approx(bce, rel=1e-5)
@@ -184,7 +185,7 @@ def test_wandb_offline_run_is_written_in_the_workdir(monitored):
     workdir, _ = monitored
     runs = list((workdir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    run_id = (workdir / "wandb_run_id").read_text().strip()
+    run_id = (workdir / WANDB_RUN_ID).read_text().strip()
     assert runs[0].name.endswith(f"-{run_id}")
     assert list(runs[0].glob(f"run-{run_id}.wandb"))
 
@@ -211,13 +212,13 @@ def test_divergence_stops_with_the_step_and_keeps_only_good_checkpoints(prepared
     )
     assert found, done.stdout[-3000:]
     step = int(found.group(1))
-    assert found.group(3) == str(workdir / "checkpoints")
+    assert found.group(3) == str(workdir / CHECKPOINTS)
     kept = finalized_steps(workdir)
     assert kept and max(kept) < step
     for s in kept:
         state = read_state(workdir, s)
         assert all(np.isfinite(v).all() for v in flat({"p": state["params"], "b": state["batch_stats"]}).values())
-    assert not (workdir / "done.json").exists() and not (workdir / "best_weights").exists()
+    assert not (workdir / DONE).exists() and not (workdir / BEST_WEIGHTS).exists()
 
 
 @pytest.mark.slow
@@ -228,7 +229,7 @@ def test_ensemble_members_get_their_own_seeds_and_workdirs(prepared, train_env, 
     done = run_train(workdir, prepared, train_env, "--config.ensemble.members=2", "--config.epochs=1", overrides)
     assert done.returncode == 0, done.stdout[-3000:]
     members = [workdir / f"member_{i}" for i in range(2)]
-    configs = [json.loads((m / "config.json").read_text()) for m in members]
+    configs = [json.loads((m / RUN_CONFIG).read_text()) for m in members]
     assert [c["seed"] for c in configs] == [0, 1]
     assert [(c["optim"]["learning_rate"], c["data"]["zoom"]) for c in configs] == [(1e-3, 0.1), (3e-4, 0.2)]
     preds = [pd.read_csv(m / "test" / "predictions.csv", index_col=0) for m in members]

@@ -20,6 +20,7 @@ from cxrjax.config import load_config
 from cxrjax.experiment import train_and_test
 from cxrjax.logs import show_library_logs
 from cxrjax.train import evaluation, loop, setup
+from cxrjax.workdir import BEST_WEIGHTS, DONE, RUN_CONFIG
 
 
 def _signal_on_call(monkeypatch, module, name: str, call: int, sig=signal.SIGTERM) -> list[int]:
@@ -72,24 +73,24 @@ def test_a_stop_during_validation_or_the_final_evaluation_ends_the_pass_and_resu
         _signal_on_step(patch, 2, signal.SIGUSR1)
         reference = train_and_test(config, whole)
     assert "SIGUSR1 (rebalance recommendation): checkpoint saved at step 2; training goes on" in capsys.readouterr().out
-    assert "stopped" not in reference and (whole / "done.json").exists()
+    assert "stopped" not in reference and (whole / DONE).exists()
 
     with monkeypatch.context() as patch:
         _signal_on_call(patch, loop, "validate", 1)
         out = train_and_test(config, work)
     assert out == {"stopped": "SIGTERM received during validation", "step": STEPS_PER_EPOCH}
-    assert metrics_rows(work, "val") == [] and not (work / "done.json").exists()
+    assert metrics_rows(work, "val") == [] and not (work / DONE).exists()
 
     with monkeypatch.context() as patch:  # the epoch's validation first, then the test pass
         predicts = _signal_on_call(patch, evaluation, "predict", 2)
         out = train_and_test(config, work)
         assert len(predicts) == 2  # the second pass ended at its first batch
     assert out == {"stopped": "SIGTERM received during the final evaluation", "step": STEPS_PER_EPOCH}
-    assert not (work / "done.json").exists()
+    assert not (work / DONE).exists()
 
     done = train_and_test(config, work)
-    assert done == {**reference, "weights": str(work / "best_weights")}
-    assert json.loads((work / "done.json").read_text()) == done
+    assert done == {**reference, "weights": str(work / BEST_WEIGHTS)}
+    assert json.loads((work / DONE).read_text()) == done
     (val,), (ref_val,) = metrics_rows(work, "val"), metrics_rows(whole, "val")
     assert (val["step"], val["val_loss"], val["val_mean_auc"]) == (
         ref_val["step"],
@@ -106,7 +107,7 @@ def test_a_stop_during_validation_or_the_final_evaluation_ends_the_pass_and_resu
         out = train_and_test(config, last)
     assert out == {"stopped": "SIGTERM received", "step": STEPS_PER_EPOCH}
     assert metrics_rows(last, "val") == []
-    assert train_and_test(config, last) == {**reference, "weights": str(last / "best_weights")}
+    assert train_and_test(config, last) == {**reference, "weights": str(last / BEST_WEIGHTS)}
     (val,) = metrics_rows(last, "val")
     assert (val["step"], val["val_loss"], val["val_mean_auc"]) == (
         ref_val["step"],
@@ -116,7 +117,7 @@ def test_a_stop_during_validation_or_the_final_evaluation_ends_the_pass_and_resu
 
     # The finished run asked for another image size: refused in one line before anything
     # is written; more epochs of a finished run: refused, saying how to get them.
-    recorded = (work / "config.json").read_bytes()
+    recorded = (work / RUN_CONFIG).read_bytes()
     files = sorted(p.relative_to(work) for p in work.rglob("*"))
     command = ["train", "--config", SMOKE, "--workdir", str(work), "--config.epochs=1"]
     command.append(f"--config.data.prepared={prepared}")
@@ -126,11 +127,11 @@ def test_a_stop_during_validation_or_the_final_evaluation_ends_the_pass_and_resu
     assert "\n" not in err and "data.image_size 32 -> 64" in err and "another --workdir" in err, err
     assert main([*command, "--config.epochs=3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "epochs 1 -> 3" in err and "delete" in err and "done.json" in err, err
+    assert "\n" not in err and "epochs 1 -> 3" in err and "delete" in err and DONE in err, err
     # The same data through a symlink and a relative path is the same run (it is finished).
     link = tmp_path / "data-link"
     link.symlink_to(prepared)
     monkeypatch.chdir(tmp_path)
     assert main([*command[:-1], "--config.data.prepared=data-link"]) == 0
-    assert (work / "config.json").read_bytes() == recorded
+    assert (work / RUN_CONFIG).read_bytes() == recorded
     assert sorted(p.relative_to(work) for p in work.rglob("*")) == files

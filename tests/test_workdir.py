@@ -15,6 +15,7 @@ from cxrjax.eval.model_source import load_trained
 from cxrjax.findings import FINDINGS
 from cxrjax.forward import pad_rows, record_batches
 from cxrjax.workdir import (
+    BEST_WEIGHTS,
     NORMALIZATION,
     RUN_CONFIG,
     WorkdirError,
@@ -47,7 +48,7 @@ def test_trained_model_takes_the_runs_statistics_and_augmentation_ranges(tmp_pat
     assert trained.augment == AugmentConfig(
         data.rotation_deg, data.shift, data.zoom, data.shear_deg, data.horizontal_flip
     )
-    bare = load_trained(tmp_path / "run" / "best_weights")  # the same weights named by their folder
+    bare = load_trained(tmp_path / "run" / BEST_WEIGHTS)  # the same weights named by their folder
     assert bare.workdir == tmp_path / "run" and bare.mean == trained.mean
 
 

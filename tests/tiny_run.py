@@ -14,6 +14,7 @@ import numpy as np
 from cxrjax.config import base_config, smoke
 from cxrjax.models import build_model, default_model_config
 from cxrjax.models.weights import save_weights
+from cxrjax.workdir import BEST_WEIGHTS, NORMALIZATION, RUN_CONFIG
 
 
 def tiny_variables(model_cfg, image_size: int, seed: int = 0) -> dict:
@@ -56,7 +57,7 @@ def write_run(
     if dataset_stats is not None:
         config.data.normalization = "dataset"
         mean, std = dataset_stats
-        (workdir / "normalization.json").write_text(json.dumps({"mean": mean, "std": std, "measured_on": "train"}))
-    (workdir / "config.json").write_text(config.to_json_best_effort())
-    save_weights(workdir / "best_weights", variables, model_cfg)
+        (workdir / NORMALIZATION).write_text(json.dumps({"mean": mean, "std": std, "measured_on": "train"}))
+    (workdir / RUN_CONFIG).write_text(config.to_json_best_effort())
+    save_weights(workdir / BEST_WEIGHTS, variables, model_cfg)
     return model_cfg, variables

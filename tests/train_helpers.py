@@ -18,6 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from cxrjax.workdir import BEST_WEIGHTS, CHECKPOINTS, METRICS_LOG
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = f"{ROOT / 'configs' / 'chexnet.py'}:smoke"
 STEPS_PER_EPOCH = 4  # the smoke variant's max_steps_per_epoch
@@ -98,7 +100,7 @@ def run_train(workdir: Path, prepared: Path, env: dict, *overrides: str, timeout
 
 def finalized_steps(workdir: Path) -> list[int]:
     """Steps whose checkpoint orbax has committed (a save in flight is a temporary directory)."""
-    root = workdir / "checkpoints"
+    root = workdir / CHECKPOINTS
     if not root.exists():
         return []
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
@@ -129,7 +131,7 @@ def wait_all(procs, timeout: float = 400) -> list[int]:
 def read_state(workdir: Path, step: int) -> dict:
     """The saved train state of one step as numpy arrays."""
     with ocp.StandardCheckpointer() as checkpointer:
-        state = checkpointer.restore(workdir / "checkpoints" / str(step) / "state")
+        state = checkpointer.restore(workdir / CHECKPOINTS / str(step) / "state")
     return _to_numpy(state)
 
 
@@ -147,7 +149,7 @@ def flat(tree) -> dict[str, np.ndarray]:
 
 
 def metrics_rows(workdir: Path, kind: str) -> list[dict]:
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (workdir / METRICS_LOG).read_text().splitlines()]
     return [r for r in rows if r["kind"] == kind]
 
 
@@ -162,7 +164,7 @@ def best_weights_logits(workdir: Path, prepared: Path, part: str) -> np.ndarray:
     from cxrjax.models import build_model
     from cxrjax.models.weights import load_weights
 
-    cfg, variables = load_weights(workdir / "best_weights")
+    cfg, variables = load_weights(workdir / BEST_WEIGHTS)
     model = build_model(cfg)
     source = ShardedRecords(prepared / part)
     decode = DecodeAndAugment(32)

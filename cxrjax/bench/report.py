@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from cxrjax.bench.memory import GIB, MIB
+from cxrjax.tables import number, table
 
 NA = "—"
 EXPLAINER = (
@@ -19,7 +20,7 @@ EXPLAINER = (
 
 
 def _fmt(value, spec: str, scale: float = 1.0) -> str:
-    return NA if value is None else format(value * scale, spec)
+    return number(value, spec, scale, na=NA)
 
 
 def format_bytes(value) -> str:
@@ -32,23 +33,24 @@ def format_bytes(value) -> str:
     return f"{value} B"
 
 
-def _remat(row: dict) -> str:
-    return row["remat"]
+SETTING = ["px", "dtype", "remat"]
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return "\n".join(lines)
+def _setting(row: dict) -> list[str]:
+    """The cells under SETTING."""
+    return [str(row["size"]), row["dtype"], row["remat"]]
+
+
+def _status(row: dict) -> str:
+    """'ok', or the status and why (a "|" in the reason would end the cell)."""
+    return "ok" if row["status"] == "ok" else f"{row['status']}: {row.get('reason', '')}".replace("|", "/")
 
 
 def measurements_table(rows: list[dict]) -> str:
     header = [
         "task",
         "framework",
-        "px",
-        "dtype",
-        "remat",
+        *SETTING,
         "devices",
         "batch/device",
         "images/s",
@@ -63,40 +65,42 @@ def measurements_table(rows: list[dict]) -> str:
         "saved MiB/image",
         "status",
     ]
-    body = []
-    for r in rows:
-        note = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}"
-        body.append(
-            [
-                r["task"],
-                r["framework"],
-                str(r["size"]),
-                r["dtype"],
-                _remat(r),
-                str(r.get("devices") or NA),
-                str(r["batch_per_device"]),
-                _fmt(r.get("images_per_s"), ".1f"),
-                _fmt(r.get("images_per_s_per_device"), ".1f"),
-                _fmt(r.get("step_s_median"), ".1f", 1e3),
-                _fmt(r.get("compile_s"), ".1f"),
-                _fmt(r.get("first_step_s"), ".2f"),
-                _fmt(r.get("flops_per_image"), ".3f", 1e-9),
-                _fmt(r.get("mfu"), ".1%"),
-                _fmt(r.get("peak_bytes"), ".2f", 1 / GIB),
-                _fmt(r.get("bytes_per_image"), ".1f", 1 / MIB),
-                _fmt(r.get("saved_activation_bytes_per_image"), ".1f", 1 / MIB),
-                note.replace("|", "/"),
-            ]
-        )
+    body = [
+        [
+            r["task"],
+            r["framework"],
+            *_setting(r),
+            str(r.get("devices") or NA),
+            str(r["batch_per_device"]),
+            *_throughput(r),
+            _fmt(r.get("step_s_median"), ".1f", 1e3),
+            _fmt(r.get("compile_s"), ".1f"),
+            _fmt(r.get("first_step_s"), ".2f"),
+            _fmt(r.get("flops_per_image"), ".3f", 1e-9),
+            _fmt(r.get("mfu"), ".1%"),
+            _fmt(r.get("peak_bytes"), ".2f", 1 / GIB),
+            _mib(r.get("bytes_per_image")),
+            _mib(r.get("saved_activation_bytes_per_image")),
+            _status(r),
+        ]
+        for r in rows
+    ]
     return table(header, body)
+
+
+def _throughput(row: dict) -> list[str]:
+    """images/s and images/s/device."""
+    return [_fmt(row.get("images_per_s"), ".1f"), _fmt(row.get("images_per_s_per_device"), ".1f")]
+
+
+def _mib(value) -> str:
+    return _fmt(value, ".1f", 1 / MIB)
 
 
 def ratios_table(ratios: list[dict]) -> str:
     header = [
         "task",
-        "px",
-        "dtype",
-        "remat",
+        *SETTING,
         "peer",
         "cxrjax images/s/device",
         "peer images/s/device",
@@ -105,33 +109,27 @@ def ratios_table(ratios: list[dict]) -> str:
         "cxrjax MiB/image",
         "peer MiB/image",
     ]
-    return table(
-        header,
+    body = [
         [
-            [
-                r["task"],
-                str(r["size"]),
-                r["dtype"],
-                _remat(r),
-                r["peer"],
-                _fmt(r["cxrjax_images_per_s_per_device"], ".1f"),
-                _fmt(r["peer_images_per_s_per_device"], ".1f"),
-                _fmt(r["speedup"], ".2f"),
-                _fmt(r["speedup_median_step"], ".2f"),
-                _fmt(r["cxrjax_bytes_per_image"], ".1f", 1 / MIB),
-                _fmt(r["peer_bytes_per_image"], ".1f", 1 / MIB),
-            ]
-            for r in ratios
-        ],
-    )
+            r["task"],
+            *_setting(r),
+            r["peer"],
+            _fmt(r["cxrjax_images_per_s_per_device"], ".1f"),
+            _fmt(r["peer_images_per_s_per_device"], ".1f"),
+            _fmt(r["speedup"], ".2f"),
+            _fmt(r["speedup_median_step"], ".2f"),
+            _mib(r["cxrjax_bytes_per_image"]),
+            _mib(r["peer_bytes_per_image"]),
+        ]
+        for r in ratios
+    ]
+    return table(header, body)
 
 
 def max_batch_table(rows: list[dict]) -> str:
     header = [
         "framework",
-        "px",
-        "dtype",
-        "remat",
+        *SETTING,
         "budget",
         "largest batch/device",
         "step memory at batch",
@@ -142,31 +140,16 @@ def max_batch_table(rows: list[dict]) -> str:
     body = []
     for r in rows:
         if r["status"] != "ok":
-            body.append(
-                [
-                    r["framework"],
-                    str(r["size"]),
-                    r["dtype"],
-                    _remat(r),
-                    *[NA] * 5,
-                    f"{r['status']}: {r.get('reason', '')}".replace("|", "/"),
-                ]
-            )
-            continue
-        body.append(
-            [
-                r["framework"],
-                str(r["size"]),
-                r["dtype"],
-                _remat(r),
+            cells = [NA] * 5
+        else:
+            cells = [
                 format_bytes(r["budget_bytes"]),
                 str(r["batch"]),
                 format_bytes(r["bytes_at_batch"]),
                 format_bytes(r["bytes_at_next"]),
                 str(len(r["probes"])),
-                "ok",
             ]
-        )
+        body.append([r["framework"], *_setting(r), *cells, _status(r)])
     return table(header, body)
 
 
@@ -184,9 +167,7 @@ def compiled_table(rows: list[dict]) -> str:
     header = [
         "target",
         "devices",
-        "px",
-        "dtype",
-        "remat",
+        *SETTING,
         "batch/device",
         "arguments",
         "outputs",
@@ -204,8 +185,8 @@ def compiled_table(rows: list[dict]) -> str:
     body = []
     for r in rows:
         if r["status"] != "ok":
-            cells = [r.get("target") or NA, NA, str(r["size"]), r["dtype"], _remat(r), str(r["batch_per_device"])]
-            body.append([*cells, *[NA] * 11, f"{r['status']}: {r.get('reason', '')}".replace("|", "/")])
+            cells = [r.get("target") or NA, NA, *_setting(r), str(r["batch_per_device"]), *[NA] * 11]
+            body.append([*cells, _status(r)])
             continue
         m, plan = r["compiled_memory"], r["largest_batch"]
         largest = f"{plan['batch']} ({'fits, compiled' if plan['confirmed'] else 'extrapolated'})"
@@ -215,17 +196,14 @@ def compiled_table(rows: list[dict]) -> str:
             [
                 r["device_kind"],
                 str(r["devices"]),
-                str(r["size"]),
-                r["dtype"],
-                _remat(r),
+                *_setting(r),
                 str(r["batch_per_device"]),
-                format_bytes(m["argument_bytes"]),
-                format_bytes(m["output_bytes"]),
-                format_bytes(m["alias_bytes"]),
-                format_bytes(m["temp_bytes"]),
-                format_bytes(m["total_bytes"]),
-                _fmt(r["bytes_per_image"], ".1f", 1 / MIB),
-                _fmt(r.get("saved_activation_bytes_per_image"), ".1f", 1 / MIB),
+                *(
+                    format_bytes(m[k])
+                    for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "total_bytes")
+                ),
+                _mib(r["bytes_per_image"]),
+                _mib(r.get("saved_activation_bytes_per_image")),
                 _fmt(r.get("flops_per_image"), ".2f", 1e-9),
                 _fmt(r.get("compile_s"), ".0f"),
                 format_bytes(plan["budget_bytes"]),
@@ -238,9 +216,7 @@ def compiled_table(rows: list[dict]) -> str:
 
 def plan_check_table(rows: list[dict]) -> str:
     header = [
-        "px",
-        "dtype",
-        "remat",
+        *SETTING,
         "batch/device",
         "compiled for",
         "compiled MiB/image",
@@ -249,13 +225,11 @@ def plan_check_table(rows: list[dict]) -> str:
     ]
     body = [
         [
-            str(r["size"]),
-            r["dtype"],
-            r["remat"],
+            *_setting(r),
             str(r["batch_per_device"]),
             r["target_name"],
-            _fmt(r["compiled_bytes_per_image"], ".1f", 1 / MIB),
-            _fmt(r["measured_bytes_per_image"], ".1f", 1 / MIB),
+            _mib(r["compiled_bytes_per_image"]),
+            _mib(r["measured_bytes_per_image"]),
             _fmt(r["measured_over_compiled"], ".2f"),
         ]
         for r in rows
@@ -264,53 +238,35 @@ def plan_check_table(rows: list[dict]) -> str:
 
 
 def scaling_table(rows: list[dict]) -> str:
-    header = ["px", "dtype", "remat", "devices", "batch/device", "images/s", "images/s/device", "efficiency", "status"]
-    return table(
-        header,
+    header = [*SETTING, "devices", "batch/device", "images/s", "images/s/device", "efficiency", "status"]
+    body = [
         [
-            [
-                str(r["size"]),
-                r["dtype"],
-                _remat(r),
-                str(r["devices"]),
-                str(r["batch_per_device"]),
-                _fmt(r.get("images_per_s"), ".1f"),
-                _fmt(r.get("images_per_s_per_device"), ".1f"),
-                _fmt(r.get("efficiency"), ".2f"),
-                r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason')}",
-            ]
-            for r in rows
-        ],
-    )
+            *_setting(r),
+            str(r["devices"]),
+            str(r["batch_per_device"]),
+            *_throughput(r),
+            _fmt(r.get("efficiency"), ".2f"),
+            _status(r),
+        ]
+        for r in rows
+    ]
+    return table(header, body)
 
 
 def fed_table(rows: list[dict]) -> str:
-    header = [
-        "px",
-        "dtype",
-        "remat",
-        "workers",
-        "synthetic images/s",
-        "grain-fed images/s",
-        "fed ÷ synthetic",
-        "input-bound",
-    ]
-    return table(
-        header,
+    header = [*SETTING, "workers", "synthetic images/s", "grain-fed images/s", "fed ÷ synthetic", "input-bound"]
+    body = [
         [
-            [
-                str(r["size"]),
-                r["dtype"],
-                _remat(r),
-                str(r.get("workers", NA)),
-                _fmt(r.get("synthetic_images_per_s"), ".1f"),
-                _fmt(r.get("images_per_s"), ".1f"),
-                _fmt(r.get("fed_fraction"), ".2f"),
-                NA if r["status"] != "ok" else ("yes" if r["input_bound"] else "no"),
-            ]
-            for r in rows
-        ],
-    )
+            *_setting(r),
+            str(r.get("workers", NA)),
+            _fmt(r.get("synthetic_images_per_s"), ".1f"),
+            _fmt(r.get("images_per_s"), ".1f"),
+            _fmt(r.get("fed_fraction"), ".2f"),
+            NA if r["status"] != "ok" else ("yes" if r["input_bound"] else "no"),
+        ]
+        for r in rows
+    ]
+    return table(header, body)
 
 
 def targets_table(rows: list[dict]) -> str:

@@ -340,9 +340,11 @@ def plan_check(compiled: list[dict], measured: list[dict]) -> list[dict]:
     return checks
 
 
-def _target(text: str, value: float | None, passed: bool) -> dict:
-    status = "not measured" if value is None else ("met" if passed else "not met")
-    return {"target": text, "value": value, "status": status}
+def _target(what: str, value: float | None, op: str, limit: float, shown: str | None = None) -> dict:
+    """The target "`what` `op` `limit`" (op ">=" or "<="), met or not by `value`; None: not measured."""
+    met = value is not None and (value >= limit if op == ">=" else value <= limit)
+    status = "not measured" if value is None else ("met" if met else "not met")
+    return {"target": f"{what} {op} {shown or limit}", "value": value, "status": status}
 
 
 def targets(rows: list[dict], ratios: list[dict], max_batch: list[dict]) -> list[dict]:
@@ -364,45 +366,19 @@ def targets(rows: list[dict], ratios: list[dict], max_batch: list[dict]) -> list
             measured = ratio is not None and ("train", peer, size, "bfloat16", remat) in gpu
             value = ratio["speedup"] if measured else None
             out.append(
-                _target(
-                    f"train {size}px bfloat16 remat {remat}: cxrjax ÷ {peer} images/s >= {threshold}",
-                    value,
-                    value is not None and value >= threshold,
-                )
+                _target(f"train {size}px bfloat16 remat {remat}: cxrjax ÷ {peer} images/s", value, ">=", threshold)
             )
     train = gpu.get(("train", "cxrjax", *full))
-    value = train.get("mfu") if train else None
-    out.append(_target(f"train {setting}: MFU >= {MFU_TARGET:.0%}", value, value is not None and value >= MFU_TARGET))
-    value = train["bytes_per_image"] / GIB if train and train.get("bytes_per_image") else None
-    out.append(
-        _target(
-            f"train {setting}: peak GiB per image <= {PEAK_BYTES_PER_IMAGE_TARGET / GIB}",
-            value,
-            value is not None and value * GIB <= PEAK_BYTES_PER_IMAGE_TARGET,
-        )
-    )
+    mfu = train.get("mfu") if train else None
+    peak = train["bytes_per_image"] / GIB if train and train.get("bytes_per_image") else None
     largest = {
         r["framework"]: r["batch"]
         for r in max_batch
         if r["status"] == "ok" and r["platform"] == "gpu" and (r["size"], r["dtype"], r["remat"]) == full
     }
-    value = largest["cxrjax"] / largest["torch"] if largest.get("torch") and "cxrjax" in largest else None
-    out.append(
-        _target(
-            f"{setting}: largest batch under the budget, cxrjax ÷ torch >= {MAX_BATCH_RATIO_TARGET}",
-            value,
-            value is not None and value >= MAX_BATCH_RATIO_TARGET,
-        )
-    )
+    batch_ratio = largest["cxrjax"] / largest["torch"] if largest.get("torch") and "cxrjax" in largest else None
     fed = gpu.get(("train_fed", "cxrjax", *full))
-    value = fed.get("fed_fraction") if fed else None
-    out.append(
-        _target(
-            f"train {setting}: grain-fed ÷ synthetic images/s >= {FED_FRACTION_TARGET}",
-            value,
-            value is not None and value >= FED_FRACTION_TARGET,
-        )
-    )
+    fed_fraction = fed.get("fed_fraction") if fed else None
     saved = next(
         (
             r
@@ -415,15 +391,23 @@ def targets(rows: list[dict], ratios: list[dict], max_batch: list[dict]) -> list
         ),
         None,
     )
-    value = saved["saved_activation_bytes_per_image"] / MIB if saved else None
-    out.append(
+    saved_mib = saved["saved_activation_bytes_per_image"] / MIB if saved else None
+    saved_limit = SAVED_ACTIVATIONS_TARGET / MIB
+    return out + [
+        _target(f"train {setting}: MFU", mfu, ">=", MFU_TARGET, f"{MFU_TARGET:.0%}"),
+        _target(f"train {setting}: peak GiB per image", peak, "<=", PEAK_BYTES_PER_IMAGE_TARGET / GIB),
         _target(
-            f"train {setting}: saved activations MiB per image <= {SAVED_ACTIVATIONS_TARGET / MIB:g} (any platform)",
-            value,
-            value is not None and value * MIB <= SAVED_ACTIVATIONS_TARGET,
-        )
-    )
-    return out
+            f"{setting}: largest batch under the budget, cxrjax ÷ torch", batch_ratio, ">=", MAX_BATCH_RATIO_TARGET
+        ),
+        _target(f"train {setting}: grain-fed ÷ synthetic images/s", fed_fraction, ">=", FED_FRACTION_TARGET),
+        _target(
+            f"train {setting}: saved activations MiB per image",
+            saved_mib,
+            "<=",
+            saved_limit,
+            f"{saved_limit:g} (any platform)",
+        ),
+    ]
 
 
 def metadata(name: str, options: dict, command: str, rows: list[dict]) -> dict:

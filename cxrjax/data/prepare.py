@@ -36,6 +36,7 @@ from cxrjax.data.options import PrepareOptions
 from cxrjax.data.splits import PARTS, make_split
 from cxrjax.errors import InputError
 from cxrjax.findings import FINDINGS
+from cxrjax.jsonfile import read_json
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
@@ -152,7 +153,7 @@ def _shard_is_done(path: Path, skip_bad: bool) -> bool:
     redone, with a warning when it had been finished). Without --skip-bad, a shard
     that skipped images is redone too, so the bad image is reported."""
     try:
-        index = json.loads(_index_path(path).read_text())
+        index = read_json(_index_path(path), PreparedDataError)
         size = path.stat().st_size
     except (OSError, ValueError):
         return False
@@ -262,7 +263,7 @@ def _prepare(nih_dir: str | Path, out: str | Path, opts: PrepareOptions) -> dict
         "shards": {p: [[r["image_id"] for r in s] for s in shards] for p, shards in plan.items()},
     }
     if plan_path.exists():
-        _check_same_plan(json.loads(plan_path.read_text()), json.loads(json.dumps(plan_doc)), out)
+        _check_same_plan(read_json(plan_path, PreparedDataError), json.loads(json.dumps(plan_doc)), out)
     plan_path.write_text(json.dumps(plan_doc))
 
     tasks = []
@@ -342,7 +343,7 @@ def _finish(out, table, tasks, settings, opts, skipped: list[dict], unused: dict
         rows = []
         for task in (t for t in tasks if Path(t["path"]).parent.name == name):
             path = Path(task["path"])
-            index = json.loads(_index_path(path).read_text())
+            index = read_json(_index_path(path), PreparedDataError)
             skipped += [{**s, "part": name} for s in index["skipped"]]
             colored += index.get("color", [])
             shards_doc.append(
@@ -395,6 +396,6 @@ def _finish(out, table, tasks, settings, opts, skipped: list[dict], unused: dict
 
 def read_manifest(prepared: str | Path) -> dict:
     path = Path(prepared) / MANIFEST
-    if not path.exists():
-        raise PreparedDataError(f"{path} not found: run `cxrjax prepare` first (or it did not finish)")
-    return json.loads(path.read_text())
+    return read_json(
+        path, PreparedDataError, missing=f"{path} not found: run `cxrjax prepare` first (or it did not finish)"
+    )

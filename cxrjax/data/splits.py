@@ -16,23 +16,9 @@ from cxrjax.errors import InputError
 from cxrjax.findings import FINDINGS
 
 PARTS = ("train", "val", "test")
-# Column order of the CheXNet split files (`image_name l1 ... l14`), mapped by name.
-CHEXNET_FILE_ORDER = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
+# The CheXNet split files (`image_name l1 ... l14`) give their 14 labels in FINDINGS' order,
+# the CheXNet convention FINDINGS follows: their columns take these names, and are used by name.
+CHEXNET_FILE_ORDER = FINDINGS
 
 
 class LeakageError(InputError):

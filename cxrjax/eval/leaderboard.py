@@ -12,7 +12,6 @@ model, is listed in its own "not ranked" table, never among published full-test 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +22,11 @@ from cxrjax.errors import InputError
 from cxrjax.eval.baselines import load_baselines
 from cxrjax.eval.paths import safe_child
 from cxrjax.eval.plots import auc_panels
-from cxrjax.eval.report import fmt, md_cell
 from cxrjax.eval.runinfo import SPLIT_FAMILIES, RunInfo, RunInfoError, parse_run_info, read_run_info
 from cxrjax.findings import FINDINGS
+from cxrjax.jsonfile import read_json
+from cxrjax.tables import NA, fmt, fmt_ci, md_cell, section, signed, table_lines, undefined
+from cxrjax.workdir import METRICS, RUN_INFO
 
 SHORT = dict(
     zip(
@@ -106,20 +107,17 @@ def _optional_sections(metrics: dict, metrics_path: Path) -> tuple[dict | None, 
 
 def read_run(run_dir: str | Path) -> RunResult:
     run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.json"
-    try:
-        metrics = json.loads(metrics_path.read_text())
-    except FileNotFoundError as e:
-        raise LeaderboardError(f"{run_dir}: no metrics.json (run `cxrjax evaluate` first)") from e
-    except json.JSONDecodeError as e:
-        raise LeaderboardError(f"{metrics_path}: not valid JSON: {e}") from e
-    if (run_dir / "run.json").exists():
-        info = read_run_info(run_dir / "run.json")
+    metrics_path = run_dir / METRICS
+    metrics = read_json(
+        metrics_path, LeaderboardError, missing=f"{run_dir}: no {METRICS} (run `cxrjax evaluate` first)"
+    )
+    if (run_dir / RUN_INFO).exists():
+        info = read_run_info(run_dir / RUN_INFO)
     elif isinstance(metrics.get("run"), dict):
         info = parse_run_info(metrics["run"], f"{metrics_path} ['run']")
     else:
         raise RunInfoError(
-            f"{run_dir}: no run.json and no 'run' entry in metrics.json, so its split "
+            f"{run_dir}: no {RUN_INFO} and no 'run' entry in {METRICS}, so its split "
             "family is unknown; write run.json with at least "
             '{"name": "...", "split_family": "official" or "random"}'
         )
@@ -259,11 +257,7 @@ def deltas(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _cell(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else fmt(float(v))
-
-
-def _signed(v) -> str:
-    return "n/a" if np.isnan(v) else f"{round(v, 3) + 0.0:+.3f}"  # no "-0.000"
+    return NA if undefined(v) else fmt(float(v))
 
 
 def _beyond_auc_sections(runs: list[RunResult]) -> list[str]:
@@ -271,58 +265,57 @@ def _beyond_auc_sections(runs: list[RunResult]) -> list[str]:
     out = []
     gaps = [r for r in runs if r.worst_gap]
     if gaps:
-        out += [
-            "## Largest subgroup gap (mean AUC, highest minus lowest group)",
-            "",
+        out += section(
+            "Largest subgroup gap (mean AUC, highest minus lowest group)",
             "Published baselines report no subgroup results, so they have no row here.",
-            "",
-            "| entry | split family | attribute | groups | gap | 95% CI | findings | folder |",
-            "|---|---|---|---|---|---|---|---|",
+        )
+        header = ["entry", "split family", "attribute", "groups", "gap", "95% CI", "findings", "folder"]
+        rows = [
+            [
+                f"**{md_cell(_label(r.info))}**",
+                r.info.split_family,
+                md_cell(r.worst_gap.get("attribute")),
+                f"{md_cell(r.worst_gap.get('high'))} − {md_cell(r.worst_gap.get('low'))}",
+                signed(r.worst_gap["gap"]),
+                fmt_ci(r.worst_gap.get("ci")),
+                str(r.worst_gap.get("n_findings", NA)),
+                md_cell(r.folder),
+            ]
+            for r in gaps
         ]
-        for r in gaps:
-            g = r.worst_gap
-            ci = g.get("ci")
-            out.append(
-                f"| **{md_cell(_label(r.info))}** | {r.info.split_family} | {md_cell(g.get('attribute'))} | "
-                f"{md_cell(g.get('high'))} − {md_cell(g.get('low'))} | {g['gap']:+.3f} | "
-                f"{'n/a' if not ci else f'[{ci[0]:.3f}, {ci[1]:.3f}]'} | {g.get('n_findings', 'n/a')} | "
-                f"{md_cell(r.folder)} |"
-            )
-        out.append("")
+        out += table_lines(header, rows) + [""]
     adj = [r for r in runs if r.adjudicated]
     if adj:
         names = list(adj[0].adjudicated["overall"])
-        out += [
-            "## Radiologist-adjudicated labels (Majkowska et al. 2019)",
-            "",
-            (
-                "AUC against the radiologists' labels (in parentheses: NIH's text-mined labels on "
-                "the same images) over each run's images that the file covers. Published baselines "
-                "report none."
-            ),
-            "",
-            "| entry | split family | images | " + " | ".join(names) + " | folder |",
-            "|" + "---|" * (len(names) + 4),
+        out += section(
+            "Radiologist-adjudicated labels (Majkowska et al. 2019)",
+            "AUC against the radiologists' labels (in parentheses: NIH's text-mined labels on "
+            "the same images) over each run's images that the file covers. Published baselines "
+            "report none.",
+        )
+        rows = [
+            [
+                f"**{md_cell(_label(r.info))}**",
+                r.info.split_family,
+                str(r.adjudicated["n_scored"]),
+                *(
+                    f"{_cell(r.adjudicated['overall'].get(n))} ({_cell(r.adjudicated['text_mined'].get(n))})"
+                    for n in names
+                ),
+                md_cell(r.folder),
+            ]
+            for r in adj
         ]
-        for r in adj:
-            a = r.adjudicated
-            cells = [f"{_cell(a['overall'].get(n))} ({_cell(a['text_mined'].get(n))})" for n in names]
-            out.append(
-                f"| **{md_cell(_label(r.info))}** | {r.info.split_family} | {a['n_scored']} | "
-                + " | ".join(cells)
-                + f" | {md_cell(r.folder)} |"
-            )
-        out.append("")
+        out += table_lines(["entry", "split family", "images", *names, "folder"], rows) + [""]
     return out
 
 
 def _count(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) or v == "" else f"{int(v):,}"
+    return NA if undefined(v) or v == "" else f"{int(v):,}"
 
 
 def _ci(r) -> str:
-    lo, hi = r["mean_ci_low"], r["mean_ci_high"]
-    return "" if np.isnan(lo) else f"[{lo:.3f}, {hi:.3f}]"
+    return "" if undefined(r["mean_ci_low"]) else fmt_ci((r["mean_ci_low"], r["mean_ci_high"]))
 
 
 HEADER = ["entry", "kind", "tag", "px", "backbone", "test images", "mean", "95% CI", "std", "± runs"]
@@ -331,7 +324,7 @@ HEADER = ["entry", "kind", "tag", "px", "backbone", "test images", "mean", "95% 
 def _table_rows(rows: pd.DataFrame, first: str) -> list[str]:
     """Markdown rows; `first` names the first column: 'rank' or 'not ranked because'."""
     header = [first, *HEADER, *(SHORT[f] for f in FINDINGS)]
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for _, r in rows.iterrows():
         name = md_cell(r["entry"])
         if r["kind"] == "run":
@@ -350,8 +343,8 @@ def _table_rows(rows: pd.DataFrame, first: str) -> list[str]:
             _cell(r["std_runs"]),
             *(_cell(r[f]) for f in FINDINGS),
         ]
-        out.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return out
+        body.append([str(c) for c in cells])
+    return table_lines(header, body)
 
 
 def _markdown(table: pd.DataFrame, delta: pd.DataFrame, runs: list[RunResult] = ()) -> str:
@@ -400,16 +393,12 @@ def _markdown(table: pd.DataFrame, delta: pd.DataFrame, runs: list[RunResult] = 
         out += ["## Per-finding difference to each baseline (ranked runs minus baseline)", ""]
         dheader = ["baseline", "tag", "mean", *(SHORT[f] for f in FINDINGS)]
         for run, group in delta.groupby("run", sort=False):
-            out += [
-                f"### {md_cell(run)} ({group['split_family'].iloc[0]} split family)",
-                "",
-                "| " + " | ".join(dheader) + " |",
-                "|" + "---|" * len(dheader),
+            rows = [
+                [md_cell(d["baseline"]), d["tag"], signed(d["mean"]), *(signed(d[f]) for f in FINDINGS)]
+                for _, d in group.iterrows()
             ]
-            for _, d in group.iterrows():
-                cells = [md_cell(d["baseline"]), d["tag"], _signed(d["mean"]), *(_signed(d[f]) for f in FINDINGS)]
-                out.append("| " + " | ".join(cells) + " |")
-            out.append("")
+            out += section(f"{md_cell(run)} ({group['split_family'].iloc[0]} split family)", level=3)
+            out += table_lines(dheader, rows) + [""]
     out += _beyond_auc_sections(list(runs))
     out += ["![per-finding AUC](leaderboard.png)", ""]
     return "\n".join(out)

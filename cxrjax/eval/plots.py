@@ -13,14 +13,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
 from cxrjax.findings import FINDINGS
+from cxrjax.tables import number
 
 _GRID = (4, 4)
 _LOG_FLOOR = 1e-5  # 14 panels, two left empty
 _OUTCOME_COLOURS = {"TP": "tab:green", "FN": "tab:orange", "TN": "tab:blue", "FP": "tab:red"}
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _panels(title: str, size=(16, 14)):
@@ -47,7 +44,7 @@ def roc_grid(curves: dict, aucs: dict, points: dict, path: Path, title: str) -> 
             ax.plot(fpr, tpr, lw=1.5)
             if points.get(name) is not None:
                 ax.plot(*points[name], "o", color="tab:red", ms=5, label="Youden threshold")
-        ax.set_title(f"{name}  AUC {_fmt(aucs.get(name))}", fontsize=10)
+        ax.set_title(f"{name}  AUC {number(aucs.get(name))}", fontsize=10)
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity", ylabel="sensitivity")
     fig.savefig(path, dpi=90)
     return path
@@ -82,7 +79,7 @@ def score_histograms(labels: np.ndarray, probs: np.ndarray, thresholds: list, pa
         if t is not None:
             ax.axvline(t, color="k", lw=1)
         ax.axhline(0, color="0.3", lw=0.6)
-        ax.set_title(f"{name}  (threshold {_fmt(t)})", fontsize=10)
+        ax.set_title(f"{name}  (threshold {number(t)})", fontsize=10)
         ax.set_xscale("log")
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set(xlim=(low, 1), xlabel="predicted probability (log scale)", ylabel="share of class")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from cxrjax.findings import FINDINGS
 from cxrjax.summaries import plural
+from cxrjax.tables import NA, fmt, fmt_ci, md_cell, number, section, signed, table_lines
 
 # Chosen thresholds first; the fixed 0.5 cut last (it assumes calibrated scores).
 OP_TITLES = {
@@ -13,30 +14,6 @@ OP_TITLES = {
     "target_sensitivity": "target-sensitivity threshold",
     "at_0.5": "threshold 0.5",
 }
-
-
-def fmt(value, digits: int = 3) -> str:
-    """Numbers for tables; None (undefined) is 'n/a', never a number."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.{digits}f}"
-
-
-def fmt_ci(ci) -> str:
-    return "n/a" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
-def md_cell(text: str) -> str:
-    """Text from files (run names, paths) must not break a Markdown table row."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return lines
 
 
 def write_report(path: Path, m: dict, report_texts: dict[str, str]) -> Path:
@@ -77,7 +54,7 @@ def write_report(path: Path, m: dict, report_texts: dict[str, str]) -> Path:
     for f in FINDINGS:
         d = m["findings"][f]
         rows.append([f, str(d["n_positive"]), fmt(d["prevalence"], 4), fmt(d["auc"], 4), fmt_ci(d["auc_ci"])])
-    out += _table(["finding", "positives", "prevalence", "AUC", "95% CI"], rows) + [""]
+    out += table_lines(["finding", "positives", "prevalence", "AUC", "95% CI"], rows) + [""]
 
     for op, title in OP_TITLES.items():
         out += [f"### Operating point: {title}", ""]
@@ -87,7 +64,7 @@ def write_report(path: Path, m: dict, report_texts: dict[str, str]) -> Path:
         for f in FINDINGS:
             pt = m["findings"][f]["operating_points"][op]
             if pt is None:
-                rows.append([f] + ["n/a"] * 8)
+                rows.append([f] + [NA] * 8)
                 continue
             rows.append(
                 [f, fmt(pt["threshold"], 4)]
@@ -104,7 +81,7 @@ def write_report(path: Path, m: dict, report_texts: dict[str, str]) -> Path:
                     + ["", ""]
                 )
         header = ["finding", "threshold", "sensitivity", "specificity", "PPV", "NPV", "F1", "TP/FP", "TN/FN"]
-        out += _table(header, rows)
+        out += table_lines(header, rows)
         out += ["", f"Hamming loss: {fmt(m['hamming_loss'][op], 4)}", ""]
         if report_texts.get(op):
             out += [
@@ -120,23 +97,23 @@ def write_report(path: Path, m: dict, report_texts: dict[str, str]) -> Path:
 
     if "comparison" in m:
         c = m["comparison"]
-        out += ["## Comparison with another run", "", f"Other predictions: `{c['other']}`. Test: {c['method']}.", ""]
+        out += section("Comparison with another run", f"Other predictions: `{c['other']}`. Test: {c['method']}.")
         rows = []
         for f in FINDINGS:
             d = c["findings"][f]
             if d is None:
-                rows.append([f, "n/a", "n/a", "n/a", "n/a"])
+                rows.append([f, *[NA] * 4])
             else:
                 rows.append(
                     [
                         f,
                         fmt(d["auc_a"], 4),
                         fmt(d["auc_b"], 4),
-                        f"{d['difference']:+.4f}",
-                        "n/a" if d["p_value"] is None else f"{d['p_value']:.3g}",
+                        signed(d["difference"], 4),
+                        number(d["p_value"], ".3g"),
                     ]
                 )
-        out += _table(["finding", "AUC (this)", "AUC (other)", "difference", "p (DeLong)"], rows)
+        out += table_lines(["finding", "AUC (this)", "AUC (other)", "difference", "p (DeLong)"], rows)
         out.append("")
 
     if "calibration" in m:
@@ -169,29 +146,26 @@ def _uncalibrated_warning(cal: dict) -> list[str]:
 
 
 def _calibration_section(cal: dict) -> list[str]:
-    out = [
-        "## Calibration",
-        "",
+    scaled = cal["scaling"] is not None
+    out = section(
+        "Calibration",
         f"Expected calibration error (ECE, {cal['n_bins']} {cal['binning']}; bins weighted "
         f"by their share of images) and Brier score. Mean ECE {fmt(cal['mean_ece'], 4)}, "
         f"mean Brier {fmt(cal['mean_brier'], 4)}.",
-        "",
-    ]
-    scaled = cal["scaling"] is not None
-    if scaled:
-        out += [f"Beside the raw scores: {cal['scaling']}, applied to these images.", ""]
-    else:
-        out += ["No validation predictions, so no scaling was fit.", ""]
+        f"Beside the raw scores: {cal['scaling']}, applied to these images."
+        if scaled
+        else "No validation predictions, so no scaling was fit.",
+    )
     rows = []
     for f in FINDINGS:
         d = cal["findings"][f]
         row = [f, fmt(d["raw"]["ece"], 4), fmt(d["raw"]["brier"], 4)]
         if scaled:
             p = d["platt"]
-            row += ["n/a", "n/a"] if p is None else [fmt(p["ece"], 4), fmt(p["brier"], 4)]
+            row += [NA, NA] if p is None else [fmt(p["ece"], 4), fmt(p["brier"], 4)]
         rows.append(row)
     header = ["finding", "ECE", "Brier"] + (["ECE (Platt)", "Brier (Platt)"] if scaled else [])
-    return out + _table(header, rows) + [""]
+    return out + table_lines(header, rows) + [""]
 
 
 def _subgroup_section(sub: dict) -> list[str]:
@@ -213,7 +187,7 @@ def _subgroup_section(sub: dict) -> list[str]:
     if w:
         out += [
             f"Largest mean-AUC gap: **{w['attribute']}** {w['high']} − {w['low']} = "
-            f"{w['gap']:+.4f} 95% CI {fmt_ci(w['ci'])} (over {plural(w['n_findings'], 'finding')}).",
+            f"{signed(w['gap'], 4)} 95% CI {fmt_ci(w['ci'])} (over {plural(w['n_findings'], 'finding')}).",
             "",
         ]
     for attr, d in sub["attributes"].items():
@@ -230,13 +204,13 @@ def _subgroup_section(sub: dict) -> list[str]:
             ]
             for g, x in groups.items()
         ]
-        out += _table(["group", "images", "patients", "mean AUC", "95% CI", "findings in mean"], rows)
+        out += table_lines(["group", "images", "patients", "mean AUC", "95% CI", "findings in mean"], rows)
         gap = d["mean_auc_gap"]
         out += [
             "",
             "Mean-AUC gap: n/a (fewer than two groups large enough)."
             if gap is None
-            else f"Mean-AUC gap {gap['high']} − {gap['low']}: {gap['gap']:+.4f} 95% CI "
+            else f"Mean-AUC gap {gap['high']} − {gap['low']}: {signed(gap['gap'], 4)} 95% CI "
             f"{fmt_ci(gap['ci'])} (over {plural(gap['n_findings'], 'finding')}).",
         ]
         if d["n_unassigned"]:
@@ -251,9 +225,9 @@ def _subgroup_section(sub: dict) -> list[str]:
                 if e["reason"]:
                     reasons.append(f"{f}, {g}: {e['reason']}")
             gp = d["finding_gaps"][f]
-            row.append("n/a" if gp is None else f"{gp['gap']:+.3f} {fmt_ci(gp['ci'])}")
+            row.append(NA if gp is None else f"{signed(gp['gap'])} {fmt_ci(gp['ci'])}")
             rows.append(row)
-        out += _table(["finding", *(f"{g} AUC (positives)" for g in groups), "gap (high − low)"], rows)
+        out += table_lines(["finding", *(f"{g} AUC (positives)" for g in groups), "gap (high − low)"], rows)
         out.append("")
         if reasons:
             out += ["n/a: " + "; ".join(reasons) + ".", ""]
@@ -261,19 +235,16 @@ def _subgroup_section(sub: dict) -> list[str]:
 
 
 def _adjudicated_section(adj: dict) -> list[str]:
-    out = [
-        "## Radiologist-adjudicated labels",
-        "",
+    out = section(
+        "Radiologist-adjudicated labels",
         f"Labels: `{md_cell(adj['labels'])}` (Majkowska et al., Radiology 2019). Scored "
         f"on the {adj['n_scored']} images that both the predictions and the file cover; "
         f"{adj['n_left_out']} of {adj['n_predictions']} predictions were left out. "
         f"Text-mined labels: {adj['text_mined_source']}.",
-        "",
         "Mapping of model outputs: "
         + "; ".join(f"{k} ← {v if v else 'none (n/a)'}" for k, v in adj["mapping"].items())
         + ".",
-        "",
-    ]
+    )
     sets = adj["sets"]
     header = ["finding"]
     for name, s in sets.items():
@@ -284,9 +255,9 @@ def _adjudicated_section(adj: dict) -> list[str]:
         for s in sets.values():
             for kind in ("adjudicated", "text_mined"):
                 e = s[kind][f]
-                row.append("n/a" if e["auc"] is None else f"{fmt(e['auc'])} {fmt_ci(e['auc_ci'])} ({e['n_positive']}+)")
+                row.append(NA if e["auc"] is None else f"{fmt(e['auc'])} {fmt_ci(e['auc_ci'])} ({e['n_positive']}+)")
         rows.append(row)
-    out += _table(header, rows) + [""]
+    out += table_lines(header, rows) + [""]
     reasons = {
         f"{f}: {e['reason']}"
         for s in sets.values()

@@ -28,11 +28,11 @@ leaderboard takes a run's identity from this description, never from its folder.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cxrjax.errors import InputError
+from cxrjax.jsonfile import read_json
 
 SPLIT_FAMILIES = ("official", "random", "synthetic")
 # Images in NIH's test_list.txt: the official split family's full test list.
@@ -107,10 +107,5 @@ def parse_run_info(data: object, source: str) -> RunInfo:
 
 def read_run_info(path: str | Path) -> RunInfo:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise RunInfoError(f"{path}: run description not found") from e
-    except json.JSONDecodeError as e:
-        raise RunInfoError(f"{path}: not valid JSON: {e}") from e
-    return parse_run_info(data, str(path))
+    data = read_json(path, RunInfoError, missing=f"{path}: run description not found", shape=None)
+    return parse_run_info(data, str(path))  # says what a run description must be

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cxrjax.jsonfile import read_json
 from cxrjax.models.classifier import default_model_config
 from cxrjax.models.errors import WeightsError
 
@@ -54,7 +55,7 @@ def load_weights(path: str | Path, target: Any = None) -> tuple[ml_collections.C
     if not config_file.is_file() or not (path / VARIABLES_DIR).is_dir():
         raise FileNotFoundError(f"{path} is not a weights directory: expected {CONFIG_FILE} and {VARIABLES_DIR}/")
     cfg = default_model_config()
-    stored = json.loads(config_file.read_text())
+    stored = read_json(config_file, WeightsError)
     unknown = sorted(set(stored) - set(cfg))
     if unknown:
         raise WeightsError(f"{config_file}: unknown model config field(s) {', '.join(unknown)}")

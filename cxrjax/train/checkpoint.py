@@ -23,6 +23,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from cxrjax.data.prepare import sha256_of
 from cxrjax.errors import InputError
+from cxrjax.jsonfile import read_json
 from cxrjax.models.weights import save_weights
 
 logger = logging.getLogger(__name__)
@@ -66,11 +67,11 @@ def verify(step_dir: Path) -> str | None:
     are as written. A step without a checksum file (an older cxrjax, or a kill between
     commit and checksum) is not checked here."""
     step_dir = Path(step_dir)
-    try:
-        sums = json.loads((step_dir / SUMS).read_text())
-    except FileNotFoundError:
+    if not (step_dir / SUMS).exists():
         return None
-    except (OSError, ValueError) as e:
+    try:
+        sums = read_json(step_dir / SUMS, CheckpointError)
+    except CheckpointError as e:
         return f"its checksum file {SUMS} is unreadable ({e})"
     for name, (size, digest) in sums.items():
         path = step_dir / name

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jax
 
-from cxrjax.workdir import METRICS_LOG
+from cxrjax.workdir import METRICS_LOG, WANDB_RUN_ID
 
 
 class MetricsLog:
@@ -70,7 +70,7 @@ def _header(path: Path) -> list[str]:
 
 def _wandb_id(workdir: Path) -> str:
     """One wandb run per workdir, so a resumed training continues its run."""
-    path = workdir / "wandb_run_id"
+    path = workdir / WANDB_RUN_ID
     if not path.exists():
         path.write_text(os.urandom(6).hex())
     return path.read_text().strip()

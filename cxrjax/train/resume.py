@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from cxrjax.errors import InputError
+from cxrjax.jsonfile import parse_json
 from cxrjax.workdir import CONFIG_HISTORY, DONE, RUN_CONFIG, read_run_config, write_run_config
 
 # Field paths, or prefixes ending in ".", that a resumed run may change (docs/training.md).
@@ -103,10 +104,7 @@ def read_history(workdir: Path) -> list[dict]:
         return []
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ConfigMismatchError(f"{path}, line {n}: not valid JSON ({e})") from None
+        rows.append(parse_json(line, f"{path}, line {n}", ConfigMismatchError))
     return rows
 
 
