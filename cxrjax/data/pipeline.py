@@ -21,7 +21,7 @@ from cxrjax.data import examples, tfrecord, worker_watch
 from cxrjax.data.augment import AugmentConfig, random_affine
 from cxrjax.data.images import decode_record_png, to_model_size
 from cxrjax.data.metadata import IMAGE_METADATA
-from cxrjax.data.prepare import INDEX, PreparedDataError, read_manifest, sha256_of
+from cxrjax.data.prepare import INDEX, MANIFEST, PreparedDataError, read_manifest, sha256_of
 from cxrjax.data.splits import keep_no_finding_fraction, oversample_repeats
 from cxrjax.findings import FINDINGS
 
@@ -46,7 +46,7 @@ def read_index(part_dir: str | Path) -> pd.DataFrame:
     path = part_dir / INDEX
     if not path.exists():
         raise PreparedDataError(f"{path} not found: is {part_dir} a part of a prepared dataset?")
-    manifest_path = part_dir.parent / "manifest.json"
+    manifest_path = part_dir.parent / MANIFEST
     recorded = read_manifest(part_dir.parent).get("parts", {}).get(part_dir.name, {})
     if "index_sha256" not in recorded:
         raise PreparedDataError(

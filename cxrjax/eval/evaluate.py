@@ -39,6 +39,7 @@ from cxrjax.eval.report import write_report
 from cxrjax.eval.runinfo import RunInfo, parse_run_info, read_run_info
 from cxrjax.eval.subgroups import subgroup_metrics
 from cxrjax.findings import FINDINGS
+from cxrjax.workdir import METRICS, PREDICTIONS, REPORT, RUN_INFO
 
 SCHEMA_VERSION = 1
 THRESHOLD_WARNING = (
@@ -86,7 +87,7 @@ def _resolve_run(run, out_dir: Path) -> RunInfo | None:
         return parse_run_info(run, "run description")
     if run is not None:
         return read_run_info(run)
-    existing = out_dir / "run.json"
+    existing = out_dir / RUN_INFO
     return read_run_info(existing) if existing.exists() else None
 
 
@@ -285,14 +286,14 @@ def evaluate_predictions(
     if adjudicated is not None:
         metrics["adjudicated"] = adjudicated_metrics(ids, probs, adjudicated, source, n_bootstrap, seed)
 
-    write_predictions(safe_child(out_dir, "predictions.csv"), ids, probs)
+    write_predictions(safe_child(out_dir, PREDICTIONS), ids, probs)
     _write_curves(safe_child(out_dir, "roc_curves.csv"), curves)
     if run_info is not None:
-        safe_child(out_dir, "run.json").write_text(json.dumps(run_info.to_json(), indent=2) + "\n")
+        safe_child(out_dir, RUN_INFO).write_text(json.dumps(run_info.to_json(), indent=2) + "\n")
     figures = _write_figures(out_dir, metrics, labels, probs, thresholds, curves, points, run_info)
     metrics["figures"] = figures
-    safe_child(out_dir, "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_report(safe_child(out_dir, "report.md"), metrics, {op: m["report_text"] for op, m in multilabel.items()})
+    safe_child(out_dir, METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_report(safe_child(out_dir, REPORT), metrics, {op: m["report_text"] for op, m in multilabel.items()})
     return metrics
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from cxrjax import forward
 from cxrjax.data.augment import AugmentConfig, random_affine
 from cxrjax.data.images import refuse_upsampling, to_model_size
+from cxrjax.data.prepare import INDEX, MANIFEST
 from cxrjax.eval.image_files import collect_pngs, read_gray
 from cxrjax.eval.model_source import InferenceError, TrainedModel, load_trained, locate
 from cxrjax.findings import FINDINGS
@@ -206,10 +207,8 @@ def predict_for_evaluation(
             raise InferenceError(f"{checkpoint}: no training run that names its prepared data; pass --data")
     data = Path(data)
     part_dir = data / part
-    if not (part_dir / "index.csv").is_file() or not (data / "manifest.json").is_file():
-        raise InferenceError(
-            f"{data}: not a finished `cxrjax prepare` output (manifest.json and {part}/index.csv expected)"
-        )
+    if not (part_dir / INDEX).is_file() or not (data / MANIFEST).is_file():
+        raise InferenceError(f"{data}: not a finished `cxrjax prepare` output ({MANIFEST} and {part}/{INDEX} expected)")
     manifest = read_manifest(data)
     label_table = read_labels(labels) if labels else None  # bad labels fail before inference
     read_index(part_dir)  # and so does a damaged index
@@ -255,7 +254,7 @@ def _validation(predictor, val_dir: Path, val_predictions, label_file, tta: int,
     from cxrjax.eval.labels import read_labels
     from cxrjax.eval.predictions import read_predictions
 
-    has_part = (val_dir / "index.csv").is_file() and len(read_index(val_dir)) > 0
+    has_part = (val_dir / INDEX).is_file() and len(read_index(val_dir)) > 0
     part_labels = None
     if val_predictions:
         v = read_predictions(val_predictions)
