@@ -272,10 +272,12 @@ def _add_evaluate(sub) -> None:
             seed=args.seed,
             target_sensitivity=args.target_sensitivity,
         )
+        from cxrjax.workdir import REPORT
+
         mean = "n/a" if m["mean_auc"] is None else f"{m['mean_auc']:.4f}"
         print(
             f"mean AUC {mean} over {m['n_findings_in_mean']} findings, "
-            f"{m['n_images']} images; report: {args.out / 'report.md'}"
+            f"{m['n_images']} images; report: {args.out / REPORT}"
         )
 
     p.set_defaults(func=_input_errors_to_exit(run))
