@@ -332,7 +332,7 @@ def _add_train(sub) -> None:
     def run(args):
         from cxrjax.config import load_config
         from cxrjax.experiment import train_members
-        from cxrjax.train.loop import TrainingDiverged
+        from cxrjax.train.divergence import TrainingDiverged
 
         config = load_config(args.config, args.overrides)
         try:

@@ -31,7 +31,7 @@ def test_every_input_error_derives_from_the_one_base_class():
         ("cxrjax.data.prepare", "PreparedDataError"),
         ("cxrjax.models.errors", "WeightsError"),
         ("cxrjax.train.checkpoint", "CheckpointError"),
-        ("cxrjax.train.loop", "TrainingDiverged"),
+        ("cxrjax.train.divergence", "TrainingDiverged"),
         ("cxrjax.eval.leaderboard", "LeaderboardError"),
     } <= set(found)
     for module, name in found:

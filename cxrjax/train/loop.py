@@ -21,13 +21,11 @@ import numpy as np
 
 from cxrjax.mesh import replicated
 from cxrjax.train import checkpoint
-from cxrjax.train.divergence import TrainingDiverged, check_finite
+from cxrjax.train.divergence import check_finite
 from cxrjax.train.evaluation import EvaluationStopped, finish, validate
 from cxrjax.train.progress import EpochProgress, before_compile
 from cxrjax.train.setup import Run, setup
 from cxrjax.train.signals import StopFlag
-
-__all__ = ["TrainingDiverged", "train"]
 
 logger = logging.getLogger(__name__)
 
