@@ -103,18 +103,21 @@ def predict_records(
     batches = record_batches(loader, batch_size, steps, image_size)
     if not local:  # keys and labels travel as global arrays too, so they line up with the outputs
         batches = DeviceBatches(batches, mesh)
-    gathered, running = [], None
+    gathered = []
+
+    def collect(outputs):
+        gathered.append(to_host(outputs))
+        if after_batch is not None:
+            after_batch()
+
+    running = None
     for batch in batches:
         # Each batch's outputs come to the host once the next batch is queued behind it.
         done, running = running, {"key": batch["key"], "labels": batch["labels"], **predict(batch["image"])}
         if done is not None:
-            gathered.append(to_host(done))
-            if after_batch is not None:
-                after_batch()
+            collect(done)
     if running is not None:
-        gathered.append(to_host(running))
-        if after_batch is not None:
-            after_batch()
+        collect(running)
     if not gathered:
         raise ValueError(f"{source.part_dir}: the part holds no records to predict")
     merged = {name: np.concatenate([g[name] for g in gathered]) for name in gathered[0]}

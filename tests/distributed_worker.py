@@ -55,9 +55,8 @@ def train(mesh) -> TrainState:
     """STEPS SGD steps over `mesh`; this process feeds its contiguous share of each global batch."""
     model, tx = SmallNet(), optax.sgd(0.1, momentum=0.9)
     state = initial_state(model, tx, mesh, image_size=SIZE, channels=3, seed=0)  # the trainer's initialiser
-    sharding = jax.tree.map(lambda x: x.sharding, state)
     mean, std = stats_for("imagenet", 3)
-    train_step = make_train_step(model, losses.bce, mesh, sharding, mean=mean, std=std, l2=0.0)
+    train_step = make_train_step(model, losses.bce, mesh, state, mean=mean, std=std, l2=0.0)
     local = per_process_batch(GLOBAL_BATCH, mesh)
     start = jax.process_index() * local
     for batch in global_batches():

@@ -41,8 +41,7 @@ def _tiny(head: str = "fisher"):
 def _place(model, tx, mesh, seed: int = 0):
     """A fresh state replicated over `mesh` (the trainer's initialiser), and the jitted step for it."""
     state = initial_state(model, tx, mesh, image_size=SIZE, channels=3, seed=seed)
-    sharding = jax.tree.map(lambda x: x.sharding, state)
-    return state, make_train_step(model, losses.bce, mesh, sharding, mean=MEAN, std=STD, l2=0.0)
+    return state, make_train_step(model, losses.bce, mesh, state, mean=MEAN, std=STD, l2=0.0)
 
 
 def _run(model, tx, mesh, batches):

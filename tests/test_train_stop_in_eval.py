@@ -23,38 +23,31 @@ from cxrjax.train import evaluation, loop, setup
 from cxrjax.workdir import BEST_WEIGHTS, DONE, RUN_CONFIG
 
 
-def _signal_on_call(monkeypatch, module, name: str, call: int, sig=signal.SIGTERM) -> list[int]:
-    """Wrap module.<name> so that its `call`-th call sends `sig` to this process first."""
-    real, calls = getattr(module, name), []
+def _signalling(fn, call: int, sig):
+    """`fn`, sending `sig` to this process as its `call`-th call starts; `.calls` counts them."""
+    calls = []
 
     def wrapped(*args, **kwargs):
         calls.append(1)
         if len(calls) == call:
             os.kill(os.getpid(), sig)
-        return real(*args, **kwargs)
+        return fn(*args, **kwargs)
 
+    wrapped.calls = calls
+    return wrapped
+
+
+def _signal_on_call(monkeypatch, module, name: str, call: int, sig=signal.SIGTERM) -> list[int]:
+    """Wrap module.<name> so that its `call`-th call sends `sig` to this process first."""
+    wrapped = _signalling(getattr(module, name), call, sig)
     monkeypatch.setattr(module, name, wrapped)
-    return calls
+    return wrapped.calls
 
 
 def _signal_on_step(monkeypatch, step: int, sig=signal.SIGTERM) -> None:
     """The run's jitted training step sends `sig` to this process as its `step`-th call starts."""
     real = setup.make_train_step
-
-    calls = []
-
-    def make(*args, **kwargs):
-        train_step = real(*args, **kwargs)
-
-        def signalling(state, batch):
-            calls.append(1)
-            if len(calls) == step:
-                os.kill(os.getpid(), sig)
-            return train_step(state, batch)
-
-        return signalling
-
-    monkeypatch.setattr(setup, "make_train_step", make)
+    monkeypatch.setattr(setup, "make_train_step", lambda *a, **k: _signalling(real(*a, **k), step, sig))
 
 
 @pytest.mark.slow

@@ -63,9 +63,10 @@ class Steps:
     train_step: object
     abstract_state: TrainState  # ShapeDtypeStructs with shardings, for lowering only
 
-    def new_state(self, seed: int | None = None) -> TrainState:
-        seed = self.seed if seed is None else seed
-        return initial_state(self.model, self.tx, self.mesh, image_size=self.size, channels=self.channels, seed=seed)
+    def new_state(self) -> TrainState:
+        return initial_state(
+            self.model, self.tx, self.mesh, image_size=self.size, channels=self.channels, seed=self.seed
+        )
 
     def infer_args(self, state, batch) -> tuple:
         """`forward.predict_batch`'s arguments, as the trainer's validation passes them."""
@@ -95,8 +96,7 @@ def build_steps(cfg, size: int, mesh, labels: np.ndarray) -> Steps:
     mean, std = stats_for(cfg.data.normalization, cfg.model.in_channels)
     channels = cfg.model.in_channels
     abstract = state_shapes(model, tx, mesh, image_size=size, channels=channels, seed=cfg.seed)
-    sharding = jax.tree.map(lambda x: x.sharding, abstract)
-    train_step = make_train_step(model, loss_fn, mesh, sharding, mean=mean, std=std, l2=cfg.loss.l2)
+    train_step = make_train_step(model, loss_fn, mesh, abstract, mean=mean, std=std, l2=cfg.loss.l2)
     return Steps(mesh, size, channels, cfg.seed, model, tx, (mean, std), train_step, abstract)
 
 

@@ -108,12 +108,14 @@ def _loop(run: Run, state, meta: dict) -> tuple:
     return state, step, False
 
 
+@contextlib.contextmanager
 def _no_waiting(log_step: bool):
     """The guard of a step inside an epoch (see the module's docstring)."""
-    guards = contextlib.ExitStack()
-    guards.enter_context(jax.transfer_guard_host_to_device("disallow"))
-    guards.enter_context(jax.transfer_guard_device_to_host("disallow" if log_step else "disallow_explicit"))
-    return guards
+    with (
+        jax.transfer_guard_host_to_device("disallow"),
+        jax.transfer_guard_device_to_host("disallow" if log_step else "disallow_explicit"),
+    ):
+        yield
 
 
 def _epoch_progress(run: Run, done: int) -> EpochProgress:

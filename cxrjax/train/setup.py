@@ -76,7 +76,6 @@ def setup(config, workdir: Path, stop: StopFlag) -> tuple:
         seed=config.seed,
         pretrained=_pretrained(config),
     )
-    sharding = jax.tree.map(lambda x: x.sharding, state)
     manager = checkpoint.make_manager(workdir / CHECKPOINTS, config.checkpoint.keep)
     plateau = optim.Plateau(
         config.optim.plateau_factor, config.optim.plateau_patience, config.optim.min_lr, config.optim.learning_rate
@@ -94,7 +93,7 @@ def setup(config, workdir: Path, stop: StopFlag) -> tuple:
         val_src,
         loss_fn,
         schedule,
-        make_train_step(model, loss_fn, mesh, sharding, mean=mean, std=std, l2=config.loss.l2),
+        make_train_step(model, loss_fn, mesh, state, mean=mean, std=std, l2=config.loss.l2),
         lambda state, images: forward.predict_batch(model, mean, std, state.variables, images),
         manager,
         plateau,

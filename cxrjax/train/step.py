@@ -56,9 +56,11 @@ def _count_nonfinite(tree) -> jax.Array:
     return sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(tree)).astype(jnp.float32)
 
 
-def make_train_step(model, loss_fn, mesh, state_sharding, *, mean, std, l2: float):
-    """jit the step: batch sharded over `data`, state replicated, the old state's buffers
-    donated. Inference has one jitted function, `cxrjax.forward.predict_batch`."""
+def make_train_step(model, loss_fn, mesh, state, *, mean, std, l2: float):
+    """jit the step: batch sharded over `data`, the state kept in the shardings of `state`
+    (a state, or its `state_shapes`), the old state's buffers donated. Inference has one
+    jitted function, `cxrjax.forward.predict_batch`."""
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
     return jax.jit(
         functools.partial(train_step, model=model, loss_fn=loss_fn, mean=mean, std=std, l2=l2),
         in_shardings=(state_sharding, batch_sharded(mesh)),
